@@ -1,0 +1,198 @@
+"""The `research` command: prepare | train | eval | generate | info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from research.config import ConfigError, ExperimentConfig, load_experiment
+
+DEFAULT_EXPERIMENT = "shakespeare_char"
+
+
+def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "experiment",
+        nargs="?",
+        default=DEFAULT_EXPERIMENT,
+        help=f"experiment name under experiments/ or a path to one (default: {DEFAULT_EXPERIMENT})",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.n_layers=6 (repeatable)",
+    )
+
+
+def _load(args) -> ExperimentConfig:
+    return load_experiment(args.experiment, args.overrides)
+
+
+def cmd_prepare(args) -> None:
+    from research.data.shards import prepare
+
+    cfg = _load(args)
+    data = prepare(cfg.data)
+    print(json.dumps({"path": str(data.path), **data.meta}, indent=2))
+
+
+def cmd_train(args) -> None:
+    from research.train.trainer import train
+
+    result = train(_load(args), resume=not args.restart)
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    print(
+        f"done: step {result.step}, train loss {result.train_loss:.4f}, val loss {val}, "
+        f"{result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "
+        f"{result.wall_seconds:.1f} s -> {result.run_dir}"
+    )
+    if result.sample:
+        print("--- sample ---")
+        print(result.sample)
+
+
+def _load_run(run_dir: str):
+    from research.infer.restore import load_run
+
+    return load_run(Path(run_dir))
+
+
+def cmd_eval(args) -> None:
+    from research.train.step import make_eval_step
+    from research.train.trainer import evaluate
+
+    run = _load_run(args.run_dir)
+    import jax
+
+    val_loss, bpb = evaluate(
+        jax.jit(make_eval_step(run.graphdef)), run.params, run.data, run.config, run.mesh
+    )
+    print(json.dumps({"step": run.step, "val_loss": val_loss, "val_bpb": bpb}))
+
+
+def cmd_generate(args) -> None:
+    from research.train.trainer import sample_text
+
+    run = _load_run(args.run_dir)
+    for index in range(args.num_samples):
+        text = sample_text(
+            run.graphdef,
+            run.params,
+            run.data,
+            args.prompt,
+            args.max_tokens,
+            args.seed + index,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+        )
+        print(text)
+        if index + 1 < args.num_samples:
+            print("---")
+
+
+def cmd_info(args) -> None:
+    from research.scaling.accounting import count_params
+
+    cfg = _load(args)
+    vocab = cfg.model.vocab_size or (
+        65 if cfg.data.tokenizer == "char" else cfg.data.bpe_vocab_size
+    )
+    size = count_params(cfg.model.resolved(vocab_size=vocab))
+    print(cfg.to_json())
+    print(
+        f"params {size.total_params:,} (non-embedding {size.non_embedding_params:,}); "
+        f"{size.flops_per_token / 1e6:.2f} MFLOP per training token"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="research",
+        description="Train and study dense transformer language models in JAX.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  research train\n  research train gpt2_small --set train.steps=100\n"
+        "  research generate runs/shakespeare_char --prompt 'ROMEO:'",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser(
+        "prepare",
+        help="deduplicate, tokenize and shard an experiment's corpus",
+        epilog="example: research prepare shakespeare_char",
+        formatter_class=fmt,
+    )
+    _add_experiment_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser(
+        "train",
+        help="train an experiment (re-running resumes it)",
+        formatter_class=fmt,
+        epilog="examples:\n  research train                      # the quickstart\n"
+        "  research train tiny --set train.steps=200 --set model.n_layers=3",
+    )
+    _add_experiment_args(p)
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="ignore existing checkpoints (they are overwritten as training proceeds)",
+    )
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="validation loss and bits per byte of a run's checkpoint",
+        epilog="example: research eval runs/shakespeare_char",
+        formatter_class=fmt,
+    )
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "generate",
+        help="sample text from a run's latest checkpoint",
+        formatter_class=fmt,
+        epilog="example: research generate runs/shakespeare_char --prompt 'ROMEO:' --top-k 20",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="\n")
+    p.add_argument("--max-tokens", type=int, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
+    p.add_argument("--top-p", type=float, default=0.95, help="1.0: no nucleus filtering")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "info",
+        help="print the resolved config, parameter and FLOP counts",
+        epilog="example: research info gpt2_small",
+        formatter_class=fmt,
+    )
+    _add_experiment_args(p)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Sampling with a KV cache: temperature, top-k and top-p (nucleus) filtering.
+
+The cache is a ring buffer as wide as the training context, so generation can run past it: each
+new token attends to the last ``seq_len`` tokens, exactly as the model saw them in training.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Scale by temperature, then keep the top_k tokens and the smallest set with mass >= top_p."""
+    logits = logits / max(temperature, 1e-6)
+    if top_k and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if 0.0 < top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # The smallest logit still inside the nucleus; everything below it is dropped.
+        cutoff = jnp.min(jnp.where(mass_before < top_p, sorted_logits, jnp.inf), axis=-1)
+        logits = jnp.where(logits < cutoff[..., None], -jnp.inf, logits)
+    return logits
+
+
+def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    filtered = filter_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=(0, 3, 5, 6, 7, 8))
+def _generate(graphdef, params, prompt, max_new_tokens, key, temperature, top_k, top_p, width):
+    model = nnx.merge(graphdef, params)
+    batch, prompt_len = prompt.shape
+    caches = model.init_caches(batch, width)
+    logits, caches = model(prompt, jnp.arange(prompt_len, dtype=jnp.int32), caches)
+
+    def step(carry, index):
+        last_logits, caches, key = carry
+        key, sub = jax.random.split(key)
+        token = sample_token(last_logits, sub, temperature, top_k, top_p)
+        position = (prompt_len + index)[None].astype(jnp.int32)
+        logits, caches = model(token[:, None], position, caches)
+        return (logits[:, -1], caches, key), token
+
+    _, tokens = jax.lax.scan(step, (logits[:, -1], caches, key), jnp.arange(max_new_tokens))
+    return tokens.T
+
+
+def generate(
+    model: nnx.Module,
+    prompt: jax.Array,
+    max_new_tokens: int,
+    key: jax.Array,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> jax.Array:
+    """Sample max_new_tokens continuations of prompt [B, P]; returns the new tokens [B, N]."""
+    width = model.cfg.seq_len
+    prompt = jnp.asarray(prompt, jnp.int32)[:, -width:]
+    graphdef, state = nnx.split(model)
+    return _generate(
+        graphdef,
+        nnx.to_pure_dict(state),
+        prompt,
+        max_new_tokens,
+        key,
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        width,
+    )

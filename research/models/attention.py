@@ -1,0 +1,123 @@
+"""Multi-head / grouped-query attention: one interface, several implementations.
+
+``attend`` is the single entry point. ``xla`` is the plain-jnp reference (works everywhere, any
+mask), ``cudnn`` is ``jax.nn.dot_product_attention``'s fused GPU kernel, and ``auto`` picks the
+fastest correct one for the backend. Later kernels (Pallas flash attention) plug in here.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models.layers import apply_rope, param
+
+IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+
+
+def resolve_implementation(name: str, dtype) -> str:
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"model.attention='{name}' is not an attention implementation; "
+            f"choose one of {', '.join(IMPLEMENTATIONS)}"
+        )
+    if name != "auto":
+        return name
+    fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if fused_ok else "xla"
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    window: int = 0,
+) -> jax.Array:
+    """Reference attention. q [B,T,H,D], k/v [B,S,KV,D]; positions [T] and [S] (-1: empty slot).
+
+    Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
+    A key is visible when 0 <= its position <= the query's (and within ``window`` if set).
+    """
+    batch, q_len, n_heads, head_dim = q.shape
+    n_kv = k.shape[2]
+    q = q.reshape(batch, q_len, n_kv, n_heads // n_kv, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    visible = (kv_positions[None, :] <= q_positions[:, None]) & (kv_positions[None, :] >= 0)
+    if window:
+        visible &= kv_positions[None, :] > q_positions[:, None] - window
+    scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(batch, q_len, n_heads, head_dim)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array,
+    kv_positions: jax.Array,
+    implementation: str = "auto",
+    window: int = 0,
+) -> jax.Array:
+    """Causal attention of q over k/v by position, with the chosen implementation."""
+    impl = resolve_implementation(implementation, q.dtype)
+    plain_causal = q.shape[1] == k.shape[1] and not window
+    if impl == "cudnn" and plain_causal:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    # The KV-cache path (ragged positions) always takes the reference: decoding is memory-bound.
+    return xla_attention(q, k, v, q_positions, kv_positions, window)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, param_dtype, out_std: float, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.implementation = cfg.attention
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", None), cfg.init_std, param_dtype)
+        self.wk = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
+        self.wv = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
+        self.wo = param(rngs, (h, hd, d), ("heads", None, "embed"), out_std, param_dtype)
+
+    def __call__(self, x, positions, rope, cache=None):
+        """x [B,T,d], positions [T]. With a KV cache (ring buffer of the last W positions) the
+        new keys are written at slot ``position % W``; returns (output, updated cache)."""
+        dtype = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            out = attend(q, k, v, positions, positions, self.implementation)
+        else:
+            width = cache["k"].shape[1]
+            slots = positions % width
+            cache = {
+                "k": cache["k"].at[:, slots].set(k.astype(cache["k"].dtype)),
+                "v": cache["v"].at[:, slots].set(v.astype(cache["v"].dtype)),
+                "pos": cache["pos"].at[slots].set(positions),
+            }
+            # RoPE is relative, so a ring buffer of width W is exact sliding-window attention.
+            out = xla_attention(
+                q,
+                cache["k"].astype(dtype),
+                cache["v"].astype(dtype),
+                positions,
+                cache["pos"],
+                window=width,
+            )
+        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)), cache
+
+
+def init_kv_cache(cfg, batch: int, width: int, dtype) -> dict:
+    """An empty per-layer cache; slot positions of -1 mark empty slots."""
+    shape = (batch, width, cfg.n_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "pos": jnp.full((width,), -1, jnp.int32),
+    }

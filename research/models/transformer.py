@@ -1,0 +1,91 @@
+"""The decoder-only transformer: embeddings, pre-norm residual blocks, final norm, f32 logits.
+
+Readable top to bottom: Block = x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.config import ModelConfig
+from research.models.attention import Attention, init_kv_cache
+from research.models.layers import RMSNorm, SwiGLU, param, rope_tables
+
+
+def compute_dtype(name: str):
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        pdt = jnp.dtype(cfg.param_dtype)
+        # GPT-2's residual scaling: output projections shrink with depth so the stream stays O(1).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.attn = Attention(cfg, pdt, out_std, rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.init_std, out_std, pdt, rngs)
+        self.dropout = cfg.dropout
+
+    def __call__(self, x, positions, rope, cache=None, dropout_key=None):
+        attn_out, cache = self.attn(self.attn_norm(x), positions, rope, cache)
+        x = x + _dropout(attn_out, self.dropout, dropout_key, 0)
+        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, dropout_key, 1)
+        return x, cache
+
+
+def _dropout(x, rate: float, key, salt: int):
+    if not rate or key is None:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(key, salt), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        if not cfg.vocab_size:
+            raise ValueError("model.vocab_size must be resolved (from the tokenizer) before init")
+        self.cfg = cfg
+        pdt = jnp.dtype(cfg.param_dtype)
+        self.embed = param(
+            rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
+        )
+        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
+        if not cfg.tie_embeddings:
+            self.lm_head = param(
+                rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pdt
+            )
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, caches=None, dropout_key=None
+    ):
+        """tokens [B, T] -> float32 logits [B, T, vocab] (and the updated KV caches if given)."""
+        cfg = self.cfg
+        dtype = compute_dtype(cfg.compute_dtype)
+        if positions is None:
+            positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
+        embed = self.embed[...]
+        x = embed[tokens].astype(dtype)
+        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            x, cache = block(x, positions, rope, None if caches is None else caches[i], key)
+            new_caches.append(cache)
+        x = self.final_norm(x)
+        head = embed.T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum(
+            "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
+        )
+        return logits if caches is None else (logits, new_caches)
+
+    def init_caches(self, batch: int, width: int, dtype=None) -> list[dict]:
+        dtype = dtype or compute_dtype(self.cfg.compute_dtype)
+        return [init_kv_cache(self.cfg, batch, width, dtype) for _ in range(self.cfg.n_layers)]

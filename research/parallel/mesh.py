@@ -1,0 +1,86 @@
+"""Device meshes and the logical-axis rules that map model dimensions onto them.
+
+Single device is a 1x1x1x1 mesh: there is one code path. Parameters carry logical axis names
+(``embed``, ``heads``, ...); ``LOGICAL_RULES`` says which mesh axes shard each of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from research.config import MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": ("fsdp",),
+    "heads": ("tensor",),
+    "kv": ("tensor",),
+    "mlp": ("tensor",),
+    "vocab": ("tensor",),
+    "expert": ("expert",),
+}
+
+
+class MeshShapeError(ValueError):
+    pass
+
+
+def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
+    sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
+    rest = [axis for axis, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise MeshShapeError(f"only one mesh axis may be -1 (the rest), got {rest}")
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if rest:
+        if n_devices % fixed:
+            raise MeshShapeError(
+                f"mesh axes {sizes} need a multiple of {fixed} devices, but there are {n_devices}"
+            )
+        sizes[rest[0]] = n_devices // fixed
+    if math.prod(sizes.values()) != n_devices:
+        raise MeshShapeError(
+            f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
+            "set one axis to -1 to use the rest, or change the sizes so they multiply to "
+            f"{n_devices}"
+        )
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+    devices = devices if devices is not None else jax.devices()
+    sizes = mesh_shape(cfg, len(devices))
+    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    return Mesh(grid, MESH_AXES)
+
+
+def logical_to_spec(
+    axes: tuple, shape: tuple[int, ...], mesh: Mesh, name: str = ""
+) -> PartitionSpec:
+    """The PartitionSpec for an array with these logical axes; dims must divide their mesh axes."""
+    spec = []
+    for axis, dim in zip(axes, shape, strict=True):
+        mesh_axes = tuple(a for a in (LOGICAL_RULES.get(axis) or ()) if mesh.shape[a] > 1)
+        ways = math.prod(mesh.shape[a] for a in mesh_axes)
+        if ways > 1 and dim % ways:
+            raise MeshShapeError(
+                f"{name or 'array'}: dimension '{axis}' of size {dim} does not divide over mesh "
+                f"axes {mesh_axes} of total size {ways}; change the mesh or the model size"
+            )
+        spec.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return PartitionSpec(*spec)
+
+
+def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+    """Batches are split over data and fsdp; ``leading_dims`` unsharded dims (accumulation) first."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), ("data", "fsdp")))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]

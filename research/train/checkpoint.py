@@ -1,0 +1,92 @@
+"""Orbax checkpoints: async, atomic, keep-last-K, and a fallback past unreadable ones.
+
+Each step saves the train state (params, optimizer state, step, RNG key) and the data iterator's
+state. Orbax writes into a temporary folder and renames it when complete, so a crash mid-save
+leaves the previous checkpoint as the latest. If the newest one is unreadable anyway (a disk
+error, a truncated copy), it is moved aside, never deleted, and the one before it is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int, use_async: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, enable_async_checkpointing=use_async, create=True
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: Any, data_state: dict) -> None:
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            ),
+            force=True,
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
+        """The newest readable checkpoint as (step, state, data_state); None if there is none."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    ),
+                )
+                _check_finite(restored.state)
+                return step, restored.state, dict(restored.data)
+            except Exception as error:  # noqa: BLE001 - any failure means "unreadable"
+                aside = self._move_aside(step)
+                log.warning(
+                    "checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling "
+                    "back to the previous one",
+                    step,
+                    type(error).__name__,
+                    str(error)[:200],
+                    aside,
+                )
+                print(
+                    f"warning: checkpoint {step} is unreadable ({type(error).__name__}); "
+                    f"moved to {aside}, trying the previous one"
+                )
+        return None
+
+    def _move_aside(self, step: int) -> Path:
+        source = self.directory / str(step)
+        target = self.directory.parent / "checkpoints_unreadable" / str(step)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(source), str(target))
+        self.manager.reload()
+        return target
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _check_finite(state: Any) -> None:
+    for leaf in jax.tree.leaves(state):
+        if jax.dtypes.issubdtype(leaf.dtype, np.floating) and not bool(np.isfinite(leaf).all()):
+            raise ValueError("restored values contain NaN or inf")

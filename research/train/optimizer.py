@@ -1,0 +1,62 @@
+"""optax AdamW with weight-decay masking, warmup + cosine / WSD schedules and clipping."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from research.config import OptimConfig
+
+
+def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, cfg.lr, warmup, max(total_steps, warmup + 1), end_value=floor
+        )
+    if cfg.schedule == "wsd":
+        # Warmup, a long stable phase at the peak, then a linear decay over the last fraction.
+        decay = max(1, int(total_steps * cfg.decay_fraction))
+        stable = max(0, total_steps - warmup - decay)
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, cfg.lr, warmup),
+                optax.constant_schedule(cfg.lr),
+                optax.linear_schedule(cfg.lr, floor, decay),
+            ],
+            boundaries=[warmup, warmup + stable],
+        )
+    if cfg.schedule == "constant":
+        return optax.warmup_constant_schedule(0.0, cfg.lr, warmup)
+    raise ValueError(f"optim.schedule='{cfg.schedule}' is unknown; use cosine, wsd or constant")
+
+
+def decay_mask(params, cfg: OptimConfig):
+    """True where weight decay applies: matrices, but not norms or embeddings unless configured."""
+
+    def decide(path, leaf) -> bool:
+        names = [str(getattr(p, "key", getattr(p, "idx", ""))) for p in path]
+        if leaf.ndim < 2:
+            return cfg.decay_norms
+        if "embed" in names or "lm_head" in names:
+            return cfg.decay_embeddings
+        return True
+
+    return jax.tree_util.tree_map_with_path(decide, params)
+
+
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    schedule = learning_rate_schedule(cfg, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: decay_mask(params, cfg),
+    )
+    chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
+    return optax.chain(*chain, adamw), schedule

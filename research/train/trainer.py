@@ -1,0 +1,356 @@
+"""The training loop: prepare data, build or resume the state, train, evaluate, checkpoint, log.
+
+Re-running the same command resumes from the newest good checkpoint, with the same batches and
+the same loss curve as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from research.config import ConfigError, ExperimentConfig, ModelConfig
+from research.data.loader import eval_batches, train_dataset
+from research.data.shards import PreparedData, prepare
+from research.infer.sampling import generate
+from research.models import Transformer
+from research.parallel.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
+from research.scaling.accounting import count_params
+from research.train.checkpoint import Checkpointer
+from research.train.metrics import MetricsLogger, peak_flops_per_device
+from research.train.optimizer import make_optimizer
+from research.train.step import make_eval_step, make_train_step
+
+# Config sections that define what a run computes: changing them under an existing run is an error.
+_IDENTITY_KEYS = ("model", "data", "optim", "train.batch_size", "train.seed", "train.z_loss")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    wall_seconds: float
+    tokens_per_second: float
+    mfu: float
+    sample: str
+
+
+def run_directory(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.train.run_dir or f"runs/{cfg.name}")
+
+
+def build_model(model_cfg: ModelConfig, seed: int, mesh) -> tuple[nnx.GraphDef, dict]:
+    """Initialise parameters directly into their shardings (no full copy on one device first)."""
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+
+    def sharding_of(path, variable):
+        name = "/".join(str(getattr(p, "key", p)) for p in path)
+        axes = variable.get_metadata().get("logical_axes") or (None,) * variable.value.ndim
+        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, mesh, name))
+
+    shardings = nnx.to_pure_dict(
+        jax.tree_util.tree_map_with_path(
+            sharding_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+    )
+
+    @jax.jit
+    def init():
+        return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, nnx.Rngs(seed))))
+
+    params = jax.jit(init, out_shardings=shardings)()
+    return graphdef, params
+
+
+def init_train_state(cfg: ExperimentConfig, mesh):
+    """Fresh train state (params, optimizer state, step, RNG key) for a resolved config."""
+    graphdef, params = build_model(cfg.model, cfg.train.seed, mesh)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "opt_state": jax.jit(tx.init)(params),
+        "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+    }
+    return graphdef, state, tx, schedule
+
+
+def abstract_like(tree):
+    """Shapes, dtypes and shardings of a tree: the target orbax restores into."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _check_same_run(run_dir: Path, cfg_dict: dict) -> None:
+    saved_path = run_dir / "config.json"
+    if not saved_path.exists():
+        return
+    old, new = _flatten(json.loads(saved_path.read_text())), _flatten(cfg_dict)
+    changed = [
+        k
+        for k in sorted(set(old) | set(new))
+        if k.startswith(_IDENTITY_KEYS) and old.get(k) != new.get(k)
+    ]
+    if changed:
+        details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
+        raise ConfigError(
+            f"{run_dir} holds a run with a different config ({details}). Resuming it would mix "
+            "two experiments: use a new --set train.run_dir=..., or delete the old run."
+        )
+
+
+def evaluate(
+    eval_step, params, data: PreparedData, cfg: ExperimentConfig, mesh
+) -> tuple[float, float]:
+    """Validation loss (nats/token) and bits per byte over the whole split (or eval_batches)."""
+    tokens = data.tokens("val")
+    per_device = max(1, cfg.train.batch_size // cfg.optim.grad_accum // data_parallel_size(mesh))
+    batch_size = per_device * data_parallel_size(mesh)
+    total, count = 0.0, 0
+    sharding = batch_sharding(mesh)
+    for batch, rows in eval_batches(tokens, cfg.model.seq_len, batch_size, cfg.train.eval_batches):
+        loss_sum, n = eval_step(params, jax.device_put(batch, sharding), rows)
+        total += float(loss_sum)
+        count += int(n)
+    val_loss = total / count
+    return val_loss, val_loss / math.log(2) / data.bytes_per_token("val")
+
+
+def sample_text(
+    graphdef,
+    params,
+    data: PreparedData,
+    prompt: str,
+    n_tokens: int,
+    seed: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 0.95,
+) -> str:
+    tokenizer = data.tokenizer()
+    model = nnx.merge(graphdef, jax.device_get(params))
+    prompt_ids = tokenizer.encode(prompt)[None, :]
+    new = generate(model, prompt_ids, n_tokens, jax.random.key(seed), temperature, top_k, top_p)
+    return prompt + tokenizer.decode(np.asarray(new[0]))
+
+
+def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float) -> dict:
+    path = run_dir / "ledger.json"
+    ledger = (
+        json.loads(path.read_text())
+        if path.exists()
+        else {
+            "tokens": 0,
+            "flops": 0.0,
+            "wall_seconds": 0.0,
+            "device_seconds": 0.0,
+        }
+    )
+    ledger["tokens"] += tokens
+    ledger["flops"] += flops
+    ledger["wall_seconds"] += seconds
+    ledger["device_seconds"] += seconds * jax.device_count()
+    ledger["device_kind"] = jax.devices()[0].device_kind
+    ledger["device_count"] = jax.device_count()
+    path.write_text(json.dumps(ledger, indent=2))
+    return ledger
+
+
+def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
+    """Train (or resume) the experiment; returns the final metrics and a sample of text."""
+    t_start = time.perf_counter()
+    run_dir = run_directory(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare(cfg.data, verbose=jax.process_index() == 0)
+    model_cfg = cfg.model.resolved(vocab_size=data.vocab_size)
+    if model_cfg.vocab_size < data.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({data.vocab_size}); set it to 0 (take the tokenizer's) or at least {data.vocab_size}"
+        )
+    cfg.model = model_cfg
+    _check_same_run(run_dir, cfg.to_dict())
+    if jax.process_index() == 0:
+        (run_dir / "config.json").write_text(cfg.to_json())
+
+    mesh = make_mesh(cfg.mesh)
+    accum, batch_size = cfg.optim.grad_accum, cfg.train.batch_size
+    dp = data_parallel_size(mesh)
+    if batch_size % (accum * dp):
+        raise ConfigError(
+            f"train.batch_size={batch_size} must divide into optim.grad_accum={accum} microbatches "
+            f"split over {dp} data-parallel devices; use a multiple of {accum * dp}"
+        )
+    size = count_params(model_cfg)
+    tokens_per_step = batch_size * model_cfg.seq_len
+    flops_per_step = size.flops_per_token * tokens_per_step
+    peak = peak_flops_per_device(cfg.log.peak_flops) * jax.device_count()
+
+    graphdef, state, tx, schedule = init_train_state(cfg, mesh)
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    dataset = train_dataset(
+        data.tokens("train"),
+        model_cfg.seq_len,
+        batch_size // jax.process_count(),
+        seed=cfg.train.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    batches = iter(dataset)
+    start_step = 0
+    if resume:
+        restored = checkpointer.restore_latest(abstract_like(state))
+        if restored is not None:
+            start_step, state, data_state = restored
+            batches.set_state(data_state)
+            print(f"resumed {run_dir} from step {start_step}")
+
+    step_fn = make_train_step(graphdef, tx, schedule, cfg.train.z_loss, model_cfg.dropout)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, batch_sharding(mesh, leading_dims=1)),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(graphdef))
+    logger = MetricsLogger(run_dir, cfg.log.tensorboard)
+    logger.text("config", f"```\n{cfg.to_json()}\n```")
+    if start_step == 0:
+        print(
+            f"model: {size.total_params / 1e6:.2f}M params ({size.non_embedding_params / 1e6:.2f}M "
+            f"non-embedding), {size.flops_per_token / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)}"
+        )
+
+    local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
+    train_sharding = batch_sharding(mesh, leading_dims=1)
+    progress = _progress_bar(cfg, start_step)
+    train_loss, val_loss, val_bpb = float("nan"), None, None
+    window_start, window_steps = time.perf_counter(), 0
+    tokens_per_second = mfu = 0.0
+    last_good_step = checkpointer.latest_step()
+    loop_start = time.perf_counter()
+    step = start_step
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        local = next(batches).reshape(local_batch_shape)
+        batch = jax.make_array_from_process_local_data(train_sharding, local)
+        state, metrics = train_step(state, batch)
+        window_steps += 1
+        is_last = step == cfg.train.steps
+        checkpoint_now = is_last or (
+            cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+        )
+        if step % cfg.train.log_every == 0 or checkpoint_now:
+            metrics = jax.device_get(metrics)
+            train_loss = float(metrics["loss"])
+            if not math.isfinite(train_loss):
+                checkpointer.close()
+                raise TrainingDiverged(
+                    f"loss became {train_loss} at step {step}; stopped. The last good checkpoint "
+                    f"is step {last_good_step} in {checkpointer.directory}. Lower optim.lr, raise "
+                    "optim.warmup_steps or enable train.z_loss, then re-run to resume from it."
+                )
+            elapsed = time.perf_counter() - window_start
+            tokens_per_second = window_steps * tokens_per_step / elapsed
+            mfu = window_steps * flops_per_step / elapsed / peak
+            logger.scalars(
+                step,
+                {
+                    "train/loss": train_loss,
+                    "train/grad_norm": float(metrics["grad_norm"]),
+                    "train/lr": float(metrics["lr"]),
+                    "perf/tokens_per_second": tokens_per_second,
+                    "perf/step_time_ms": 1e3 * elapsed / window_steps,
+                    "perf/mfu": mfu,
+                },
+            )
+            progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_second:,.0f}")
+            window_start, window_steps = time.perf_counter(), 0
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
+            val_loss, val_bpb = evaluate(eval_step, state["params"], data, cfg, mesh)
+            logger.scalars(step, {"val/loss": val_loss, "val/bpb": val_bpb})
+            progress.write(
+                f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}, "
+                f"val bpb {val_bpb:.4f}"
+            )
+            window_start = time.perf_counter()  # eval time is not training throughput
+        if checkpoint_now:
+            checkpointer.save(step, state, batches.get_state())
+            last_good_step = step
+        progress.update(1)
+    progress.close()
+    checkpointer.close()
+    train_seconds = time.perf_counter() - loop_start
+    steps_done = step - start_step
+    ledger = _update_ledger(
+        run_dir,
+        steps_done * tokens_per_step,
+        steps_done * flops_per_step,
+        time.perf_counter() - t_start,
+    )
+
+    sample = ""
+    if cfg.train.sample_tokens and jax.process_index() == 0:
+        sample = sample_text(
+            graphdef,
+            state["params"],
+            data,
+            cfg.train.sample_prompt,
+            cfg.train.sample_tokens,
+            cfg.train.seed,
+        )
+    logger.close()
+    if val_loss is None and steps_done == 0 and start_step:
+        val_loss, val_bpb = evaluate(eval_step, state["params"], data, cfg, mesh)
+    return TrainResult(
+        run_dir=run_dir,
+        step=int(state["step"]),
+        train_loss=train_loss,
+        val_loss=val_loss,
+        val_bpb=val_bpb,
+        wall_seconds=ledger["wall_seconds"],
+        tokens_per_second=tokens_per_second
+        or (steps_done * tokens_per_step / max(train_seconds, 1e-9)),
+        mfu=mfu,
+        sample=sample,
+    )
+
+
+def _progress_bar(cfg: ExperimentConfig, start: int):
+    from tqdm.auto import tqdm
+
+    enabled = cfg.log.progress and jax.process_index() == 0
+    return tqdm(
+        total=cfg.train.steps,
+        initial=start,
+        disable=not enabled,
+        dynamic_ncols=True,
+        desc="train",
+        unit="step",
+    )
