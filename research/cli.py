@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from research import runtime
+
+    runtime.setup()
     try:
         args.func(args)
     except (ConfigError, FileNotFoundError) as error:

@@ -43,7 +43,7 @@ def train_dataset(
     ds = grain.MapDataset.source(TokenWindows(tokens, seq_len)).shuffle(seed=seed)
     ds = ds[process_index::process_count].repeat(None)
     return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
-        grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
     )
 
 

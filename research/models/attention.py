@@ -7,6 +7,8 @@ fastest correct one for the backend. Later kernels (Pallas flash attention) plug
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -43,12 +45,18 @@ def xla_attention(
     """
     batch, q_len, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
-    q = q.reshape(batch, q_len, n_kv, n_heads // n_kv, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    # Fold the scale into q: a [T, d] multiply instead of one over the [T, S] scores.
+    q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
     visible = (kv_positions[None, :] <= q_positions[:, None]) & (kv_positions[None, :] >= 0)
     if window:
         visible &= kv_positions[None, :] > q_positions[:, None] - window
+    if n_kv == n_heads:  # plain multi-head: 4-D einsums lower to fewer transposes
+        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        return jnp.einsum("bhts,bshd->bthd", probs, v)
+    q = q.reshape(batch, q_len, n_kv, n_heads // n_kv, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)

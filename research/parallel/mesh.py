@@ -53,8 +53,16 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
-def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
-    devices = devices if devices is not None else jax.devices()
+def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
+    """The mesh for a config. On CPU, with data=-1 and a (micro)batch size given, it uses as many
+    devices as divide the batch (12 sequences on 8 cores run on 6), so any batch fits any host."""
+    devices = list(devices if devices is not None else jax.devices())
+    if batch_size and cfg.data == -1 and devices[0].platform == "cpu":
+        fixed = math.prod(max(getattr(cfg, a), 1) for a in MESH_AXES if a != "data")
+        fitting = [
+            d for d in range(1, len(devices) // fixed + 1) if batch_size % (d * cfg.fsdp) == 0
+        ]
+        devices = devices[: max(fitting, default=1) * fixed]
     sizes = mesh_shape(cfg, len(devices))
     grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)

@@ -55,17 +55,54 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
     return _measured_cpu_peak
 
 
+class TensorBoardWriter:
+    """Scalars and text as TensorBoard event files, with the tensorboard package's own writer
+    (tensorboardX would import torch when present: over a second of start-up for nothing)."""
+
+    def __init__(self, logdir: Path):
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._writer = EventFileWriter(str(logdir))
+
+    def _write(self, step: int, value) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+
+        summary = summary_pb2.Summary(value=[value])
+        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboard.compat.proto import summary_pb2
+
+        self._write(step, summary_pb2.Summary.Value(tag=tag, simple_value=float(value)))
+
+    def add_text(self, tag: str, text: str, step: int = 0) -> None:
+        from tensorboard.compat.proto import summary_pb2, tensor_pb2, tensor_shape_pb2
+
+        tensor = tensor_pb2.TensorProto(
+            dtype=7,  # DT_STRING
+            string_val=[text.encode("utf-8")],
+            tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)]
+            ),
+        )
+        metadata = summary_pb2.SummaryMetadata(
+            plugin_data=summary_pb2.SummaryMetadata.PluginData(plugin_name="text")
+        )
+        self._write(step, summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsLogger:
     """Writes scalars to TensorBoard and to metrics.jsonl; only process 0 writes."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self.jsonl = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
-        self.writer = None
-        if self.enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        self.writer = (
+            TensorBoardWriter(run_dir / "tensorboard") if self.enabled and tensorboard else None
+        )
 
     def text(self, tag: str, text: str) -> None:
         if self.writer:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from research.config import ConfigError, ExperimentConfig, ModelConfig
 from research.data.loader import eval_batches, train_dataset
@@ -89,6 +89,12 @@ def init_train_state(cfg: ExperimentConfig, mesh):
         "opt_state": jax.jit(tx.init)(params),
         "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
     }
+    # Scalars (step, optimizer counts, RNG key) live replicated on the mesh beside the params.
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, replicated),
+        state,
+    )
     return graphdef, state, tx, schedule
 
 
@@ -129,16 +135,17 @@ def evaluate(
     eval_step, params, data: PreparedData, cfg: ExperimentConfig, mesh
 ) -> tuple[float, float]:
     """Validation loss (nats/token) and bits per byte over the whole split (or eval_batches)."""
-    tokens = data.tokens("val")
-    per_device = max(1, cfg.train.batch_size // cfg.optim.grad_accum // data_parallel_size(mesh))
-    batch_size = per_device * data_parallel_size(mesh)
-    total, count = 0.0, 0
+    dp = data_parallel_size(mesh)
+    micro_batch = cfg.train.batch_size // cfg.optim.grad_accum
+    # Bigger batches than training where they are cheap (no activations kept for backward).
+    rows = max(micro_batch, 8192 // cfg.model.seq_len) // dp * dp or dp
     sharding = batch_sharding(mesh)
-    for batch, rows in eval_batches(tokens, cfg.model.seq_len, batch_size, cfg.train.eval_batches):
-        loss_sum, n = eval_step(params, jax.device_put(batch, sharding), rows)
-        total += float(loss_sum)
-        count += int(n)
-    val_loss = total / count
+    total, count = 0.0, 0
+    batches = eval_batches(data.tokens("val"), cfg.model.seq_len, rows, cfg.train.eval_batches)
+    for batch, valid_rows in batches:
+        loss_sum, n = eval_step(params, jax.device_put(batch, sharding), valid_rows)
+        total, count = total + loss_sum, count + n  # summed on device: one sync at the end
+    val_loss = float(total) / int(count)
     return val_loss, val_loss / math.log(2) / data.bytes_per_token("val")
 
 
@@ -199,8 +206,8 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     if jax.process_index() == 0:
         (run_dir / "config.json").write_text(cfg.to_json())
 
-    mesh = make_mesh(cfg.mesh)
     accum, batch_size = cfg.optim.grad_accum, cfg.train.batch_size
+    mesh = make_mesh(cfg.mesh, batch_size=batch_size // accum)
     dp = data_parallel_size(mesh)
     if batch_size % (accum * dp):
         raise ConfigError(
@@ -210,7 +217,9 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     size = count_params(model_cfg)
     tokens_per_step = batch_size * model_cfg.seq_len
     flops_per_step = size.flops_per_token * tokens_per_step
-    peak = peak_flops_per_device(cfg.log.peak_flops) * jax.device_count()
+    peak = peak_flops_per_device(cfg.log.peak_flops) * (
+        1 if mesh.devices.flat[0].platform == "cpu" else mesh.devices.size
+    )  # a CPU's measured ceiling already covers all its cores, however many devices it shows
 
     graphdef, state, tx, schedule = init_train_state(cfg, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
