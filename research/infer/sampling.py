@@ -1,7 +1,8 @@
 """Sampling with a KV cache: temperature, top-k and top-p (nucleus) filtering.
 
-The cache is a ring buffer as wide as the training context, so generation can run past it: each
-new token attends to the last ``seq_len`` tokens, exactly as the model saw them in training.
+The cache is a ring buffer as wide as the training context, so generation can run past it: in
+every layer each new token attends to the last ``seq_len`` positions (sliding-window attention,
+as in Mistral's rolling cache), so relative positions never exceed what training saw.
 """
 
 from __future__ import annotations

@@ -44,11 +44,12 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
                 f"mesh axes {sizes} need a multiple of {fixed} devices, but there are {n_devices}"
             )
         sizes[rest[0]] = n_devices // fixed
-    if math.prod(sizes.values()) != n_devices:
+    total = math.prod(sizes.values())
+    if n_devices % total:
         raise MeshShapeError(
-            f"mesh {sizes} has {math.prod(sizes.values())} devices but {n_devices} are present; "
-            "set one axis to -1 to use the rest, or change the sizes so they multiply to "
-            f"{n_devices}"
+            f"mesh {sizes} needs {total} devices, which does not divide the {n_devices} present; "
+            "set one axis to -1 to use the rest, or change the sizes so they multiply to a "
+            f"divisor of {n_devices}"
         )
     return sizes
 
@@ -64,6 +65,8 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
         ]
         devices = devices[: max(fitting, default=1) * fixed]
     sizes = mesh_shape(cfg, len(devices))
+    # A fixed mesh smaller than the machine (e.g. data=1 on 8 devices) runs on the first devices.
+    devices = devices[: math.prod(sizes.values())]
     grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
     return Mesh(grid, MESH_AXES)
 
@@ -86,7 +89,7 @@ def logical_to_spec(
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
-    """Batches are split over data and fsdp; ``leading_dims`` unsharded dims (accumulation) first."""
+    """Batches split over data and fsdp, after ``leading_dims`` unsharded (accumulation) dims."""
     return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), ("data", "fsdp")))
 
 

@@ -1,0 +1,45 @@
+"""Shared fixtures. Eight fake CPU devices for sharding tests; set before JAX starts."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("RESEARCH_COMPILE_CACHE", "")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from research.config import load_experiment  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache(tmp_path_factory):
+    """One prepared-data cache for the whole session (preparing takes seconds, reading is free)."""
+    cache = tmp_path_factory.mktemp("research-cache")
+    os.environ["RESEARCH_CACHE"] = str(cache)
+    yield cache
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """The tiny experiment, writing into a fresh run directory, quiet."""
+
+    def make(*overrides: str):
+        return load_experiment(
+            "tiny",
+            [f"train.run_dir={tmp_path / 'run'}", "log.progress=false", *overrides],
+        )
+
+    return make
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl as {step: merged values}; later lines (a resumed run) win."""
+    by_step: dict[int, dict] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_step.setdefault(row["step"], {}).update(row)
+    return by_step

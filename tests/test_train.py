@@ -1,0 +1,203 @@
+"""End-to-end training: resume after a real SIGKILL, checkpoint fallback, divergence, sharding."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import read_metrics
+
+from research.cli import main as cli_main
+from research.config import ConfigError
+from research.train.trainer import TrainingDiverged, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(run_dir: Path, *overrides: str) -> list[str]:
+    args = [
+        sys.executable,
+        "-m",
+        "research.cli",
+        "train",
+        "tiny",
+        f"--set=train.run_dir={run_dir}",
+        "--set=log.progress=false",
+    ]
+    return args + [f"--set={o}" for o in overrides]
+
+
+RESUME_SETTINGS = (
+    "train.steps=2000",
+    "train.checkpoint_every=500",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.sample_tokens=0",
+    "mesh.data=1",
+)
+
+
+def test_resume_after_sigkill_gives_identical_losses(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    straight = tmp_path / "straight"
+    subprocess.run(
+        _cli(straight, *RESUME_SETTINGS), check=True, env=env, cwd=REPO, capture_output=True
+    )
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _cli(killed, *RESUME_SETTINGS),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # kill past the step-1000 checkpoint, mid-way to 1500
+            metrics = killed / "metrics.jsonl"
+            if metrics.exists() and (killed / "checkpoints" / "1000").exists():
+                if len(metrics.read_text().splitlines()) >= 1200:
+                    break
+            time.sleep(0.05)
+            assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert len(read_metrics(killed)) < 2000
+    subprocess.run(
+        _cli(killed, *RESUME_SETTINGS), check=True, env=env, cwd=REPO, capture_output=True
+    )
+
+    expected, resumed = read_metrics(straight), read_metrics(killed)
+    assert sorted(resumed) == sorted(expected) == list(range(1, 2001))
+    for step in expected:
+        assert resumed[step]["train/loss"] == expected[step]["train/loss"], step
+
+
+def _corrupt(step_dir: Path) -> None:
+    for path in (step_dir / "state").rglob("*"):
+        if path.is_file() and path.name != "commit_success.txt":
+            path.write_bytes(b"\x00garbage" * 7)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
+    cfg = tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1")
+    first = train(cfg)
+    run_dir = first.run_dir
+    _corrupt(run_dir / "checkpoints" / "50")
+
+    again = train(tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1"))
+    out = capsys.readouterr().out
+    assert "checkpoint 50 is unreadable" in out and "resumed" in out and "from step 25" in out
+    assert (run_dir / "checkpoints_unreadable" / "50").exists()  # moved aside, not deleted
+    assert again.step == 50 and again.train_loss == pytest.approx(first.train_loss, abs=0)
+
+
+def test_divergence_stops_with_a_clear_message(tiny_config):
+    cfg = tiny_config(
+        "optim.lr=1e30",
+        "optim.clip_norm=0",
+        "train.checkpoint_every=10",
+        "train.log_every=1",
+        "optim.warmup_steps=0",
+    )
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        train(cfg)
+
+
+def test_sharded_run_matches_single_device(tiny_config, tmp_path):
+    common = (
+        "train.steps=6",
+        "train.log_every=1",
+        "train.sample_tokens=0",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+    )
+    single = train(tiny_config(*common, "mesh.data=1", f"train.run_dir={tmp_path / 'one'}"))
+    sharded = train(tiny_config(*common, "mesh.data=8", f"train.run_dir={tmp_path / 'eight'}"))
+    a, b = read_metrics(single.run_dir), read_metrics(sharded.run_dir)
+    for step in range(1, 7):
+        assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-5)
+
+
+def test_changed_config_on_existing_run_is_refused(tiny_config):
+    train(tiny_config("train.steps=2", "train.sample_tokens=0"))
+    with pytest.raises(ConfigError, match="model.d_model"):
+        train(tiny_config("train.steps=2", "model.d_model=64"))
+
+
+def test_bad_mesh_is_a_clear_error(tiny_config):
+    from research.parallel.mesh import MeshShapeError
+
+    with pytest.raises(MeshShapeError, match="does not divide"):
+        train(tiny_config("mesh.data=3"))
+
+
+def test_tensorboard_events_and_ledger(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(tiny_config("train.steps=20", "train.eval_every=10"))
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in (
+        "train/loss",
+        "val/loss",
+        "val/bpb",
+        "train/lr",
+        "perf/tokens_per_second",
+        "perf/mfu",
+        "train/grad_norm",
+    ):
+        assert tag in tags, tag
+    assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
+    ledger = (result.run_dir / "ledger.json").read_text()
+    assert '"tokens": 5120' in ledger  # 20 steps x 8 sequences x 32 tokens
+    assert (result.run_dir / "config.json").exists()
+
+
+def test_cli_generate_and_eval(tiny_config, capsys):
+    result = train(tiny_config("train.steps=10"))
+    capsys.readouterr()
+    assert (
+        cli_main(["generate", str(result.run_dir), "--prompt", "ROMEO:", "--max-tokens", "20"]) == 0
+    )
+    text = capsys.readouterr().out
+    assert text.startswith("ROMEO:") and len(text.strip()) >= 20
+    assert cli_main(["eval", str(result.run_dir)]) == 0
+    assert '"val_loss"' in capsys.readouterr().out
+
+
+def test_cli_reports_config_errors(capsys):
+    assert cli_main(["train", "tiny", "--set", "model.n_layer=2"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown config key 'model.n_layer'" in err and "n_layers" in err
+    assert cli_main(["train", "tiny", "--set", "data.corpus=/no/such/corpus"]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_help_has_examples():
+    for command in ("train", "prepare", "generate", "eval", "info"):
+        out = subprocess.run(
+            [sys.executable, "-m", "research.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "example" in out
+
+
+def test_generate_is_seeded(tiny_config, capsys):
+    result = train(tiny_config("train.steps=5", "train.sample_tokens=0"))
+    capsys.readouterr()
+    outs = []
+    for _ in range(2):
+        cli_main(["generate", str(result.run_dir), "--max-tokens", "30", "--seed", "3"])
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1]
+    assert np.unique(list(outs[0])).size > 3
