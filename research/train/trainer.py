@@ -266,10 +266,18 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     last_good_step = checkpointer.latest_step()
     loop_start = time.perf_counter()
     step = start_step
+    bounded_queue = mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
+    previous_loss = None
     for step in range(start_step + 1, cfg.train.steps + 1):
         local = next(batches).reshape(local_batch_shape)
         batch = jax.make_array_from_process_local_data(train_sharding, local)
         state, metrics = train_step(state, batch)
+        if bounded_queue:
+            # Several CPU devices share one thread pool: with a deep queue of steps, a device
+            # can wait in the gradient all-reduce for a peer that gets no thread (seen as an
+            # XLA rendezvous timeout). Waiting for the previous step keeps one step in flight.
+            jax.block_until_ready(previous_loss)
+            previous_loss = metrics["loss"]
         window_steps += 1
         is_last = step == cfg.train.steps
         checkpoint_now = is_last or (
