@@ -116,3 +116,29 @@ def test_eval_batches_cover_the_split_once():
         seen.extend(batch[:rows, :-1].ravel().tolist())
         rows_total += rows
     assert rows_total == 10 and seen == list(range(100))
+
+
+def test_known_corpus_download_is_checked_against_sha256(tmp_path, monkeypatch):
+    import hashlib
+
+    from research.data import corpus as corpus_module
+
+    source = tmp_path / "remote.txt"
+    source.write_text("some public text\n")
+    good = hashlib.sha256(source.read_bytes()).hexdigest()
+    monkeypatch.setattr(corpus_module, "_candidates", lambda name: [])
+    monkeypatch.setitem(
+        corpus_module.KNOWN_CORPORA,
+        "remote",
+        corpus_module.KnownCorpus(source.as_uri(), good, "remote.txt"),
+    )
+    files = resolve_corpus("remote", cache_dir=str(tmp_path / "cache"))
+    assert files[0].read_text() == "some public text\n"
+
+    monkeypatch.setitem(
+        corpus_module.KNOWN_CORPORA,
+        "tampered",
+        corpus_module.KnownCorpus(source.as_uri(), "0" * 64, "t.txt"),
+    )
+    with pytest.raises(CorpusNotFoundError, match="sha256"):
+        resolve_corpus("tampered", cache_dir=str(tmp_path / "cache"))

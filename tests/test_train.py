@@ -201,3 +201,22 @@ def test_generate_is_seeded(tiny_config, capsys):
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1]
     assert np.unique(list(outs[0])).size > 3
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
+    common = (
+        "train.steps=4",
+        "train.log_every=1",
+        "train.sample_tokens=0",
+        "train.checkpoint_every=0",
+        "train.eval_every=0",
+        "mesh.data=1",
+    )
+    whole = train(tiny_config(*common, f"train.run_dir={tmp_path / 'a'}"))
+    accumulated = train(
+        tiny_config(*common, "optim.grad_accum=4", f"train.run_dir={tmp_path / 'b'}")
+    )
+    a, b = read_metrics(whole.run_dir), read_metrics(accumulated.run_dir)
+    for step in range(1, 5):
+        assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-5)
+        assert a[step]["train/grad_norm"] == pytest.approx(b[step]["train/grad_norm"], rel=1e-4)
