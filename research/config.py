@@ -43,6 +43,20 @@ class ModelConfig:
     attention: str = "auto"  # auto | xla | cudnn
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
+    # Mixture of experts (n_experts = 0: a dense model).
+    n_experts: int = 0
+    top_k: int = 2
+    expert_hidden: int = 0  # 0: mlp_hidden
+    expert_granularity: int = 1  # > 1: fine-grained, each expert split into this many smaller
+    n_shared_experts: int = 0  # experts every token uses, beside the routed ones
+    moe_every: int = 1  # an MoE block in every k-th layer (the others dense)
+    router: str = "softmax"  # softmax | sigmoid
+    router_renormalize: bool = True  # selected experts' weights sum to 1
+    moe_dispatch: str = "auto"  # auto | capacity | dropless
+    capacity_factor: float = 1.25
+    router_aux_loss: float = 0.01  # Switch/GShard load-balancing loss coefficient (0: off)
+    router_z_loss: float = 0.001  # router logit z-loss coefficient (0: off)
+    aux_free_bias_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free bias update speed
 
     def resolved(self, vocab_size: int | None = None) -> ModelConfig:
         """A copy with every 0 ("derive it") replaced by its derived value."""
@@ -60,9 +74,35 @@ class ModelConfig:
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "set model.head_dim explicitly or change one of them"
             )
+        moe = {}
+        if self.n_experts:
+            if self.router not in ("softmax", "sigmoid"):
+                raise ConfigError(f"model.router='{self.router}': use softmax or sigmoid")
+            if self.moe_dispatch not in ("auto", "capacity", "dropless"):
+                raise ConfigError(
+                    f"model.moe_dispatch='{self.moe_dispatch}': use auto, capacity or dropless"
+                )
+            m = self.expert_granularity
+            expert_hidden = (self.expert_hidden or hidden) // m
+            n_experts, top_k = self.n_experts * m, self.top_k * m
+            if not 1 <= top_k <= n_experts:
+                raise ConfigError(
+                    f"model.top_k={self.top_k} must be between 1 and model.n_experts="
+                    f"{self.n_experts}"
+                )
+            moe = dict(
+                n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden, expert_granularity=1
+            )
         return dataclasses.replace(
-            self, n_kv_heads=n_kv, head_dim=head_dim, mlp_hidden=hidden, vocab_size=vocab
+            self, n_kv_heads=n_kv, head_dim=head_dim, mlp_hidden=hidden, vocab_size=vocab, **moe
         )
+
+    def is_moe_layer(self, index: int) -> bool:
+        return self.n_experts > 0 and index % self.moe_every == self.moe_every - 1
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
 
 
 @dataclass

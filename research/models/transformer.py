@@ -14,6 +14,7 @@ from flax import nnx
 from research.config import ModelConfig
 from research.models.attention import Attention, init_kv_cache
 from research.models.layers import RMSNorm, SwiGLU, param, rope_tables
+from research.models.moe import MoE
 
 
 def compute_dtype(name: str):
@@ -23,21 +24,31 @@ def compute_dtype(name: str):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int = 0):
         pdt = jnp.dtype(cfg.param_dtype)
         # GPT-2's residual scaling: output projections shrink with depth so the stream stays O(1).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.attn = Attention(cfg, pdt, out_std, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-        self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.init_std, out_std, pdt, rngs)
+        self.is_moe = cfg.is_moe_layer(index)
+        if self.is_moe:
+            self.mlp = MoE(cfg, cfg.init_std, out_std, pdt, rngs)
+        else:
+            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.init_std, out_std, pdt, rngs)
         self.dropout = cfg.dropout
 
     def __call__(self, x, positions, rope, cache=None, dropout_key=None):
+        """Returns (x, updated cache, MoE router statistics or None)."""
         attn_out, cache = self.attn(self.attn_norm(x), positions, rope, cache)
         x = x + _dropout(attn_out, self.dropout, dropout_key, 0)
-        x = x + _dropout(self.mlp(self.mlp_norm(x)), self.dropout, dropout_key, 1)
-        return x, cache
+        aux = None
+        if self.is_moe:
+            mlp_out, aux = self.mlp(self.mlp_norm(x))
+        else:
+            mlp_out = self.mlp(self.mlp_norm(x))
+        x = x + _dropout(mlp_out, self.dropout, dropout_key, 1)
+        return x, cache, aux
 
 
 def _dropout(x, rate: float, key, salt: int):
@@ -56,7 +67,7 @@ class Transformer(nnx.Module):
         self.embed = param(
             rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
         )
-        self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.lm_head = param(
@@ -67,6 +78,12 @@ class Transformer(nnx.Module):
         self, tokens: jax.Array, positions: jax.Array | None = None, caches=None, dropout_key=None
     ):
         """tokens [B, T] -> float32 logits [B, T, vocab] (and the updated KV caches if given)."""
+        logits, new_caches, _ = self.forward(tokens, positions, caches, dropout_key)
+        return logits if caches is None else (logits, new_caches)
+
+    def forward(self, tokens, positions=None, caches=None, dropout_key=None):
+        """(logits, caches, aux); aux holds MoE router statistics (empty for a dense model):
+        losses averaged over the MoE layers and ``expert_load`` as [moe layers, experts]."""
         cfg = self.cfg
         dtype = compute_dtype(cfg.compute_dtype)
         if positions is None:
@@ -74,18 +91,28 @@ class Transformer(nnx.Module):
         embed = self.embed[...]
         x = embed[tokens].astype(dtype)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        new_caches = []
+        new_caches, router_stats = [], []
         for i, block in enumerate(self.blocks):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x, cache = block(x, positions, rope, None if caches is None else caches[i], key)
+            x, cache, aux = block(x, positions, rope, None if caches is None else caches[i], key)
             new_caches.append(cache)
+            if aux is not None:
+                router_stats.append(aux)
         x = self.final_norm(x)
         head = embed.T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum(
             "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
-        return logits if caches is None else (logits, new_caches)
+        return logits, new_caches, _merge_router_stats(router_stats)
 
     def init_caches(self, batch: int, width: int, dtype=None) -> list[dict]:
         dtype = dtype or compute_dtype(self.cfg.compute_dtype)
         return [init_kv_cache(self.cfg, batch, width, dtype) for _ in range(self.cfg.n_layers)]
+
+
+def _merge_router_stats(stats: list[dict]) -> dict:
+    if not stats:
+        return {}
+    merged = {k: jnp.mean(jnp.stack([s[k] for s in stats])) for k in stats[0] if k != "expert_load"}
+    merged["expert_load"] = jnp.stack([s["expert_load"] for s in stats])
+    return merged

@@ -17,7 +17,7 @@ from research.config import MeshConfig
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
+    "batch": ("data", "fsdp", "expert"),  # expert parallelism also splits the tokens
     "seq": None,
     "embed": ("fsdp",),
     "heads": ("tensor",),
@@ -61,7 +61,9 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     if batch_size and cfg.data == -1 and devices[0].platform == "cpu":
         fixed = math.prod(max(getattr(cfg, a), 1) for a in MESH_AXES if a != "data")
         fitting = [
-            d for d in range(1, len(devices) // fixed + 1) if batch_size % (d * cfg.fsdp) == 0
+            d
+            for d in range(1, len(devices) // fixed + 1)
+            if batch_size % (d * cfg.fsdp * cfg.expert) == 0
         ]
         devices = devices[: max(fitting, default=1) * fixed]
     sizes = mesh_shape(cfg, len(devices))
@@ -89,9 +91,10 @@ def logical_to_spec(
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
-    """Batches split over data and fsdp, after ``leading_dims`` unsharded (accumulation) dims."""
-    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), ("data", "fsdp")))
+    """Batches split over data, fsdp and expert, after ``leading_dims`` unsharded dims."""
+    return NamedSharding(mesh, PartitionSpec(*([None] * leading_dims), LOGICAL_RULES["batch"]))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    """How many ways a batch is split."""
+    return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])

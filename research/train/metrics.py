@@ -90,6 +90,22 @@ class TensorBoardWriter:
         )
         self._write(step, summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
 
+    def add_histogram(self, tag: str, counts, step: int) -> None:
+        """A histogram whose bucket i holds counts[i] (e.g. the load of expert i)."""
+        from tensorboard.compat.proto import summary_pb2
+
+        counts = [float(c) for c in counts]
+        histogram = summary_pb2.HistogramProto(
+            min=0.0,
+            max=float(len(counts) - 1),
+            num=float(sum(counts)),
+            sum=float(sum(i * c for i, c in enumerate(counts))),
+            sum_squares=float(sum(i * i * c for i, c in enumerate(counts))),
+            bucket_limit=[i + 0.5 for i in range(len(counts))],
+            bucket=counts,
+        )
+        self._write(step, summary_pb2.Summary.Value(tag=tag, histo=histogram))
+
     def close(self) -> None:
         self._writer.close()
 
@@ -116,6 +132,10 @@ class MetricsLogger:
         if self.writer:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
+
+    def histogram(self, step: int, tag: str, counts) -> None:
+        if self.writer:
+            self.writer.add_histogram(tag, counts, step)
 
     def close(self) -> None:
         if self.jsonl:

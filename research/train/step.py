@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from research.models.moe import update_router_biases
+
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-token cross-entropy in nats, and the log-partition function (for the z-loss)."""
@@ -28,41 +30,59 @@ def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
+    model_cfg,
     z_loss: float,
-    dropout: float,
 ):
     """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics)."""
+    moe_layers = model_cfg.moe_layers
 
     def loss_fn(params, micro_batch, key):
         model = nnx.merge(graphdef, params)
-        logits = model(micro_batch[:, :-1], dropout_key=key if dropout else None)
-        return cross_entropy(logits, micro_batch[:, 1:], z_loss)
+        logits, _, aux = model.forward(
+            micro_batch[:, :-1], dropout_key=key if model_cfg.dropout else None
+        )
+        loss, ce = cross_entropy(logits, micro_batch[:, 1:], z_loss)
+        if aux:
+            loss = (
+                loss
+                + model_cfg.router_aux_loss * aux["load_balance_loss"]
+                + model_cfg.router_z_loss * aux["router_z_loss"]
+            )
+        return loss, (ce, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def train_step(state: dict[str, Any], batch: jax.Array):
         step_key = jax.random.fold_in(state["rng"], state["step"])
         accum = batch.shape[0]
-
-        def micro(carry, inputs):
-            grads, ce_sum = carry
-            index, micro_batch = inputs
-            (_, ce), g = grad_fn(state["params"], micro_batch, jax.random.fold_in(step_key, index))
-            return (jax.tree.map(jnp.add, grads, g), ce_sum + ce), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state["params"])
         if accum == 1:  # skip the scan: it costs compile time and nothing else here
-            (_, ce), grads = grad_fn(state["params"], batch[0], step_key)
+            (_, (ce, aux)), grads = grad_fn(state["params"], batch[0], step_key)
         else:
-            (grads, ce), _ = jax.lax.scan(micro, (zeros, 0.0), (jnp.arange(accum), batch))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            ce = ce / accum
+
+            def micro(carry, inputs):
+                index, micro_batch = inputs
+                (_, stats), g = grad_fn(
+                    state["params"], micro_batch, jax.random.fold_in(step_key, index)
+                )
+                return jax.tree.map(jnp.add, carry, (g, stats)), None
+
+            (_, stats_shape), grads_shape = jax.eval_shape(
+                grad_fn, state["params"], batch[0], step_key
+            )
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, stats_shape))
+            (grads, (ce, aux)), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
+            grads, ce, aux = jax.tree.map(lambda x: x / accum, (grads, ce, aux))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        if aux and model_cfg.aux_free_bias_rate:
+            params = update_router_biases(
+                params, moe_layers, aux["expert_load"], model_cfg.aux_free_bias_rate
+            )
         metrics = {
             "loss": ce,
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state["step"]),
+            **{f"moe/{k}": v for k, v in aux.items()},
         }
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics

@@ -241,7 +241,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             batches.set_state(data_state)
             print(f"resumed {run_dir} from step {start_step}")
 
-    step_fn = make_train_step(graphdef, tx, schedule, cfg.train.z_loss, model_cfg.dropout)
+    step_fn = make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss)
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_sharding(mesh, leading_dims=1)),
@@ -252,9 +252,11 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     logger = MetricsLogger(run_dir, cfg.log.tensorboard)
     logger.text("config", f"```\n{cfg.to_json()}\n```")
     if start_step == 0:
+        active = f", {size.active_params / 1e6:.2f}M active" if model_cfg.n_experts else ""
         print(
             f"model: {size.total_params / 1e6:.2f}M params ({size.non_embedding_params / 1e6:.2f}M "
-            f"non-embedding), {size.flops_per_token / 1e6:.1f} MFLOP/token; mesh {dict(mesh.shape)}"
+            f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token (active); "
+            f"mesh {dict(mesh.shape)}"
         )
 
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
@@ -305,8 +307,11 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
                     "perf/tokens_per_second": tokens_per_second,
                     "perf/step_time_ms": 1e3 * elapsed / window_steps,
                     "perf/mfu": mfu,
+                    **_router_scalars(metrics),
                 },
             )
+            if "moe/expert_load" in metrics:
+                logger.histogram(step, "moe/expert_load", metrics["moe/expert_load"].mean(0))
             progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_second:,.0f}")
             window_start, window_steps = time.perf_counter(), 0
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or is_last:
@@ -357,6 +362,15 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         mfu=mfu,
         sample=sample,
     )
+
+
+def _router_scalars(metrics: dict) -> dict[str, float]:
+    """MoE statistics for TensorBoard; max_load is the busiest expert's share x n_experts."""
+    scalars = {k: float(v) for k, v in metrics.items() if k.startswith("moe/") and v.ndim == 0}
+    if "moe/expert_load" in metrics:
+        load = metrics["moe/expert_load"]
+        scalars["moe/max_load"] = float(load.max() * load.shape[-1])
+    return scalars
 
 
 def _progress_bar(cfg: ExperimentConfig, start: int):

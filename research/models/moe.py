@@ -1,0 +1,153 @@
+"""Mixture-of-experts MLP: a float32 router picks top-k SwiGLU experts per token.
+
+Two dispatch modes compute the same function when nothing is dropped:
+- ``capacity``: each expert takes at most C = capacity_factor * tokens * k / n_experts tokens
+  (top-1 choices first, then top-2, ..., in token order); the rest are dropped and counted.
+  Experts run as one batched matmul over an [experts, C, d] buffer: fast wherever matmuls are.
+- ``dropless``: assignments are sorted by expert and run through ``jax.lax.ragged_dot`` (a
+  grouped matmul); nothing is dropped. XLA's CPU lowering of ragged_dot computes every group
+  against every expert, so ``auto`` picks ``capacity`` on CPU (benchmarks/moe_step.py).
+
+Balancing: the Switch/GShard load-balancing loss, the router z-loss, and DeepSeek-V3's
+auxiliary-loss-free bias (added to the scores for selection only, nudged after every step
+towards equal load by the train step).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models.layers import SwiGLU, param
+
+
+class RouterBias(nnx.Variable):
+    """Per-expert selection bias: state updated from the load, not by gradients."""
+
+
+def resolve_dispatch(name: str) -> str:
+    if name != "auto":
+        return name
+    return "capacity" if jax.default_backend() == "cpu" else "dropless"
+
+
+def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
+    return max(1, min(n_tokens, math.ceil(factor * n_tokens * top_k / n_experts)))
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg, std: float, out_std: float, param_dtype, rngs: nnx.Rngs):
+        n, d, h = cfg.n_experts, cfg.d_model, cfg.expert_hidden
+        self.n_experts, self.top_k = n, cfg.top_k
+        self.router_kind, self.renormalize = cfg.router, cfg.router_renormalize
+        self.dispatch, self.capacity_factor = cfg.moe_dispatch, cfg.capacity_factor
+        self.router = param(rngs, (d, n), ("embed", None), std, jnp.float32)
+        self.router_bias = RouterBias(jnp.zeros((n,), jnp.float32), logical_axes=(None,))
+        self.w_gate = param(rngs, (n, d, h), ("expert", "embed", "mlp"), std, param_dtype)
+        self.w_up = param(rngs, (n, d, h), ("expert", "embed", "mlp"), std, param_dtype)
+        self.w_down = param(rngs, (n, h, d), ("expert", "mlp", "embed"), out_std, param_dtype)
+        self.shared = (
+            SwiGLU(d, h * cfg.n_shared_experts, std, out_std, param_dtype, rngs)
+            if cfg.n_shared_experts
+            else None
+        )
+
+    def route(self, tokens: jax.Array):
+        """Router in float32: (logits, normalised probabilities, chosen experts, their weights)."""
+        logits = tokens.astype(jnp.float32) @ self.router[...]
+        if self.router_kind == "softmax":
+            scores = jax.nn.softmax(logits, axis=-1)
+            probs = scores
+        else:
+            scores = jax.nn.sigmoid(logits)
+            probs = scores / jnp.sum(scores, axis=-1, keepdims=True)
+        biased = scores + jax.lax.stop_gradient(self.router_bias[...])
+        _, experts = jax.lax.top_k(biased, self.top_k)
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
+        if self.renormalize:
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        return logits, probs, experts, weights
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
+        batch, length, d = x.shape
+        tokens = x.reshape(batch * length, d)
+        logits, probs, experts, weights = self.route(tokens)
+        mode = resolve_dispatch(self.dispatch)
+        if mode == "dropless":
+            out, dropped = self._dropless(tokens, experts, weights), jnp.float32(0.0)
+        else:
+            out, dropped = self._capacity(tokens, experts, weights)
+        if self.shared is not None:
+            out = out + self.shared(x).reshape(out.shape)
+        return out.reshape(x.shape), self._aux(logits, probs, experts, dropped)
+
+    def _experts_swiglu(self, hidden_in, matmul):
+        dtype = hidden_in.dtype
+        gate = matmul(hidden_in, self.w_gate[...].astype(dtype))
+        up = matmul(hidden_in, self.w_up[...].astype(dtype))
+        return matmul(jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+
+    def _dropless(self, tokens, experts, weights):
+        n_tokens, k = experts.shape
+        flat = experts.reshape(-1)
+        order = jnp.argsort(flat, stable=True)
+        sorted_tokens = tokens[order // k]
+        group_sizes = jnp.bincount(flat, length=self.n_experts).astype(jnp.int32)
+        out_sorted = self._experts_swiglu(
+            sorted_tokens, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+        )
+        per_assignment = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
+        per_assignment = per_assignment.reshape(n_tokens, k, -1)
+        return jnp.einsum("tkd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
+
+    def _capacity(self, tokens, experts, weights):
+        n_tokens, k = experts.shape
+        n, d = self.n_experts, tokens.shape[-1]
+        capacity = expert_capacity(n_tokens, k, n, self.capacity_factor)
+        # Priority: every token's first choice before any second choice, in token order.
+        by_rank = experts.T.reshape(-1)  # [k * tokens]
+        one_hot = jax.nn.one_hot(by_rank, n, dtype=jnp.int32)
+        position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+        keep = position < capacity
+        slot = jnp.where(keep, by_rank * capacity + position, n * capacity)  # last: discard
+        token_of = jnp.tile(jnp.arange(n_tokens), k)
+        buffer = jnp.zeros((n * capacity + 1, d), tokens.dtype).at[slot].set(tokens[token_of])
+        expert_in = buffer[:-1].reshape(n, capacity, d)
+        expert_out = self._experts_swiglu(
+            expert_in, lambda a, w: jnp.einsum("ecd,edh->ech", a, w)
+        ).reshape(n * capacity, d)
+        expert_out = jnp.concatenate([expert_out, jnp.zeros((1, d), expert_out.dtype)])
+        per_assignment = expert_out[slot].reshape(k, n_tokens, d)
+        combined = jnp.einsum("ktd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
+        dropped = 1.0 - jnp.mean(keep.astype(jnp.float32))
+        return combined, dropped
+
+    def _aux(self, logits, probs, experts, dropped) -> dict:
+        n = self.n_experts
+        counts = jnp.sum(jax.nn.one_hot(experts, n, dtype=jnp.float32), axis=(0, 1))
+        load = counts / jnp.sum(counts)  # fraction of assignments per expert
+        importance = jnp.mean(probs, axis=0)  # mean router probability per expert
+        entropy = -jnp.mean(jnp.sum(probs * jnp.log(probs + 1e-9), axis=-1))
+        return {
+            "load_balance_loss": n * jnp.sum(load * importance),  # 1.0 when uniform
+            "router_z_loss": jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2),
+            "expert_load": load,
+            "dropped_fraction": dropped,
+            "router_entropy": entropy,
+        }
+
+
+def update_router_biases(params: dict, moe_layers: list[int], loads: jax.Array, rate: float):
+    """DeepSeek-V3's bias step: raise under-loaded experts' bias, lower over-loaded ones'."""
+    blocks = dict(params["blocks"])
+    for row, layer in enumerate(moe_layers):
+        load = loads[row]
+        block = dict(blocks[layer])
+        mlp = dict(block["mlp"])
+        mlp["router_bias"] = mlp["router_bias"] + rate * jnp.sign(jnp.mean(load) - load)
+        block["mlp"] = mlp
+        blocks[layer] = block
+    return {**params, "blocks": blocks}
