@@ -55,6 +55,16 @@ def test_dispatch_matches_per_token_loop(dispatch, router):
     assert float(aux["dropped_fraction"]) == 0.0
 
 
+def test_ragged_dot_dropless_matches_per_token_loop():
+    """The GPU/TPU dropless path (ragged_dot), run here on CPU where it is only slow."""
+    moe = make_moe(moe_dispatch="dropless", n_experts=5, top_k=2)
+    x = jax.random.normal(jax.random.key(8), (2, 9, 16))
+    tokens = x.reshape(-1, 16)
+    _, _, experts, weights = moe.route(tokens)
+    out = moe._dropless_ragged(tokens, experts, weights).reshape(x.shape)
+    np.testing.assert_allclose(out, naive_moe(moe, x), atol=1e-4)
+
+
 def test_one_expert_top1_dropless_equals_dense_swiglu():
     moe = make_moe(n_experts=1, top_k=1, moe_dispatch="dropless")
     dense = SwiGLU(16, 24, 0.3, 0.3, jnp.float32, nnx.Rngs(5))
@@ -170,3 +180,17 @@ def test_expert_weights_are_sharded_over_the_expert_axis():
     w_gate = params["blocks"][0]["mlp"]["w_gate"]
     assert w_gate.sharding.spec[0] == "expert"
     assert w_gate.addressable_shards[0].data.shape == (2, 16, 32)  # 8 experts / 4 ways
+
+
+def test_gather_rows_gradient_matches_plain_indexing():
+    from research.models.moe import gather_rows
+
+    x = jax.random.normal(jax.random.key(0), (5, 3))
+    index = jnp.array([2, 0, 5, 4, 2])  # 5 is the zero row; row 2 is copied twice
+    inverse = jnp.array([[1, 5], [5, 5], [0, 4], [5, 5], [3, 5]])
+
+    def through(fn):
+        return jax.grad(lambda v: jnp.sum(jnp.sin(fn(v))))(x)
+
+    plain = through(lambda v: jnp.concatenate([v, jnp.zeros((1, 3))])[index])
+    np.testing.assert_allclose(through(lambda v: gather_rows(v, index, inverse)), plain, atol=1e-6)

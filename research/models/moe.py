@@ -4,9 +4,10 @@ Two dispatch modes compute the same function when nothing is dropped:
 - ``capacity``: each expert takes at most C = capacity_factor * tokens * k / n_experts tokens
   (top-1 choices first, then top-2, ..., in token order); the rest are dropped and counted.
   Experts run as one batched matmul over an [experts, C, d] buffer: fast wherever matmuls are.
-- ``dropless``: assignments are sorted by expert and run through ``jax.lax.ragged_dot`` (a
-  grouped matmul); nothing is dropped. XLA's CPU lowering of ragged_dot computes every group
-  against every expert, so ``auto`` picks ``capacity`` on CPU (benchmarks/moe_step.py).
+- ``dropless``: nothing is dropped. On GPU/TPU assignments are sorted by expert and run through
+  ``jax.lax.ragged_dot`` (a grouped matmul). XLA's CPU lowering of ragged_dot computes every
+  row against every expert, so on CPU each expert's assignments are padded to whole blocks
+  and run as dense batched matmuls instead (MegaBlocks' layout).
 
 Balancing: the Switch/GShard load-balancing loss, the router z-loss, and DeepSeek-V3's
 auxiliary-loss-free bias (added to the scores for selection only, nudged after every step
@@ -26,6 +27,30 @@ from research.models.layers import SwiGLU, param
 
 class RouterBias(nnx.Variable):
     """Per-expert selection bias: state updated from the load, not by gradients."""
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """rows of x at ``index`` (index == len(x) gives a zero row), differentiated by gathers.
+
+    ``inverse`` [len(x), r] lists, for every row of x, the output rows that copied it (padded
+    with len(index)). Routing is a partial permutation, so the backward pass is a gather and a
+    sum over r instead of XLA's scatter-add, which runs serially on CPU.
+    """
+    return jnp.concatenate([x, jnp.zeros((1, x.shape[1]), x.dtype)])[index]
+
+
+def _gather_rows_fwd(x, index, inverse):
+    return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(saved, grad):
+    index, inverse = saved
+    padded = jnp.concatenate([grad, jnp.zeros((1, grad.shape[1]), grad.dtype)])
+    return padded[inverse].sum(axis=1), None, None
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def resolve_dispatch(name: str) -> str:
@@ -84,13 +109,40 @@ class MoE(nnx.Module):
             out = out + self.shared(x).reshape(out.shape)
         return out.reshape(x.shape), self._aux(logits, probs, experts, dropped)
 
-    def _experts_swiglu(self, hidden_in, matmul):
+    def _experts_swiglu(self, hidden_in, matmul, block_expert=None):
+        """SwiGLU of each expert; ``block_expert`` picks the expert of each block of rows."""
         dtype = hidden_in.dtype
-        gate = matmul(hidden_in, self.w_gate[...].astype(dtype))
-        up = matmul(hidden_in, self.w_up[...].astype(dtype))
-        return matmul(jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        weights = [w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+        if block_expert is not None:
+            weights = [jnp.take(w, block_expert, axis=0) for w in weights]
+        gate, up = matmul(hidden_in, weights[0]), matmul(hidden_in, weights[1])
+        return matmul(jax.nn.silu(gate) * up, weights[2])
+
+    def _run_slots(self, tokens, slot_of, n_blocks: int, block: int, block_expert=None):
+        """Copy each assignment (k-major order) into its slot of [n_blocks, block, d], run the
+        experts blockwise, and copy the results back; slot n_blocks * block means dropped."""
+        n_assign, d = slot_of.shape[0], tokens.shape[-1]
+        n_tokens = tokens.shape[0]
+        k = n_assign // n_tokens
+        slots = n_blocks * block
+        assignment_of = jnp.full((slots + 1,), n_assign).at[slot_of].set(jnp.arange(n_assign))
+        assignment_of = assignment_of[:slots]  # n_assign: an empty slot
+        token_of_slot = jnp.where(assignment_of < n_assign, assignment_of % n_tokens, n_tokens)
+        expert_in = gather_rows(tokens, token_of_slot, slot_of.reshape(k, n_tokens).T)
+        expert_out = self._experts_swiglu(
+            expert_in.reshape(n_blocks, block, d),
+            lambda a, w: jnp.einsum("ecd,edh->ech", a, w),
+            block_expert,
+        ).reshape(slots, d)
+        per_assignment = gather_rows(expert_out, slot_of, assignment_of[:, None])
+        return per_assignment.reshape(k, n_tokens, d)
 
     def _dropless(self, tokens, experts, weights):
+        if jax.default_backend() == "cpu":
+            return self._dropless_blocked(tokens, experts, weights)
+        return self._dropless_ragged(tokens, experts, weights)
+
+    def _dropless_ragged(self, tokens, experts, weights):
         n_tokens, k = experts.shape
         flat = experts.reshape(-1)
         order = jnp.argsort(flat, stable=True)
@@ -103,24 +155,39 @@ class MoE(nnx.Module):
         per_assignment = per_assignment.reshape(n_tokens, k, -1)
         return jnp.einsum("tkd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
 
+    def _dropless_blocked(self, tokens, experts, weights):
+        """Dropless with dense matmuls: each expert's assignments are padded to whole blocks
+        (MegaBlocks' layout), at most n_experts * (block - 1) padding rows in all. XLA's CPU
+        ragged_dot computes every row against every expert; this does the work once."""
+        n_tokens, k = experts.shape
+        n, n_assign = self.n_experts, n_tokens * k
+        block = int(min(128, max(8, n_assign // (2 * n))))
+        n_blocks = -(-(n_assign + n * (block - 1)) // block)  # enough for any split
+        by_rank = experts.T.reshape(-1)
+        counts = jnp.bincount(by_rank, length=n)
+        padded = (counts + block - 1) // block * block
+        padded_start = jnp.cumsum(padded) - padded
+        one_hot = jax.nn.one_hot(by_rank, n, dtype=jnp.int32)
+        rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+        slot_of = padded_start[by_rank] + rank
+        block_starts = jnp.arange(n_blocks) * block
+        block_expert = jnp.minimum(
+            jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), n - 1
+        )
+        per_assignment = self._run_slots(tokens, slot_of, n_blocks, block, block_expert)
+        return jnp.einsum("ktd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
+
     def _capacity(self, tokens, experts, weights):
         n_tokens, k = experts.shape
-        n, d = self.n_experts, tokens.shape[-1]
+        n = self.n_experts
         capacity = expert_capacity(n_tokens, k, n, self.capacity_factor)
         # Priority: every token's first choice before any second choice, in token order.
         by_rank = experts.T.reshape(-1)  # [k * tokens]
         one_hot = jax.nn.one_hot(by_rank, n, dtype=jnp.int32)
         position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
         keep = position < capacity
-        slot = jnp.where(keep, by_rank * capacity + position, n * capacity)  # last: discard
-        token_of = jnp.tile(jnp.arange(n_tokens), k)
-        buffer = jnp.zeros((n * capacity + 1, d), tokens.dtype).at[slot].set(tokens[token_of])
-        expert_in = buffer[:-1].reshape(n, capacity, d)
-        expert_out = self._experts_swiglu(
-            expert_in, lambda a, w: jnp.einsum("ecd,edh->ech", a, w)
-        ).reshape(n * capacity, d)
-        expert_out = jnp.concatenate([expert_out, jnp.zeros((1, d), expert_out.dtype)])
-        per_assignment = expert_out[slot].reshape(k, n_tokens, d)
+        slot_of = jnp.where(keep, by_rank * capacity + position, n * capacity)
+        per_assignment = self._run_slots(tokens, slot_of, n, capacity)
         combined = jnp.einsum("ktd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
         dropped = 1.0 - jnp.mean(keep.astype(jnp.float32))
         return combined, dropped
