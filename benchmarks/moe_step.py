@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from research.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from research.parallel.mesh import batch_sharding, make_mesh  # noqa: E402
+from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh  # noqa: E402
 from research.scaling.accounting import count_params  # noqa: E402
 from research.train.metrics import measure_matmul_peak, peak_flops_per_device  # noqa: E402
 from research.train.step import make_train_step  # noqa: E402
@@ -43,7 +43,7 @@ def step_time(model_cfg: ModelConfig, batch: int, steps: int, repeats: int) -> f
     graphdef, state, tx, schedule = init_train_state(cfg, mesh)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
-        make_train_step(graphdef, tx, schedule, model_cfg, 0.0),
+        make_train_step(graphdef, tx, schedule, model_cfg, 0.0, data_parallel_size(mesh)),
         in_shardings=(shardings, batch_sharding(mesh, 1)),
         out_shardings=(shardings, None),
         donate_argnums=0,

@@ -81,7 +81,8 @@ class MoE(nnx.Module):
         )
 
     def route(self, tokens: jax.Array):
-        """Router in float32: (logits, normalised probabilities, chosen experts, their weights)."""
+        """Router in float32 over [..., d] tokens: (logits, normalised probabilities, chosen
+        experts, their weights), each with the tokens' leading shape."""
         logits = tokens.astype(jnp.float32) @ self.router[...]
         if self.router_kind == "softmax":
             scores = jax.nn.softmax(logits, axis=-1)
@@ -96,18 +97,29 @@ class MoE(nnx.Module):
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         return logits, probs, experts, weights
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, dict]:
-        batch, length, d = x.shape
-        tokens = x.reshape(batch * length, d)
-        logits, probs, experts, weights = self.route(tokens)
-        mode = resolve_dispatch(self.dispatch)
-        if mode == "dropless":
-            out, dropped = self._dropless(tokens, experts, weights), jnp.float32(0.0)
+    def __call__(self, x: jax.Array, groups: int = 1) -> tuple[jax.Array, dict]:
+        """x [B, T, d]. Capacity mode routes each sequence as its own group (capacity is per
+        sequence), so dispatch stays on the device that holds it and results do not depend on
+        how the batch is sharded. Dropless is exact for any grouping: ``groups`` (the number of
+        batch shards) keeps each shard's dispatch local while blocks stay large."""
+        logits, probs, experts, weights = self.route(x)
+        if resolve_dispatch(self.dispatch) == "dropless":
+            batch, length, d = x.shape
+            if jax.default_backend() == "cpu":
+                grouped = lambda a: a.reshape(groups, -1, a.shape[-1])  # noqa: E731
+                out = jax.vmap(self._dropless_blocked)(*map(grouped, (x, experts, weights)))
+            else:  # ragged_dot has no batching rule: one global group
+                flat = lambda a: a.reshape(batch * length, a.shape[-1])  # noqa: E731
+                out = self._dropless_ragged(*map(flat, (x, experts, weights)))
+            out = out.reshape(x.shape)
+            dropped = jnp.float32(0.0)
         else:
-            out, dropped = self._capacity(tokens, experts, weights)
+            out, dropped = jax.vmap(self._capacity)(x, experts, weights)
+            dropped = jnp.mean(dropped)
         if self.shared is not None:
-            out = out + self.shared(x).reshape(out.shape)
-        return out.reshape(x.shape), self._aux(logits, probs, experts, dropped)
+            out = out + self.shared(x)
+        flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+        return out, self._aux(flat(logits), flat(probs), flat(experts), dropped)
 
     def _experts_swiglu(self, hidden_in, matmul, block_expert=None):
         """SwiGLU of each expert; ``block_expert`` picks the expert of each block of rows."""
@@ -136,11 +148,6 @@ class MoE(nnx.Module):
         ).reshape(slots, d)
         per_assignment = gather_rows(expert_out, slot_of, assignment_of[:, None])
         return per_assignment.reshape(k, n_tokens, d)
-
-    def _dropless(self, tokens, experts, weights):
-        if jax.default_backend() == "cpu":
-            return self._dropless_blocked(tokens, experts, weights)
-        return self._dropless_ragged(tokens, experts, weights)
 
     def _dropless_ragged(self, tokens, experts, weights):
         n_tokens, k = experts.shape

@@ -38,13 +38,13 @@ class Block(nnx.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.init_std, out_std, pdt, rngs)
         self.dropout = cfg.dropout
 
-    def __call__(self, x, positions, rope, cache=None, dropout_key=None):
+    def __call__(self, x, positions, rope, cache=None, dropout_key=None, moe_groups: int = 1):
         """Returns (x, updated cache, MoE router statistics or None)."""
         attn_out, cache = self.attn(self.attn_norm(x), positions, rope, cache)
         x = x + _dropout(attn_out, self.dropout, dropout_key, 0)
         aux = None
         if self.is_moe:
-            mlp_out, aux = self.mlp(self.mlp_norm(x))
+            mlp_out, aux = self.mlp(self.mlp_norm(x), moe_groups)
         else:
             mlp_out = self.mlp(self.mlp_norm(x))
         x = x + _dropout(mlp_out, self.dropout, dropout_key, 1)
@@ -81,9 +81,10 @@ class Transformer(nnx.Module):
         logits, new_caches, _ = self.forward(tokens, positions, caches, dropout_key)
         return logits if caches is None else (logits, new_caches)
 
-    def forward(self, tokens, positions=None, caches=None, dropout_key=None):
+    def forward(self, tokens, positions=None, caches=None, dropout_key=None, moe_groups: int = 1):
         """(logits, caches, aux); aux holds MoE router statistics (empty for a dense model):
-        losses averaged over the MoE layers and ``expert_load`` as [moe layers, experts]."""
+        losses averaged over the MoE layers and ``expert_load`` as [moe layers, experts].
+        ``moe_groups``: how many shards the batch is split over (keeps MoE dispatch local)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg.compute_dtype)
         if positions is None:
@@ -94,7 +95,8 @@ class Transformer(nnx.Module):
         new_caches, router_stats = [], []
         for i, block in enumerate(self.blocks):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            x, cache, aux = block(x, positions, rope, None if caches is None else caches[i], key)
+            cache = None if caches is None else caches[i]
+            x, cache, aux = block(x, positions, rope, cache, key, moe_groups)
             new_caches.append(cache)
             if aux is not None:
                 router_stats.append(aux)

@@ -32,14 +32,19 @@ def make_train_step(
     schedule: optax.Schedule,
     model_cfg,
     z_loss: float,
+    batch_shards: int = 1,
 ):
-    """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics)."""
+    """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics).
+
+    ``batch_shards``: how many ways the batch is sharded (MoE dispatch runs per shard)."""
     moe_layers = model_cfg.moe_layers
 
     def loss_fn(params, micro_batch, key):
         model = nnx.merge(graphdef, params)
         logits, _, aux = model.forward(
-            micro_batch[:, :-1], dropout_key=key if model_cfg.dropout else None
+            micro_batch[:, :-1],
+            dropout_key=key if model_cfg.dropout else None,
+            moe_groups=batch_shards,
         )
         loss, ce = cross_entropy(logits, micro_batch[:, 1:], z_loss)
         if aux:

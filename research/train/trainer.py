@@ -241,7 +241,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             batches.set_state(data_state)
             print(f"resumed {run_dir} from step {start_step}")
 
-    step_fn = make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss)
+    step_fn = make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss, dp)
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, batch_sharding(mesh, leading_dims=1)),
