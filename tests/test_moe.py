@@ -194,3 +194,25 @@ def test_gather_rows_gradient_matches_plain_indexing():
 
     plain = through(lambda v: jnp.concatenate([v, jnp.zeros((1, 3))])[index])
     np.testing.assert_allclose(through(lambda v: gather_rows(v, index, inverse)), plain, atol=1e-6)
+
+
+def test_aux_free_bias_moves_towards_equal_load():
+    from research.models.moe import update_router_biases
+
+    params = {"blocks": {0: {"mlp": {"router_bias": jnp.zeros(4)}}, 1: {"mlp": {}}}}
+    load = jnp.array([[0.55, 0.25, 0.15, 0.05]])
+    updated = update_router_biases(params, [0], load, rate=0.1)
+    bias = np.asarray(updated["blocks"][0]["mlp"]["router_bias"])
+    np.testing.assert_allclose(bias, [-0.1, 0.0, 0.1, 0.1])  # mean load is 0.25
+    assert updated["blocks"][1] == {"mlp": {}}
+
+
+def test_aux_free_bias_changes_selection_not_weights():
+    moe = make_moe(n_experts=4, top_k=1, router="sigmoid", router_renormalize=False)
+    x = jax.random.normal(jax.random.key(9), (1, 6, 16))
+    _, _, before, weights_before = moe.route(x)
+    moe.router_bias[...] = jnp.zeros(4).at[3].set(10.0)  # expert 3 now always wins
+    _, probs, after, weights_after = moe.route(x)
+    assert (np.asarray(after) == 3).all()
+    scores = jax.nn.sigmoid(x @ moe.router[...])
+    np.testing.assert_allclose(weights_after[..., 0], scores[..., 3], rtol=1e-6)  # unbiased
