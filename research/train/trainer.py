@@ -255,7 +255,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         active = f", {size.active_params / 1e6:.2f}M active" if model_cfg.n_experts else ""
         print(
             f"model: {size.total_params / 1e6:.2f}M params ({size.non_embedding_params / 1e6:.2f}M "
-            f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token (active); "
+            f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"mesh {dict(mesh.shape)}"
         )
 
