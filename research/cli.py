@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--restart",
         action="store_true",
-        help="ignore existing checkpoints (they are overwritten as training proceeds)",
+        help="start from step 0; the previous checkpoints and metrics are kept, renamed",
     )
     p.set_defaults(func=cmd_train)
 

@@ -220,3 +220,14 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     for step in range(1, 5):
         assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-5)
         assert a[step]["train/grad_norm"] == pytest.approx(b[step]["train/grad_norm"], rel=1e-4)
+
+
+def test_restart_keeps_the_previous_run(tiny_config):
+    first = train(tiny_config("train.steps=6", "train.checkpoint_every=3", "train.sample_tokens=0"))
+    again = train(
+        tiny_config("train.steps=6", "train.checkpoint_every=3", "train.sample_tokens=0"),
+        resume=False,
+    )
+    assert again.step == 6 and again.train_loss == first.train_loss
+    kept = [p.name for p in first.run_dir.iterdir() if "before-restart" in p.name]
+    assert any(name.startswith("checkpoints.before-restart") for name in kept)

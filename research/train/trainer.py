@@ -221,6 +221,8 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         1 if mesh.devices.flat[0].platform == "cpu" else mesh.devices.size
     )  # a CPU's measured ceiling already covers all its cores, however many devices it shows
 
+    if not resume:
+        _set_aside_previous_run(run_dir)
     graphdef, state, tx, schedule = init_train_state(cfg, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
@@ -362,6 +364,16 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         mfu=mfu,
         sample=sample,
     )
+
+
+def _set_aside_previous_run(run_dir: Path) -> None:
+    """--restart keeps the old checkpoints and metrics (renamed), never deletes them."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "ledger.json"):
+        old = run_dir / name
+        if old.exists() and jax.process_index() == 0:
+            old.rename(run_dir / f"{old.stem}.before-restart-{stamp}{old.suffix}")
+            print(f"restart: kept the previous {name} as {old.stem}.before-restart-{stamp}")
 
 
 def _router_scalars(metrics: dict) -> dict[str, float]:
