@@ -46,6 +46,13 @@ def cmd_train(args) -> None:
 
     result = train(_load(args), resume=not args.restart)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    if not result.steps_run:
+        print(
+            f"{result.run_dir} is already complete at step {result.step}: val loss {val} "
+            "(use --set train.steps=N to train further, or --restart)"
+        )
+        print("--- sample ---\n" + result.sample if result.sample else "", end="\n")
+        return
     print(
         f"done: step {result.step}, train loss {result.train_loss:.4f}, val loss {val}, "
         f"{result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "

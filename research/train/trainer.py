@@ -49,6 +49,7 @@ class TrainResult:
     tokens_per_second: float
     mfu: float
     sample: str
+    steps_run: int = 0  # steps trained by this call (0: the run was already complete)
 
 
 def run_directory(cfg: ExperimentConfig) -> Path:
@@ -363,6 +364,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         or (steps_done * tokens_per_step / max(train_seconds, 1e-9)),
         mfu=mfu,
         sample=sample,
+        steps_run=steps_done,
     )
 
 
