@@ -107,14 +107,17 @@ def cmd_info(args) -> None:
     from research.scaling.accounting import count_params
 
     cfg = _load(args)
-    vocab = cfg.model.vocab_size or (
-        65 if cfg.data.tokenizer == "char" else cfg.data.bpe_vocab_size
-    )
-    size = count_params(cfg.model.resolved(vocab_size=vocab))
+    vocab = cfg.model.vocab_size
+    if not vocab:  # the tokenizer decides: prepare the data (or read it from the cache)
+        from research.data.shards import prepare
+
+        vocab = prepare(cfg.data, verbose=False).vocab_size
+    cfg.model = cfg.model.resolved(vocab_size=vocab)
+    size = count_params(cfg.model)
     print(cfg.to_json())
     print(
-        f"params {size.total_params:,} (non-embedding {size.non_embedding_params:,}); "
-        f"{size.flops_per_token / 1e6:.2f} MFLOP per training token"
+        f"params {size.total_params:,} (non-embedding {size.non_embedding_params:,}, active "
+        f"{size.active_params:,}); {size.flops_per_token / 1e6:.2f} MFLOP per training token"
     )
 
 

@@ -168,7 +168,11 @@ def sample_text(
     return prompt + tokenizer.decode(np.asarray(new[0]))
 
 
-def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float) -> dict:
+def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mesh) -> dict:
+    """Add this call's tokens, FLOPs and time to ledger.json (a resumed run keeps adding).
+
+    device_seconds counts accelerator chips; a CPU host counts once, whatever number of XLA
+    devices it was split into."""
     path = run_dir / "ledger.json"
     ledger = (
         json.loads(path.read_text())
@@ -183,9 +187,11 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float) -> 
     ledger["tokens"] += tokens
     ledger["flops"] += flops
     ledger["wall_seconds"] += seconds
-    ledger["device_seconds"] += seconds * jax.device_count()
-    ledger["device_kind"] = jax.devices()[0].device_kind
-    ledger["device_count"] = jax.device_count()
+    device = mesh.devices.flat[0]
+    chips = 1 if device.platform == "cpu" else mesh.devices.size
+    ledger["device_seconds"] += seconds * chips
+    ledger["device_kind"] = device.device_kind
+    ledger["device_count"] = chips
     path.write_text(json.dumps(ledger, indent=2))
     return ledger
 
@@ -338,6 +344,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         steps_done * tokens_per_step,
         steps_done * flops_per_step,
         time.perf_counter() - t_start,
+        mesh,
     )
 
     sample = ""
