@@ -216,3 +216,30 @@ def test_aux_free_bias_changes_selection_not_weights():
     assert (np.asarray(after) == 3).all()
     scores = jax.nn.sigmoid(x @ moe.router[...])
     np.testing.assert_allclose(weights_after[..., 0], scores[..., 3], rtol=1e-6)  # unbiased
+
+
+def test_moe_training_logs_router_statistics(tiny_config):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train(
+        tiny_config(
+            "model.n_experts=4",
+            "model.top_k=2",
+            "train.steps=10",
+            "train.log_every=5",
+            "train.sample_tokens=0",
+        )
+    )
+    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events.Reload()
+    for tag in (
+        "moe/load_balance_loss",
+        "moe/router_z_loss",
+        "moe/dropped_fraction",
+        "moe/router_entropy",
+        "moe/max_load",
+    ):
+        assert tag in events.Tags()["scalars"], tag
+    loads = events.Histograms("moe/expert_load")
+    assert loads[-1].step == 10  # the accumulator keeps only the newest histogram by default
+    assert sum(loads[-1].histogram_value.bucket) == pytest.approx(1.0)

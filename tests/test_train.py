@@ -231,3 +231,9 @@ def test_restart_keeps_the_previous_run(tiny_config):
     assert again.step == 6 and again.train_loss == first.train_loss
     kept = [p.name for p in first.run_dir.iterdir() if "before-restart" in p.name]
     assert any(name.startswith("checkpoints.before-restart") for name in kept)
+
+
+def test_cli_prepare_reports_dedup(capsys):
+    assert cli_main(["prepare", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert '"duplicates_dropped"' in out and '"sha256"' in out
