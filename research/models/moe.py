@@ -53,6 +53,12 @@ def _gather_rows_bwd(saved, grad):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
+def _queue_position(expert_of: jax.Array, n_experts: int) -> jax.Array:
+    """For each assignment, how many earlier assignments chose the same expert."""
+    one_hot = jax.nn.one_hot(expert_of, n_experts, dtype=jnp.int32)
+    return jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+
+
 def resolve_dispatch(name: str) -> str:
     if name != "auto":
         return name
@@ -174,9 +180,7 @@ class MoE(nnx.Module):
         counts = jnp.bincount(by_rank, length=n)
         padded = (counts + block - 1) // block * block
         padded_start = jnp.cumsum(padded) - padded
-        one_hot = jax.nn.one_hot(by_rank, n, dtype=jnp.int32)
-        rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
-        slot_of = padded_start[by_rank] + rank
+        slot_of = padded_start[by_rank] + _queue_position(by_rank, n)
         block_starts = jnp.arange(n_blocks) * block
         block_expert = jnp.minimum(
             jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), n - 1
@@ -190,8 +194,7 @@ class MoE(nnx.Module):
         capacity = expert_capacity(n_tokens, k, n, self.capacity_factor)
         # Priority: every token's first choice before any second choice, in token order.
         by_rank = experts.T.reshape(-1)  # [k * tokens]
-        one_hot = jax.nn.one_hot(by_rank, n, dtype=jnp.int32)
-        position = jnp.sum((jnp.cumsum(one_hot, axis=0) - 1) * one_hot, axis=-1)
+        position = _queue_position(by_rank, n)
         keep = position < capacity
         slot_of = jnp.where(keep, by_rank * capacity + position, n * capacity)
         per_assignment = self._run_slots(tokens, slot_of, n, capacity)
