@@ -250,10 +250,11 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             batches.set_state(data_state)
             print(f"resumed {run_dir} from step {start_step}")
 
+    train_sharding = batch_sharding(mesh, leading_dims=1)  # [accum, batch, seq + 1]
     step_fn = make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss, dp)
     train_step = jax.jit(
         step_fn,
-        in_shardings=(state_shardings, batch_sharding(mesh, leading_dims=1)),
+        in_shardings=(state_shardings, train_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
@@ -269,7 +270,6 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         )
 
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
-    train_sharding = batch_sharding(mesh, leading_dims=1)
     progress = _progress_bar(cfg, start_step)
     train_loss, val_loss, val_bpb = float("nan"), None, None
     window_start, window_steps = time.perf_counter(), 0
