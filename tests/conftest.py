@@ -43,3 +43,23 @@ def read_metrics(run_dir: Path) -> dict[int, dict]:
         row = json.loads(line)
         by_step.setdefault(row["step"], {}).update(row)
     return by_step
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--runslow", action="store_true", help="also run tests marked slow (minutes each on CPU)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run with --runslow; GPU tests run only where JAX sees a GPU."""
+    import jax
+
+    on_gpu = jax.default_backend() == "gpu"
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
+    skip_gpu = pytest.mark.skip(reason="needs a GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not on_gpu:
+            item.add_marker(skip_gpu)
