@@ -12,12 +12,12 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from research.kernels.flash_attention import common, gpu
+from research.kernels.flash_attention import common, gpu, tpu
 from research.kernels.flash_attention.blockwise import blockwise_attention
 from research.kernels.flash_attention.common import BlockSizes
 
 __all__ = ["BlockSizes", "blockwise_attention", "flash_attention"]
-_KERNELS = {"gpu": gpu}
+_KERNELS = {"gpu": gpu, "tpu": tpu}
 
 
 def flash_attention(
