@@ -77,6 +77,7 @@ def _mask(p: common.Prepared, i, j, bq: int, bk: int, causal: bool, window: int)
         q_seg = jax.lax.dynamic_slice_in_dim(p.q_seg, i * bq, bq, axis=1)[:, :, None]
         kv_seg = jax.lax.dynamic_slice_in_dim(p.kv_seg, j * bk, bk, axis=1)[:, None, :]
     ok = common.visible(q_pos, kv_pos, q_seg, kv_seg, causal, window)
+    ok = jnp.broadcast_to(ok, ok.shape[:-2] + (bq, bk))  # non-causal: [1, bk] so far
     return ok.reshape((-1, 1, 1, bq, bk))
 
 

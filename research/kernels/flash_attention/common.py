@@ -165,7 +165,8 @@ def kind_table(q_stats, kv_stats, causal: bool, window: int, has_segments: bool)
     """[batch, n_q_blocks, n_kv_blocks] classes of every block pair."""
     qs = [q_stats[:, :, None, i] for i in range(5)]
     ks = [kv_stats[:, None, :, i] for i in range(5)]
-    return block_kind(qs, ks, causal, window, has_segments)
+    shape = (q_stats.shape[0], q_stats.shape[1], kv_stats.shape[1])
+    return jnp.broadcast_to(block_kind(qs, ks, causal, window, has_segments), shape)
 
 
 def visible_range(kinds: jax.Array, axis: int):
