@@ -22,11 +22,6 @@ from research.kernels.flash_attention import common, steps
 from research.kernels.flash_attention.common import FULL, LOG2_E, PARTIAL
 
 
-def _kind(q_stats, kv_stats_ref, j, causal: bool, window: int, has_segments: bool):
-    ks = [kv_stats_ref[j, c] for c in range(5)]
-    return common.block_kind(q_stats, ks, causal, window, has_segments)
-
-
 def _switch(kind, carry, masked, full):
     """Skip, masked step or unmasked step, by the block's class."""
     branches = [lambda c: c, masked, full]
@@ -34,14 +29,12 @@ def _switch(kind, carry, masked, full):
     return jax.lax.switch(kind, branches, carry)
 
 
-def _fwd_kernel(
-    qs_ref, ks_ref, qpos_ref, kvpos_ref, qseg_ref, kvseg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref,
-    *, causal, window, block_kv, scale,
-):  # fmt: skip
-    i = pl.program_id(0)
+def _kv_band(mask_refs, i, init, tile_step, *, causal, window, block_kv):
+    """Fold ``tile_step(carry, span, ok)`` over the key blocks in query block i's band: skipped
+    blocks are passed over, fully visible ones get ok=None (no mask)."""
+    qs_ref, ks_ref, qpos_ref, kvpos_ref, qseg_ref, kvseg_ref = mask_refs
     q_stats = [qs_ref[i, c] for c in range(5)]
     has_seg = qseg_ref is not None
-    q = q_ref[...]
     q_pos = qpos_ref[...][:, None]
     q_seg = qseg_ref[...][:, None] if has_seg else None
 
@@ -53,51 +46,49 @@ def _fwd_kernel(
             if masked:
                 kv_seg = kvseg_ref[span][None, :] if has_seg else None
                 ok = common.visible(q_pos, kvpos_ref[span][None, :], q_seg, kv_seg, causal, window)
-            return steps.forward_step(q, k_ref[span, :], v_ref[span, :], c, scale, ok)
+            return tile_step(c, span, ok)
 
-        kind = _kind(q_stats, ks_ref, j, causal, window, has_seg)
+        ks = [ks_ref[j, c] for c in range(5)]
+        kind = common.block_kind(q_stats, ks, causal, window, has_seg)
         return _switch(kind, carry, lambda c: step(c, True), lambda c: step(c, False))
 
+    return jax.lax.fori_loop(qs_ref[i, 5], qs_ref[i, 6], body, init)
+
+
+def _fwd_kernel(*refs, causal, window, block_kv, scale):
+    mask_refs, (q_ref, k_ref, v_ref, o_ref, lse_ref) = refs[:6], refs[6:]
+    q = q_ref[...]
     block_q, head_dim = q.shape
     init = (
         jnp.zeros((block_q, head_dim), jnp.float32),
         jnp.full((block_q, 1), common.MASK_VALUE, jnp.float32),
         jnp.zeros((block_q, 1), jnp.float32),
     )
-    acc, m, denom = jax.lax.fori_loop(qs_ref[i, 5], qs_ref[i, 6], body, init)
-    out, lse = steps.forward_finish(acc, m, denom)
+
+    def tile(carry, span, ok):
+        return steps.forward_step(q, k_ref[span, :], v_ref[span, :], carry, scale, ok)
+
+    carry = _kv_band(
+        mask_refs, pl.program_id(0), init, tile, causal=causal, window=window, block_kv=block_kv
+    )
+    out, lse = steps.forward_finish(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
 
-def _dq_kernel(
-    qs_ref, ks_ref, qpos_ref, kvpos_ref, qseg_ref, kvseg_ref,
-    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
-    *, causal, window, block_kv, scale, sm_scale,
-):  # fmt: skip
-    i = pl.program_id(0)
-    q_stats = [qs_ref[i, c] for c in range(5)]
-    has_seg = qseg_ref is not None
+def _dq_kernel(*refs, causal, window, block_kv, scale, sm_scale):
+    mask_refs, (q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref) = refs[:6], refs[6:]
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
-    q_pos = qpos_ref[...][:, None]
-    q_seg = qseg_ref[...][:, None] if has_seg else None
 
-    def body(j, dq):
-        span = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
+    def tile(dq, span, ok):
+        k, v = k_ref[span, :], v_ref[span, :]
+        return steps.dq_step(q, do, lse, delta, k, v, dq, scale, sm_scale, ok)
 
-        def step(c, masked: bool):
-            ok = None
-            if masked:
-                kv_seg = kvseg_ref[span][None, :] if has_seg else None
-                ok = common.visible(q_pos, kvpos_ref[span][None, :], q_seg, kv_seg, causal, window)
-            k, v = k_ref[span, :], v_ref[span, :]
-            return steps.dq_step(q, do, lse, delta, k, v, c, scale, sm_scale, ok)
-
-        kind = _kind(q_stats, ks_ref, j, causal, window, has_seg)
-        return _switch(kind, dq, lambda c: step(c, True), lambda c: step(c, False))
-
-    dq = jax.lax.fori_loop(qs_ref[i, 5], qs_ref[i, 6], body, jnp.zeros(q.shape, jnp.float32))
+    init = jnp.zeros(q.shape, jnp.float32)
+    dq = _kv_band(
+        mask_refs, pl.program_id(0), init, tile, causal=causal, window=window, block_kv=block_kv
+    )
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
