@@ -219,7 +219,7 @@ def cpu_table(args) -> None:
                 print(f"| {seq} | {impl} | {r['failed']} (cap {args.mem_limit_gb:g} GiB) | - | - |")
                 continue
             ratio = f"{r['step_s'] / ref:.2f}x" if ref else "-"
-            print(f"| {seq} | {impl} | {r['step_s']:.2f} | {r['peak_rss_gb']:.2f} GiB | {ratio} |")
+            print(f"| {seq} | {impl} | {r['step_s']:.3f} | {r['peak_rss_gb']:.2f} GiB | {ratio} |")
 
 
 def main() -> None:

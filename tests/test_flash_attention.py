@@ -186,3 +186,11 @@ def test_model_trains_the_same_as_xla_with_pallas(tiny_config, tmp_path):
     for step in range(1, 4):
         want, got = runs["xla"][step]["train/loss"], runs["pallas"][step]["train/loss"]
         assert got == pytest.approx(want, rel=2e-5)
+
+
+def test_auto_takes_blockwise_for_long_contexts_off_gpu():
+    from research.models.attention import resolve_implementation
+
+    assert resolve_implementation("auto", jnp.float32, 64) == "xla"
+    assert resolve_implementation("auto", jnp.float32, 16384) == "blockwise"
+    assert resolve_implementation("pallas", jnp.bfloat16, 64) == "pallas"
