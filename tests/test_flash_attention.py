@@ -129,6 +129,10 @@ def test_block_classes_and_bands():
     lo, hi = common.visible_range(jnp.asarray(kinds)[None], axis=2)
     np.testing.assert_array_equal(lo[0], [0, 0, 0, 1])
     np.testing.assert_array_equal(hi[0], [1, 2, 3, 4])
+    # The unmasked run inside each band (empty for row 0: it starts and ends at lo).
+    full_lo, full_hi = common.full_run(jnp.asarray(kinds)[None], 2, lo, hi)
+    np.testing.assert_array_equal(full_lo[0], [0, 0, 1, 2])
+    np.testing.assert_array_equal(full_hi[0], [0, 1, 2, 3])
 
 
 def test_bad_inputs_are_clear_errors():

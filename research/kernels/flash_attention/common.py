@@ -219,14 +219,39 @@ def prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_kv: int) 
     )
 
 
+# Columns of the widened block summaries: the 5 stats, then the band on the other axis.
+BAND_LO, BAND_FULL_LO, BAND_FULL_HI, BAND_HI = 5, 6, 7, 8
+N_COLUMNS = 9
+
+
+def full_run(kinds: jax.Array, axis: int, lo: jax.Array, hi: jax.Array):
+    """The first contiguous run [full_lo, full_hi) of FULL blocks along ``axis`` (lo, lo when
+    there is none). Kernels split their loop there: masked, unmasked, masked, with no branch
+    in the loop body (a branch around the loads defeats Triton's software pipelining)."""
+    n = kinds.shape[axis]
+    shape = [-1 if a == axis % kinds.ndim else 1 for a in range(kinds.ndim)]
+    idx = jnp.arange(n).reshape(shape)
+    full = kinds == FULL
+    start = jnp.min(jnp.where(full, idx, n), axis=axis)
+    after = jnp.expand_dims(start, axis)
+    end = jnp.min(jnp.where((idx > after) & ~full, idx, n), axis=axis)
+    end = jnp.minimum(end, hi)
+    has_run = start < end
+    return (
+        jnp.where(has_run, start, lo).astype(jnp.int32),
+        jnp.where(has_run, end, lo).astype(jnp.int32),
+    )
+
+
 def stats_with_bands(p: Prepared, causal: bool, window: int):
-    """Block summaries widened to 8 columns: 0-4 the stats, 5-6 the band [lo, hi) of blocks on
-    the other axis that can be visible (kv blocks for a q block, q blocks for a kv block)."""
+    """Block summaries widened to N_COLUMNS: the 5 stats, then the band [lo, hi) of blocks on
+    the other axis that can be visible (kv blocks for a q block, q blocks for a kv block) and
+    the run of fully visible blocks inside it."""
     kinds = kind_table(p.q_stats, p.kv_stats, causal, window, p.q_seg is not None)
-    kv_lo, kv_hi = visible_range(kinds, axis=2)  # [Bs, nq]
-    q_lo, q_hi = visible_range(kinds, axis=1)  # [Bs, nk]
 
-    def widen(stats, lo, hi):
-        return jnp.concatenate([stats, lo[..., None], hi[..., None], 0 * lo[..., None]], -1)
+    def widen(stats, axis):
+        lo, hi = visible_range(kinds, axis)
+        full_lo, full_hi = full_run(kinds, axis, lo, hi)
+        return jnp.concatenate([stats, jnp.stack([lo, full_lo, full_hi, hi], -1)], -1)
 
-    return widen(p.q_stats, kv_lo, kv_hi), widen(p.kv_stats, q_lo, q_hi)
+    return widen(p.q_stats, 2), widen(p.kv_stats, 1)

@@ -19,40 +19,54 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from research.kernels.flash_attention import common, steps
-from research.kernels.flash_attention.common import FULL, LOG2_E, PARTIAL
+from research.kernels.flash_attention.common import (
+    BAND_FULL_HI,
+    BAND_FULL_LO,
+    BAND_HI,
+    BAND_LO,
+    LOG2_E,
+    N_COLUMNS,
+)
 
 
-def _switch(kind, carry, masked, full):
-    """Skip, masked step or unmasked step, by the block's class."""
-    branches = [lambda c: c, masked, full]
-    assert (common.SKIP, PARTIAL, FULL) == (0, 1, 2)
-    return jax.lax.switch(kind, branches, carry)
+def _three_loops(band, carry, body, reps: int = 1):
+    """Fold ``body(t, carry, masked=, start=)`` over a band: masked blocks, the run of fully
+    visible blocks (no mask), masked blocks; t counts ``reps`` steps per block from ``start``.
+    Each loop body is branch-free, so Triton can pipeline its loads; blocks outside the band
+    (fully masked) are never visited."""
+    lo, full_lo, full_hi, hi = band
+    for start, stop, masked in (
+        (lo, full_lo, True),
+        (full_lo, full_hi, False),
+        (full_hi, hi, True),
+    ):
+        step = functools.partial(body, masked=masked, start=start)
+        carry = jax.lax.fori_loop(0, (stop - start) * reps, step, carry)
+    return carry
+
+
+def _band(stats_ref, index):
+    return [stats_ref[index, c] for c in (BAND_LO, BAND_FULL_LO, BAND_FULL_HI, BAND_HI)]
 
 
 def _kv_band(mask_refs, i, init, tile_step, *, causal, window, block_kv):
-    """Fold ``tile_step(carry, span, ok)`` over the key blocks in query block i's band: skipped
-    blocks are passed over, fully visible ones get ok=None (no mask)."""
-    qs_ref, ks_ref, qpos_ref, kvpos_ref, qseg_ref, kvseg_ref = mask_refs
-    q_stats = [qs_ref[i, c] for c in range(5)]
+    """Fold ``tile_step(carry, span, ok)`` over the key blocks of query block i's band; fully
+    visible ones get ok=None (no mask computed)."""
+    qs_ref, _, qpos_ref, kvpos_ref, qseg_ref, kvseg_ref = mask_refs
     has_seg = qseg_ref is not None
     q_pos = qpos_ref[...][:, None]
     q_seg = qseg_ref[...][:, None] if has_seg else None
 
-    def body(j, carry):
+    def body(t, carry, masked: bool, start):
+        j = start + t
         span = pl.ds(pl.multiple_of(j * block_kv, block_kv), block_kv)
+        ok = None
+        if masked:
+            kv_seg = kvseg_ref[span][None, :] if has_seg else None
+            ok = common.visible(q_pos, kvpos_ref[span][None, :], q_seg, kv_seg, causal, window)
+        return tile_step(carry, span, ok)
 
-        def step(c, masked: bool):
-            ok = None
-            if masked:
-                kv_seg = kvseg_ref[span][None, :] if has_seg else None
-                ok = common.visible(q_pos, kvpos_ref[span][None, :], q_seg, kv_seg, causal, window)
-            return tile_step(c, span, ok)
-
-        ks = [ks_ref[j, c] for c in range(5)]
-        kind = common.block_kind(q_stats, ks, causal, window, has_seg)
-        return _switch(kind, carry, lambda c: step(c, True), lambda c: step(c, False))
-
-    return jax.lax.fori_loop(qs_ref[i, 5], qs_ref[i, 6], body, init)
+    return _three_loops(_band(qs_ref, i), init, body)
 
 
 def _fwd_kernel(*refs, causal, window, block_kv, scale):
@@ -102,32 +116,25 @@ def _dkv_kernel(
     k, v = k_ref[...], v_ref[...]
     kv_pos = kvpos_ref[...][None, :]
     kv_seg = kvseg_ref[...][None, :] if has_seg else None
-    ks = [ks_ref[j, c] for c in range(5)]
     group = q_ref.shape[1]
+    band = _band(ks_ref, j)  # query blocks that can see this key block
 
-    def body(t, carry):
+    def body(t, carry, masked: bool, start):
         if group == 1:
-            g, i = 0, ks_ref[j, 5] + t
+            g, i = 0, start + t
         else:  # heads innermost: consecutive steps reuse the same query rows
-            g, i = jax.lax.rem(t, jnp.int32(group)), ks_ref[j, 5] + jax.lax.div(t, jnp.int32(group))
+            g, i = jax.lax.rem(t, jnp.int32(group)), start + jax.lax.div(t, jnp.int32(group))
         span = pl.ds(pl.multiple_of(i * block_q, block_q), block_q)
+        ok = None
+        if masked:
+            q_seg = qseg_ref[span][:, None] if has_seg else None
+            ok = common.visible(qpos_ref[span][:, None], kv_pos, q_seg, kv_seg, causal, window)
+        q, do = q_ref[span, g, :], do_ref[span, g, :]
+        lse, delta = lse_ref[g, span][:, None], delta_ref[g, span][:, None]
+        return steps.dkv_step(q, do, lse, delta, k, v, carry, scale, sm_scale, ok)
 
-        def step(c, masked: bool):
-            ok = None
-            if masked:
-                q_seg = qseg_ref[span][:, None] if has_seg else None
-                ok = common.visible(qpos_ref[span][:, None], kv_pos, q_seg, kv_seg, causal, window)
-            q, do = q_ref[span, g, :], do_ref[span, g, :]
-            lse, delta = lse_ref[g, span][:, None], delta_ref[g, span][:, None]
-            return steps.dkv_step(q, do, lse, delta, k, v, c, scale, sm_scale, ok)
-
-        q_stats = [qs_ref[i, c] for c in range(5)]
-        kind = common.block_kind(q_stats, ks, causal, window, has_seg)
-        return _switch(kind, carry, lambda c: step(c, True), lambda c: step(c, False))
-
-    zeros = jnp.zeros(k.shape, jnp.float32)
-    n_steps = (ks_ref[j, 6] - ks_ref[j, 5]) * group  # every query head of the group, in band
-    dk, dv = jax.lax.fori_loop(0, n_steps, body, (zeros, zeros))
+    # Steps over (query block, group member) pairs, group members innermost.
+    dk, dv = _three_loops(band, (jnp.zeros(k.shape, jnp.float32),) * 2, body, reps=group)
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -149,8 +156,8 @@ def _common_specs(p: common.Prepared, batch: int, q_block, kv_block, q_map, kv_m
 
     seg = p.q_seg is not None
     return [
-        pl.BlockSpec((None, nq, 8), lambda *g: (stat_b(*g), 0, 0)),
-        pl.BlockSpec((None, nk, 8), lambda *g: (stat_b(*g), 0, 0)),
+        pl.BlockSpec((None, nq, N_COLUMNS), lambda *g: (stat_b(*g), 0, 0)),
+        pl.BlockSpec((None, nk, N_COLUMNS), lambda *g: (stat_b(*g), 0, 0)),
         seq_spec(q_block, q_map, False),
         seq_spec(kv_block, kv_map, False),
         seq_spec(q_block, q_map, True) if seg else None,

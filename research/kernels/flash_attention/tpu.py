@@ -20,25 +20,32 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from research.kernels.flash_attention import common, steps
-from research.kernels.flash_attention.common import FULL, LOG2_E, PARTIAL
+from research.kernels.flash_attention.common import (
+    BAND_HI,
+    BAND_LO,
+    FULL,
+    LOG2_E,
+    N_COLUMNS,
+    PARTIAL,
+)
 
 
 class _Stats:
-    """Reads the flat SMEM block summaries: ``field(b, block, c)`` (c: 0-4 stats, 5-6 band)."""
+    """Reads the flat SMEM block summaries: ``field(b, block, c)`` (c: common's columns)."""
 
     def __init__(self, ref, n_blocks: int, has_segments: bool):
         self.ref, self.n, self.has_segments = ref, n_blocks, has_segments
 
     def field(self, b, block, c):
         b = b if self.has_segments else 0
-        return self.ref[(b * self.n + block) * 8 + c]
+        return self.ref[(b * self.n + block) * N_COLUMNS + c]
 
     def stats(self, b, block):
         return [self.field(b, block, c) for c in range(5)]
 
     def band_block(self, b, block, step):
         """The step-th block of the band, clamped to its last block (0 for an empty band)."""
-        lo, hi = self.field(b, block, 5), self.field(b, block, 6)
+        lo, hi = self.field(b, block, BAND_LO), self.field(b, block, BAND_HI)
         return jnp.minimum(lo + step, jnp.maximum(hi - 1, 0)), lo + step < hi
 
 
