@@ -68,25 +68,32 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("case", list(CASES))
-def test_matches_xla_reference(impl, case):
+@functools.cache
+def _case(case: str):
+    """Inputs, masks, the reference's output and grads, and a control, computed once per case
+    for all three implementations."""
     batch, length, heads, kv_heads, head_dim, causal, window, segments, dtype = CASES[case]
     q, k, v, d_out = _inputs(batch, length, heads, kv_heads, head_dim, dtype)
     pos = jnp.arange(length)
     seg = _packed_segments(batch, length) if segments else None
-    mask = dict(window=window, causal=causal)
-    got = _out_and_grads(_impl(impl), q, k, v, d_out, q_positions=pos, kv_positions=pos,
-                         q_segment_ids=seg, kv_segment_ids=seg, **mask)  # fmt: skip
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+              window=window, causal=causal)  # fmt: skip
     # The reference runs in float32 on the same (bf16-rounded) inputs.
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    ref = functools.partial(xla_attention, q_positions=pos, kv_positions=pos,
-                            q_segment_ids=seg, kv_segment_ids=seg, **mask)  # fmt: skip
-    want = _out_and_grads(ref, *f32, d_out)
-    # A control: the other causality and no window or segments differs from the reference by
-    # far more than the tolerance, so a wrong or dropped mask cannot pass.
-    loose = _out_and_grads(functools.partial(xla_attention, q_positions=pos, kv_positions=pos,
-                                             causal=not causal), *f32, d_out)  # fmt: skip
+    want = _out_and_grads(xla_attention, *f32, d_out, **kw)
+    # A control: the other causality, no window or segments, differs from the reference by far
+    # more than the tolerance, so a wrong or dropped mask cannot pass.
+    loose = _out_and_grads(xla_attention, *f32, d_out, q_positions=pos, kv_positions=pos,
+                           causal=not causal)  # fmt: skip
+    return (q, k, v, d_out), kw, want, loose
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_xla_reference(impl, case):
+    inputs, kw, want, loose = _case(case)
+    got = _out_and_grads(_impl(impl), *inputs, **kw)
+    dtype = inputs[0].dtype
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, loose, strict=True):
         assert a.dtype == dtype and a.shape == b.shape, name
