@@ -40,7 +40,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dropout: float = 0.0
     init_std: float = 0.02
-    attention: str = "auto"  # auto | xla | cudnn
+    attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     # Mixture of experts (n_experts = 0: a dense model).

@@ -1,8 +1,10 @@
 """Multi-head / grouped-query attention: one interface, several implementations.
 
 ``attend`` is the single entry point. ``xla`` is the plain-jnp reference (works everywhere, any
-mask), ``cudnn`` is ``jax.nn.dot_product_attention``'s fused GPU kernel, and ``auto`` picks the
-fastest correct one for the backend. Later kernels (Pallas flash attention) plug in here.
+mask), ``cudnn`` is ``jax.nn.dot_product_attention``'s fused GPU kernel, ``pallas`` our flash
+attention kernels (research/kernels/flash_attention: Triton on GPU, Mosaic on TPU, interpret
+mode on CPU), ``blockwise`` the same algorithm in plain JAX with memory linear in the sequence,
+and ``auto`` picks the fastest correct one for the backend and length.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.kernels.flash_attention import blockwise_attention, flash_attention
 from research.models.layers import apply_rope, param
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
+# From this length on, auto takes blockwise over xla off GPU: measured faster from 256 on (0.85x
+# the step time at 512, 0.41x at 1k) and linear in memory; see benchmarks/attention.py --cpu.
+# Shorter contexts (the quickstart's 64) keep the reference, measured there.
+BLOCKWISE_MIN_SEQ = 512
 
 
-def resolve_implementation(name: str, dtype) -> str:
+def resolve_implementation(name: str, dtype, seq_len: int = 0) -> str:
     if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention='{name}' is not an attention implementation; "
@@ -27,7 +34,9 @@ def resolve_implementation(name: str, dtype) -> str:
     if name != "auto":
         return name
     fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    return "cudnn" if fused_ok else "xla"
+    if fused_ok:
+        return "cudnn"
+    return "blockwise" if seq_len >= BLOCKWISE_MIN_SEQ else "xla"
 
 
 def xla_attention(
@@ -37,19 +46,27 @@ def xla_attention(
     q_positions: jax.Array,
     kv_positions: jax.Array,
     window: int = 0,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    causal: bool = True,
 ) -> jax.Array:
     """Reference attention. q [B,T,H,D], k/v [B,S,KV,D]; positions [T] and [S] (-1: empty slot).
 
     Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
-    A key is visible when 0 <= its position <= the query's (and within ``window`` if set).
+    A key is visible when 0 <= its position <= the query's (``causal``), within ``window`` if
+    set, and in the query's segment when segment ids ([B,T], [B,S]: packed documents) are given.
     """
     batch, q_len, n_heads, head_dim = q.shape
     n_kv = k.shape[2]
     # Fold the scale into q: a [T, d] multiply instead of one over the [T, S] scores.
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    visible = (kv_positions[None, :] <= q_positions[:, None]) & (kv_positions[None, :] >= 0)
+    visible = kv_positions[None, :] >= 0
+    if causal:
+        visible &= kv_positions[None, :] <= q_positions[:, None]
     if window:
         visible &= kv_positions[None, :] > q_positions[:, None] - window
+    if q_segment_ids is not None:  # [B, 1, T, S]: broadcasts over heads (and groups)
+        visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
     if n_kv == n_heads:  # plain multi-head: 4-D einsums lower to fewer transposes
         scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
@@ -57,6 +74,8 @@ def xla_attention(
         return jnp.einsum("bhts,bshd->bthd", probs, v)
     q = q.reshape(batch, q_len, n_kv, n_heads // n_kv, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    if visible.ndim == 4:
+        visible = visible[:, :, None]
     scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
@@ -71,14 +90,24 @@ def attend(
     kv_positions: jax.Array,
     implementation: str = "auto",
     window: int = 0,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
-    """Causal attention of q over k/v by position, with the chosen implementation."""
-    impl = resolve_implementation(implementation, q.dtype)
-    plain_causal = q.shape[1] == k.shape[1] and not window
+    """Causal attention of q over k/v by position, with the chosen implementation.
+
+    ``segment_ids`` [B, T] (self-attention, T == S): tokens attend only within their segment,
+    for packed documents.
+    """
+    impl = resolve_implementation(implementation, q.dtype, k.shape[1])
+    seg = (segment_ids, segment_ids)
+    if impl == "pallas":
+        return flash_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
+    if impl == "blockwise":
+        return blockwise_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
+    plain_causal = q.shape[1] == k.shape[1] and not window and segment_ids is None
     if impl == "cudnn" and plain_causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     # The KV-cache path (ragged positions) always takes the reference: decoding is memory-bound.
-    return xla_attention(q, k, v, q_positions, kv_positions, window)
+    return xla_attention(q, k, v, q_positions, kv_positions, window, *seg)
 
 
 class Attention(nnx.Module):
@@ -90,9 +119,10 @@ class Attention(nnx.Module):
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
         self.wo = param(rngs, (h, hd, d), ("heads", None, "embed"), out_std, param_dtype)
 
-    def __call__(self, x, positions, rope, cache=None):
-        """x [B,T,d], positions [T]. With a KV cache (ring buffer of the last W positions) the
-        new keys are written at slot ``position % W``; returns (output, updated cache)."""
+    def __call__(self, x, positions, rope, cache=None, segment_ids=None):
+        """x [B,T,d], positions [T], segment_ids [B,T] (packed documents) or None. With a KV
+        cache (ring buffer of the last W positions) the new keys are written at slot
+        ``position % W``; returns (output, updated cache)."""
         dtype = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
@@ -100,7 +130,7 @@ class Attention(nnx.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = attend(q, k, v, positions, positions, self.implementation)
+            out = attend(q, k, v, positions, positions, self.implementation, 0, segment_ids)
         else:
             width = cache["k"].shape[1]
             slots = positions % width

@@ -1,0 +1,103 @@
+"""Flash attention: Pallas kernels for GPU (Triton) and TPU (Mosaic), and plain-JAX blockwise.
+
+``flash_attention`` is the entry point for the kernels: a custom VJP whose forward saves the
+log-sum-exp and whose backward recomputes probabilities tile by tile (dQ and dK/dV kernels).
+``blockwise_attention`` is the same algorithm in plain JAX for CPUs and anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from research.kernels.flash_attention import common, gpu, tpu
+from research.kernels.flash_attention.blockwise import blockwise_attention
+from research.kernels.flash_attention.common import BlockSizes
+
+__all__ = ["BlockSizes", "blockwise_attention", "flash_attention"]
+_KERNELS = {"gpu": gpu, "tpu": tpu}
+
+
+def flash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    q_segment_ids: jax.Array | None = None,
+    kv_segment_ids: jax.Array | None = None,
+    *,
+    causal: bool = True,
+    window: int = 0,
+    block_sizes: BlockSizes | None = None,
+    kernel: str | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Attention of q [B,T,H,D] over k/v [B,S,KV,D] (KV divides H: grouped-query attention).
+
+    Positions ([T], [S]; default 0..T-1, 0..S-1) and segment ids ([B,T], [B,S]) mask as in the
+    ``xla`` reference. ``kernel``: "gpu" (Triton) or "tpu" (Mosaic); default the backend's, and
+    on CPU the GPU kernel in interpret mode (``interpret`` defaults to True on CPU only).
+    """
+    backend = jax.default_backend()
+    kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
+    if kernel not in _KERNELS:
+        raise ValueError(f"kernel='{kernel}': choose 'gpu' (Triton) or 'tpu' (Mosaic)")
+    if interpret is None:
+        interpret = backend == "cpu"
+    if not interpret and {"gpu": "gpu", "tpu": "tpu"}[kernel] != backend:
+        raise ValueError(
+            f"the {kernel} kernel cannot run compiled on a {backend} backend; pass "
+            "interpret=True (slow, for tests) or use blockwise_attention"
+        )
+    common.check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, causal, kernel=True)
+    blocks = block_sizes or BlockSizes.for_backend(kernel)
+    minimum = 16 if kernel == "gpu" else 8  # Triton's dot needs 16-row tiles
+    fit_q = functools.partial(common.fit_block, length=q.shape[1], minimum=minimum)
+    fit_kv = functools.partial(common.fit_block, length=k.shape[1], minimum=minimum)
+    blocks = BlockSizes(
+        fit_q(blocks.block_q),
+        fit_kv(blocks.block_kv),
+        fit_q(blocks.block_q_bwd),
+        fit_kv(blocks.block_kv_bwd),
+        blocks.num_warps,
+        blocks.num_stages,
+    )
+    if q_positions is None:
+        q_positions = jnp.arange(q.shape[1], dtype=jnp.int32)
+    if kv_positions is None:
+        kv_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
+    config = (kernel, causal, window, blocks, interpret)
+    return _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, config)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, config):
+    return _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, config)[0]
+
+
+def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, config):
+    kernel, causal, window, blocks, interpret = config
+    out, lse = _KERNELS[kernel].forward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+        causal=causal, window=window, blocks=blocks, interpret=interpret,
+    )  # fmt: skip
+    out, lse = out[:, : q.shape[1]], lse[:, :, : q.shape[1]]
+    return out, (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _flash_bwd(config, res, d_out):
+    kernel, causal, window, blocks, interpret = config
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
+    # delta_i = sum_d O_id dO_id (= sum_j P_ij dP_ij): one memory-bound pass, left to XLA.
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    dq, dk, dv = _KERNELS[kernel].backward(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta,
+        causal=causal, window=window, blocks=blocks, interpret=interpret,
+    )  # fmt: skip
+    return dq, dk, dv, None, None, None, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)

@@ -1,0 +1,227 @@
+"""Flash attention (blockwise JAX, Pallas GPU and TPU kernels in interpret mode) against the
+``xla`` reference: outputs and dq/dk/dv, every mask, uneven lengths, GQA, bf16; block skipping;
+clear errors; the kernels lower for their real backends; the model trains the same with them."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import read_metrics
+
+from research.kernels.flash_attention import (
+    BlockSizes,
+    blockwise_attention,
+    common,
+    flash_attention,
+)
+from research.models.attention import attend, xla_attention
+from research.train.trainer import train
+
+SMALL = BlockSizes(32, 16, 16, 32)  # several blocks per axis even at these lengths
+
+
+IMPLS = ["blockwise", "triton", "mosaic"]  # not "gpu"/"tpu": ids become pytest marker keywords
+
+
+def _impl(name: str):
+    if name == "blockwise":
+        return functools.partial(blockwise_attention, block_q=32, block_kv=16)
+    kernel = {"triton": "gpu", "mosaic": "tpu"}[name]
+    return functools.partial(flash_attention, kernel=kernel, block_sizes=SMALL, interpret=True)
+
+
+def _inputs(batch, length, heads, kv_heads, head_dim, dtype, seed=0):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(keys[0], (batch, length, heads, head_dim), jnp.float32)
+    k = jax.random.normal(keys[1], (batch, length, kv_heads, head_dim), jnp.float32)
+    v = jax.random.normal(keys[2], (batch, length, kv_heads, head_dim), jnp.float32)
+    d_out = jax.random.normal(keys[3], q.shape, jnp.float32)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), d_out
+
+
+def _packed_segments(batch, length, seed=0):
+    """Three documents per row at random boundaries: [batch, length] ids 0, 1, 2."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, length), size=(batch, 2), replace=False), axis=1)
+    idx = np.arange(length)
+    return jnp.asarray((idx >= cuts[:, :1]).astype(np.int32) + (idx >= cuts[:, 1:]))
+
+
+def _out_and_grads(fn, q, k, v, d_out, **kw):
+    @jax.jit  # one compile instead of op-by-op dispatch of the loops
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
+        return (out, *vjp(d_out.astype(out.dtype)))
+
+    return run(q, k, v, d_out)
+
+
+# name: (batch, length, heads, kv_heads, head_dim, causal, window, segments, dtype)
+CASES = {
+    "causal-gqa-uneven": (1, 100, 4, 2, 32, True, 0, False, jnp.float32),
+    "noncausal": (2, 64, 2, 2, 64, False, 0, False, jnp.float32),
+    "window-mqa-uneven": (1, 90, 4, 1, 32, True, 20, False, jnp.float32),
+    "segments-gqa": (2, 80, 4, 2, 32, True, 0, True, jnp.float32),
+    "bf16-window-segments": (2, 72, 4, 2, 128, True, 24, True, jnp.bfloat16),
+}
+
+
+@functools.cache
+def _case(case: str):
+    """Inputs, masks, the reference's output and grads, and a control, computed once per case
+    for all three implementations."""
+    batch, length, heads, kv_heads, head_dim, causal, window, segments, dtype = CASES[case]
+    q, k, v, d_out = _inputs(batch, length, heads, kv_heads, head_dim, dtype)
+    pos = jnp.arange(length)
+    seg = _packed_segments(batch, length) if segments else None
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+              window=window, causal=causal)  # fmt: skip
+    # The reference runs in float32 on the same (bf16-rounded) inputs.
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = _out_and_grads(xla_attention, *f32, d_out, **kw)
+    # A control: the other causality, no window or segments, differs from the reference by far
+    # more than the tolerance, so a wrong or dropped mask cannot pass.
+    loose = _out_and_grads(xla_attention, *f32, d_out, q_positions=pos, kv_positions=pos,
+                           causal=not causal)  # fmt: skip
+    return (q, k, v, d_out), kw, want, loose
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_xla_reference(impl, case):
+    inputs, kw, want, loose = _case(case)
+    got = _out_and_grads(_impl(impl), *inputs, **kw)
+    dtype = inputs[0].dtype
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, want, loose, strict=True):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        scale = float(jnp.abs(b).max())
+        err = float(jnp.abs(a.astype(jnp.float32) - b).max()) / scale
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+        assert float(jnp.abs(c - b).max()) / scale > 20 * tol, f"{name}: control too close"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fully_masked_blocks_are_not_computed(impl):
+    """NaN values in keys no query may see: a kernel that computed those blocks (even masked,
+    0 * NaN = NaN) would poison rows; skipping them keeps every visible row exact."""
+    length = 64
+    q, k, v, _ = _inputs(1, length, 2, 2, 32, jnp.float32)
+    pos = jnp.arange(length)
+    # The last 16 keys are empty slots (position -1): a whole block nobody sees.
+    kv_pos = pos.at[48:].set(-1)
+    bad_v = v.at[:, 48:].set(jnp.nan)
+    fn = jax.jit(_impl(impl))  # both calls below share one compile
+    out = fn(q, k, bad_v, pos, kv_pos)
+    np.testing.assert_allclose(out, xla_attention(q, k, v, pos, kv_pos), atol=2e-5)
+    # Causal: the last key block (NaN) lies in the future of the first query block (rows
+    # 0..31), so those rows stay exact, while rows that legitimately see it turn NaN.
+    out = fn(q, k, bad_v, pos, pos)
+    want = xla_attention(q, k, v, pos, pos)
+    np.testing.assert_allclose(out[:, :32], want[:, :32], atol=2e-5)
+    assert bool(jnp.isnan(out[:, 48:]).all())
+
+
+def test_block_classes_and_bands():
+    """Causal with a window over 4x4 blocks of 16: skipped above the diagonal and beyond the
+    window, unmasked strictly inside, masked on the edges; bands bound each row and column."""
+    pos = jnp.arange(64)
+    p = common.prepare(*(jnp.zeros((1, 64, 1, 8)),) * 3, pos, pos, None, None, 16, 16)
+    kinds = np.asarray(common.kind_table(p.q_stats, p.kv_stats, True, 33, False))[0]
+    s, m, f = common.SKIP, common.PARTIAL, common.FULL
+    expected = [[m, s, s, s], [f, m, s, s], [m, f, m, s], [s, m, f, m]]
+    np.testing.assert_array_equal(kinds, expected)
+    lo, hi = common.visible_range(jnp.asarray(kinds)[None], axis=2)
+    np.testing.assert_array_equal(lo[0], [0, 0, 0, 1])
+    np.testing.assert_array_equal(hi[0], [1, 2, 3, 4])
+    # The unmasked run inside each band (empty for row 0: it starts and ends at lo).
+    full_lo, full_hi = common.full_run(jnp.asarray(kinds)[None], 2, lo, hi)
+    np.testing.assert_array_equal(full_lo[0], [0, 0, 1, 2])
+    np.testing.assert_array_equal(full_hi[0], [0, 1, 2, 3])
+
+
+def test_bad_inputs_are_clear_errors():
+    q, k, v, _ = _inputs(1, 32, 2, 2, 48, jnp.float32)
+    with pytest.raises(ValueError, match="head_dim.*blockwise"):
+        flash_attention(q, k, v, interpret=True)
+    q, k, v, _ = _inputs(1, 32, 3, 2, 32, jnp.float32)
+    with pytest.raises(ValueError, match="multiple of n_kv_heads"):
+        blockwise_attention(q, k, v, jnp.arange(32), jnp.arange(32))
+    q, k, v, _ = _inputs(1, 32, 2, 2, 32, jnp.float32)
+    with pytest.raises(ValueError, match="one dtype"):
+        flash_attention(q, k.astype(jnp.bfloat16), v, interpret=True)
+    with pytest.raises(ValueError, match="window"):
+        flash_attention(q, k, v, causal=False, window=8, interpret=True)
+    with pytest.raises(ValueError, match="segment ids"):
+        flash_attention(q, k, v, None, None, jnp.zeros((1, 32), jnp.int32), None, interpret=True)
+    with pytest.raises(ValueError, match="cannot run compiled"):
+        flash_attention(q, k, v, kernel="tpu", interpret=False)
+    with pytest.raises(ValueError, match="not an attention implementation"):
+        attend(q, k, v, jnp.arange(32), jnp.arange(32), implementation="flash")
+
+
+@pytest.mark.parametrize("kernel,platform", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_kernels_lower_for_their_backend(kernel, platform):
+    """No accelerator here: lower forward and backward to Triton / Mosaic IR (what a GPU or TPU
+    compile starts from), with GQA, window, segments and an uneven length."""
+    from research.kernels.flash_attention import _flash
+
+    sds = jax.ShapeDtypeStruct
+    q = sds((2, 300, 4, 128), jnp.bfloat16)
+    kv = sds((2, 300, 2, 128), jnp.bfloat16)
+    pos, seg = sds((300,), jnp.int32), sds((2, 300), jnp.int32)
+    config = (kernel, True, 64, BlockSizes.for_backend(kernel), False)
+
+    def fwd_bwd(q, k, v, pos, seg):
+        out, vjp = jax.vjp(lambda *a: _flash(*a, pos, pos, seg, seg, config), q, k, v)
+        return out, vjp(out)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)
+    text = exported(q, kv, kv, pos, seg).mlir_module()
+    marker = "xla.gpu.triton" if kernel == "gpu" else "tpu_custom_call"
+    assert text.count(marker) == 3  # forward, dq, dkv
+
+
+def test_model_trains_the_same_as_xla_with_pallas(tiny_config, tmp_path):
+    common_overrides = ("train.steps=3", "train.log_every=1", "train.sample_tokens=0",
+                        "train.checkpoint_every=0", "model.head_dim=32", "model.n_layers=1",
+                        "mesh.data=1")  # fmt: skip
+    runs = {}
+    for name in ("xla", "pallas"):
+        cfg = tiny_config(*common_overrides, f"model.attention={name}",
+                          f"train.run_dir={tmp_path / name}")  # fmt: skip
+        runs[name] = read_metrics(train(cfg).run_dir)
+    for step in range(1, 4):
+        want, got = runs["xla"][step]["train/loss"], runs["pallas"][step]["train/loss"]
+        assert got == pytest.approx(want, rel=2e-5)
+
+
+def test_auto_takes_blockwise_for_long_contexts_off_gpu():
+    from research.models.attention import resolve_implementation
+
+    assert resolve_implementation("auto", jnp.float32, 64) == "xla"
+    assert resolve_implementation("auto", jnp.float32, 16384) == "blockwise"
+    assert resolve_implementation("pallas", jnp.bfloat16, 64) == "pallas"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["causal-gqa-uneven", "bf16-window-segments"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_compiled_triton_kernel_matches_reference(case, head_dim):
+    """On a GPU: the Triton kernels compiled (not interpreted), default block sizes, bf16."""
+    batch, length, heads, kv_heads, _, causal, window, segments, _ = CASES[case]
+    length *= 10  # several default-size blocks
+    q, k, v, d_out = _inputs(batch, length, heads, kv_heads, head_dim, jnp.bfloat16)
+    pos = jnp.arange(length)
+    seg = _packed_segments(batch, length) if segments else None
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+              window=window, causal=causal)  # fmt: skip
+    got = _out_and_grads(functools.partial(flash_attention, kernel="gpu"), q, k, v, d_out, **kw)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+    want = _out_and_grads(xla_attention, *f32, d_out, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = float(jnp.abs(a.astype(jnp.float32) - b).max()) / float(jnp.abs(b).max())
+        assert err < 2e-2, f"{name}: relative error {err:.2e}"
