@@ -6,7 +6,9 @@ Single device is a 1x1x1x1 mesh: there is one code path. Parameters carry logica
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -26,6 +28,11 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": ("tensor",),
     "expert": ("expert",),
 }
+
+
+# Activations keep ``embed`` whole: FSDP splits the batch and gathers each layer's weights, and
+# tensor parallelism all-reduces a block's output, so the residual stream is never split on it.
+ACTIVATION_RULES = {**LOGICAL_RULES, "embed": None}
 
 
 class MeshShapeError(ValueError):
@@ -98,3 +105,35 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways a batch is split."""
     return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])
+
+
+def _spec(axes: tuple, shape: tuple[int, ...], mesh_shape: dict, rules: dict) -> PartitionSpec:
+    """Mesh axes per dimension; an axis that does not divide the dimension is left out."""
+    spec = []
+    for axis, dim in zip(axes, shape, strict=True):
+        mesh_axes = tuple(a for a in (rules.get(axis) or ()) if mesh_shape.get(a, 1) > 1)
+        if dim % math.prod(mesh_shape[a] for a in mesh_axes):
+            mesh_axes = ()
+        spec.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    """Pin an activation's sharding by its logical axes; a no-op outside ``on_mesh``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = _spec(axes, x.shape, dict(mesh.shape), ACTIVATION_RULES)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with ``mesh`` as the context mesh, so the model's ``constrain`` calls apply.
+    (``jax.set_mesh`` may not be entered inside jit; the abstract mesh may.)"""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced

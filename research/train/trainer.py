@@ -23,7 +23,14 @@ from research.data.loader import eval_batches, train_dataset
 from research.data.shards import PreparedData, prepare
 from research.infer.sampling import generate
 from research.models import Transformer
-from research.parallel.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
+from research.parallel.mesh import (
+    batch_sharding,
+    data_parallel_size,
+    logical_to_spec,
+    make_mesh,
+    on_mesh,
+)
+from research.parallel.shardings import optimizer_shardings
 from research.scaling.accounting import count_params
 from research.train.checkpoint import Checkpointer
 from research.train.metrics import MetricsLogger, peak_flops_per_device
@@ -87,7 +94,7 @@ def init_train_state(cfg: ExperimentConfig, mesh):
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": jax.jit(tx.init)(params),
+        "opt_state": jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params),
         "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
     }
     # Scalars (step, optimizer counts, RNG key) live replicated on the mesh beside the params.
@@ -251,14 +258,16 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             print(f"resumed {run_dir} from step {start_step}")
 
     train_sharding = batch_sharding(mesh, leading_dims=1)  # [accum, batch, seq + 1]
-    step_fn = make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss, dp)
+    step_fn = on_mesh(
+        make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss, dp), mesh
+    )
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, train_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(graphdef))
+    eval_step = jax.jit(on_mesh(make_eval_step(graphdef), mesh))
     logger = MetricsLogger(run_dir, cfg.log.tensorboard)
     logger.text("config", f"```\n{cfg.to_json()}\n```")
     if start_step == 0:

@@ -1,0 +1,183 @@
+"""Parallel layouts on 8 fake CPU devices: every mesh trains like one device, and really shards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from research.config import ConfigError, MeshConfig, ModelConfig, load_experiment
+from research.models import Transformer
+from research.parallel.mesh import MeshShapeError, make_mesh
+from research.train.trainer import init_train_state, train
+from tests.conftest import read_metrics
+
+# vocab 128: the character vocabulary (65) does not split over tensor-parallel devices.
+COMMON = (
+    "log.progress=false",
+    "model.vocab_size=128",
+    "train.steps=3",
+    "train.log_every=1",
+    "train.sample_tokens=0",
+    "train.eval_batches=1",
+)
+MOE = ("model.n_experts=4", "model.top_k=2", "model.moe_every=2")
+
+
+def run(tmp_path_factory, *overrides):
+    cfg = load_experiment("tiny", [*COMMON, *overrides])
+    cfg.train.run_dir = str(tmp_path_factory.mktemp("run"))
+    return cfg, train(cfg)
+
+
+def losses(result) -> list[float]:
+    metrics = read_metrics(result.run_dir)
+    return [metrics[step]["train/loss"] for step in (1, 2, 3)]
+
+
+@pytest.fixture(scope="module")
+def single_device(tmp_path_factory):
+    cache = {}
+
+    def get(moe: bool):
+        if moe not in cache:
+            cache[moe] = losses(run(tmp_path_factory, "mesh.data=1", *(MOE if moe else ()))[1])
+        return cache[moe]
+
+    return get
+
+
+LAYOUTS = {
+    "dp8": ("mesh.data=8",),
+    "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
+    "tp2_dp4_scan_remat": (
+        "mesh.data=4",
+        "mesh.tensor=2",
+        "model.scan_layers=true",
+        "model.remat=full",
+    ),
+    "fsdp2_tp2_dp2_savedots": (
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.tensor=2",
+        "model.remat=save-dots",
+    ),
+    "moe_ep2_tp2_fsdp2_scan": (
+        *MOE,
+        "mesh.data=1",
+        "mesh.expert=2",
+        "mesh.tensor=2",
+        "mesh.fsdp=2",
+        "model.scan_layers=true",
+    ),
+}
+
+# (parameter path, the mesh axes its shards must be split over) per layout
+SHARDED = {
+    "dp8": [],
+    "fsdp8": [(("embed",), {"fsdp"}), (("blocks", 0, "attn", "wq"), {"fsdp"})],
+    "tp2_dp4_scan_remat": [
+        (("blocks", 0, "attn", "wq"), {"tensor"}),
+        (("blocks", 1, "mlp", "w_down"), {"tensor"}),
+    ],
+    "fsdp2_tp2_dp2_savedots": [
+        (("blocks", 0, "mlp", "w_gate"), {"fsdp", "tensor"}),
+        (("embed",), {"fsdp", "tensor"}),
+    ],
+    "moe_ep2_tp2_fsdp2_scan": [(("blocks", 1, "mlp", "w_up"), {"expert", "fsdp", "tensor"})],
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_trains_like_one_device(layout, single_device, tmp_path_factory):
+    overrides = LAYOUTS[layout]
+    cfg, result = run(tmp_path_factory, *overrides)
+    expected = single_device("model.n_experts=4" in overrides)
+    np.testing.assert_allclose(losses(result), expected, rtol=2e-5)
+
+    mesh = make_mesh(cfg.mesh, batch_size=cfg.train.batch_size)
+    _, state, _, _ = init_train_state(cfg, mesh)
+    for path, axes in SHARDED[layout]:
+        leaf = state["params"]
+        for key in path:
+            leaf = leaf[key]
+        spec_axes = {a for entry in leaf.sharding.spec if entry for a in np.atleast_1d(entry)}
+        assert spec_axes == axes, (path, leaf.sharding.spec)
+        ways = int(np.prod([mesh.shape[a] for a in axes]))
+        assert leaf.addressable_shards[0].data.size * ways == leaf.size
+    if layout == "dp8":  # data parallel replicates: every device holds every parameter
+        assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
+    else:  # every matrix splits (each has embed or a tensor axis), optimizer moments too
+        matrices = [x for x in jax.tree.leaves(state) if x.ndim >= 2]
+        assert matrices and not any(x.sharding.is_fully_replicated for x in matrices)
+
+
+def tiny(**overrides) -> ModelConfig:
+    settings = dict(vocab_size=40, d_model=32, n_layers=4, n_heads=4, seq_len=16) | overrides
+    return ModelConfig(**settings).resolved()
+
+
+def loss_and_grads(cfg: ModelConfig, params=None):
+    model = Transformer(cfg, nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    state = params if params is not None else state
+    tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
+
+    def loss(state):
+        logits, _, aux = nnx.merge(graphdef, state).forward(
+            tokens[:, :-1], dropout_key=jax.random.key(2) if cfg.dropout else None
+        )
+        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+        return ce + (aux["load_balance_loss"] if aux else 0.0)
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(state)
+    return value, grads, state
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        dict(scan_layers=True),
+        dict(remat="full"),
+        dict(remat="save-dots", scan_layers=True, dropout=0.1),
+        dict(scan_layers=True, n_experts=4, top_k=2, moe_every=2),
+    ],
+)
+def test_scan_and_remat_compute_the_same_loss_and_gradients(switches):
+    moe = {k: v for k, v in switches.items() if k in ("n_experts", "top_k", "moe_every")}
+    dropout = {k: v for k, v in switches.items() if k == "dropout"}
+    reference, ref_grads, state = loss_and_grads(tiny(**moe, **dropout))
+    value, grads, _ = loss_and_grads(tiny(**switches), state)
+    np.testing.assert_allclose(value, reference, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scan_needs_whole_moe_groups():
+    with pytest.raises(ConfigError, match="moe_every=2"):
+        tiny(n_layers=3, n_experts=4, moe_every=2, scan_layers=True)
+
+
+def test_unknown_remat_policy_is_rejected():
+    with pytest.raises(ConfigError, match="none, full or save-dots"):
+        tiny(remat="some")
+
+
+@pytest.mark.parametrize(
+    ("mesh", "match"),
+    [
+        (MeshConfig(data=3), "needs 3 devices, which does not divide the 8"),
+        (MeshConfig(data=-1, fsdp=-1), "only one mesh axis may be -1"),
+        (MeshConfig(data=-1, tensor=3), "need a multiple of 3 devices, but there are 8"),
+    ],
+)
+def test_bad_mesh_shapes_name_the_mesh_and_the_devices(mesh, match):
+    with pytest.raises(MeshShapeError, match=match):
+        make_mesh(mesh)
+
+
+def test_model_dims_that_do_not_split_name_the_dim_and_the_mesh():
+    from research.train.trainer import build_model
+
+    with pytest.raises(MeshShapeError, match=r"kv' of size 2 .*tensor.* size 4"):
+        build_model(tiny(n_kv_heads=2), 0, make_mesh(MeshConfig(data=2, tensor=4)))
