@@ -181,3 +181,50 @@ def test_model_dims_that_do_not_split_name_the_dim_and_the_mesh():
 
     with pytest.raises(MeshShapeError, match=r"kv' of size 2 .*tensor.* size 4"):
         build_model(tiny(n_kv_heads=2), 0, make_mesh(MeshConfig(data=2, tensor=4)))
+
+
+def test_two_processes_train_like_one(single_device, tmp_path):
+    """Two real processes on localhost (2 CPU devices each) joined by jax.distributed, each
+    reading its own half of every batch, through the CLI; process 0 alone writes the logs."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "research.cli", "train", "tiny"]
+    # sample_tokens: sampling gathers the sharded params from both processes first.
+    for item in (*COMMON, "mesh.data=-1", "train.sample_tokens=8", f"train.run_dir={run_dir}"):
+        command += ["--set", item]
+    procs = []
+    for index in range(2):
+        env = {
+            **os.environ,
+            "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+            "RESEARCH_COORDINATOR": f"127.0.0.1:{port}",
+            "RESEARCH_NUM_PROCESSES": "2",
+            "RESEARCH_PROCESS_ID": str(index),
+            "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        }
+        log = open(tmp_path / f"process{index}.log", "w")  # noqa: SIM115 - closed below
+        procs.append((subprocess.Popen(command, env=env, stdout=log, stderr=log), log))
+    try:
+        codes = [proc.wait(timeout=240) for proc, _ in procs]
+    finally:
+        for proc, log in procs:
+            proc.kill()
+            log.close()
+    logs = [(tmp_path / f"process{i}.log").read_text() for i in range(2)]
+    assert codes == [0, 0], logs
+    assert "'data': 4" in logs[0]  # one mesh over both processes' devices
+    assert "--- sample ---" in logs[0] and "--- sample ---" not in logs[1]
+    metrics = read_metrics(run_dir)
+    np.testing.assert_allclose(
+        [metrics[step]["train/loss"] for step in (1, 2, 3)], single_device(False), rtol=2e-5
+    )
+    assert (run_dir / "checkpoints" / "3").is_dir()  # saved by both processes together

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research.config import MeshConfig
@@ -65,7 +66,8 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     """The mesh for a config. On CPU, with data=-1 and a (micro)batch size given, it uses as many
     devices as divide the batch (12 sequences on 8 cores run on 6), so any batch fits any host."""
     devices = list(devices if devices is not None else jax.devices())
-    if batch_size and cfg.data == -1 and devices[0].platform == "cpu":
+    single_host_cpu = devices[0].platform == "cpu" and jax.process_count() == 1
+    if batch_size and cfg.data == -1 and single_host_cpu:
         fixed = math.prod(max(getattr(cfg, a), 1) for a in MESH_AXES if a != "data")
         fitting = [
             d
@@ -76,7 +78,11 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     sizes = mesh_shape(cfg, len(devices))
     # A fixed mesh smaller than the machine (e.g. data=1 on 8 devices) runs on the first devices.
     devices = devices[: math.prod(sizes.values())]
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    shape = [sizes[a] for a in MESH_AXES]
+    if devices[0].platform == "cpu" or len(devices) != jax.device_count():
+        grid = np.asarray(devices).reshape(shape)
+    else:  # all of a GPU/TPU slice: an order that follows the interconnect (ICI, NVLink)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
 
 

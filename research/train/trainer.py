@@ -23,6 +23,7 @@ from research.data.loader import eval_batches, train_dataset
 from research.data.shards import PreparedData, prepare
 from research.infer.sampling import generate
 from research.models import Transformer
+from research.parallel.distributed import gather_to_host, initialize, put_global
 from research.parallel.mesh import (
     batch_sharding,
     data_parallel_size,
@@ -151,7 +152,7 @@ def evaluate(
     total, count = 0.0, 0
     batches = eval_batches(data.tokens("val"), cfg.model.seq_len, rows, cfg.train.eval_batches)
     for batch, valid_rows in batches:
-        loss_sum, n = eval_step(params, jax.device_put(batch, sharding), valid_rows)
+        loss_sum, n = eval_step(params, put_global(batch, sharding), valid_rows)
         total, count = total + loss_sum, count + n  # summed on device: one sync at the end
     val_loss = float(total) / int(count)
     return val_loss, val_loss / math.log(2) / data.bytes_per_token("val")
@@ -171,7 +172,16 @@ def sample_text(
     tokenizer = data.tokenizer()
     model = nnx.merge(graphdef, jax.device_get(params))
     prompt_ids = tokenizer.encode(prompt)[None, :]
-    new = generate(model, prompt_ids, n_tokens, jax.random.key(seed), temperature, top_k, top_p)
+    new = generate(
+        model,
+        prompt_ids,
+        n_tokens,
+        jax.random.key(seed),
+        temperature,
+        top_k,
+        top_p,
+        tokenizer.vocab_size,
+    )
     return prompt + tokenizer.decode(np.asarray(new[0]))
 
 
@@ -181,6 +191,8 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mes
     device_seconds counts accelerator chips; a CPU host counts once, whatever number of XLA
     devices it was split into."""
     path = run_dir / "ledger.json"
+    if jax.process_index() != 0:  # one writer; the others' time is the same wall time
+        return {"wall_seconds": seconds}
     ledger = (
         json.loads(path.read_text())
         if path.exists()
@@ -206,6 +218,7 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mes
 def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
     t_start = time.perf_counter()
+    initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare(cfg.data, verbose=jax.process_index() == 0)
@@ -264,7 +277,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, train_sharding),
-        out_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # any host reads
         donate_argnums=0,
     )
     eval_step = jax.jit(on_mesh(make_eval_step(graphdef), mesh))
@@ -357,10 +370,12 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     )
 
     sample = ""
+    if cfg.train.sample_tokens:
+        params = gather_to_host(state["params"])  # a collective: every process takes part
     if cfg.train.sample_tokens and jax.process_index() == 0:
         sample = sample_text(
             graphdef,
-            state["params"],
+            params,
             data,
             cfg.train.sample_prompt,
             cfg.train.sample_tokens,
