@@ -1,5 +1,7 @@
 """Parallel layouts on 8 fake CPU devices: every mesh trains like one device, and really shards."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,15 +14,20 @@ from research.parallel.mesh import MeshShapeError, make_mesh
 from research.train.trainer import init_train_state, train
 from tests.conftest import read_metrics
 
-# vocab 128: the character vocabulary (65) does not split over tensor-parallel devices.
+# vocab 128: the character vocabulary (65) does not split over tensor-parallel devices; 4 KV
+# heads split 4 ways. Checkpoints at steps 3 and 4: the restore test resumes from step 3.
 COMMON = (
     "log.progress=false",
+    "log.tensorboard=false",
     "model.vocab_size=128",
-    "train.steps=3",
+    "model.n_kv_heads=4",
+    "train.steps=4",
     "train.log_every=1",
+    "train.checkpoint_every=3",
     "train.sample_tokens=0",
     "train.eval_batches=1",
 )
+STEPS = (1, 2, 3, 4)
 MOE = ("model.n_experts=4", "model.top_k=2", "model.moe_every=2")
 
 
@@ -32,22 +39,30 @@ def run(tmp_path_factory, *overrides):
 
 def losses(result) -> list[float]:
     metrics = read_metrics(result.run_dir)
-    return [metrics[step]["train/loss"] for step in (1, 2, 3)]
+    return [metrics[step]["train/loss"] for step in STEPS]
 
 
 @pytest.fixture(scope="module")
-def single_device(tmp_path_factory):
+def runs(tmp_path_factory):
+    """Each layout trained once per module: (config, result), shared by the tests below."""
     cache = {}
 
-    def get(moe: bool):
-        if moe not in cache:
-            cache[moe] = losses(run(tmp_path_factory, "mesh.data=1", *(MOE if moe else ()))[1])
-        return cache[moe]
+    def get(layout: str):
+        if layout not in cache:
+            cache[layout] = run(tmp_path_factory, *LAYOUTS[layout])
+        return cache[layout]
 
     return get
 
 
+@pytest.fixture
+def single_device(runs):
+    return lambda moe: losses(runs("single_moe" if moe else "single")[1])
+
+
 LAYOUTS = {
+    "single": ("mesh.data=1",),
+    "single_moe": ("mesh.data=1", *MOE),
     "dp8": ("mesh.data=8",),
     "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
     "tp2_dp4_scan_remat": (
@@ -88,11 +103,20 @@ SHARDED = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_layout_trains_like_one_device(layout, single_device, tmp_path_factory):
-    overrides = LAYOUTS[layout]
-    cfg, result = run(tmp_path_factory, *overrides)
-    expected = single_device("model.n_experts=4" in overrides)
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "dp8",
+        "fsdp8",
+        "tp2_dp4_scan_remat",
+        "fsdp2_tp2_dp2_savedots",
+        # Expert parallelism alone is tested in test_moe.py; this combination costs two runs.
+        pytest.param("moe_ep2_tp2_fsdp2_scan", marks=pytest.mark.slow),
+    ],
+)
+def test_layout_trains_like_one_device(layout, runs, single_device):
+    cfg, result = runs(layout)
+    expected = single_device("model.n_experts=4" in LAYOUTS[layout])
     np.testing.assert_allclose(losses(result), expected, rtol=2e-5)
 
     mesh = make_mesh(cfg.mesh, batch_size=cfg.train.batch_size)
@@ -135,22 +159,23 @@ def loss_and_grads(cfg: ModelConfig, params=None):
 
 
 @pytest.mark.parametrize(
-    "switches",
+    ("base", "variants"),
     [
-        dict(scan_layers=True),
-        dict(remat="full"),
-        dict(remat="save-dots", scan_layers=True, dropout=0.1),
-        dict(scan_layers=True, n_experts=4, top_k=2, moe_every=2),
+        (
+            dict(dropout=0.1),  # dropout keys must follow the layer index inside the scan
+            [dict(scan_layers=True), dict(remat="full"), dict(remat="save-dots", scan_layers=True)],
+        ),
+        (dict(n_experts=4, top_k=2, moe_every=2), [dict(scan_layers=True, remat="full")]),
     ],
+    ids=["dense", "moe"],
 )
-def test_scan_and_remat_compute_the_same_loss_and_gradients(switches):
-    moe = {k: v for k, v in switches.items() if k in ("n_experts", "top_k", "moe_every")}
-    dropout = {k: v for k, v in switches.items() if k == "dropout"}
-    reference, ref_grads, state = loss_and_grads(tiny(**moe, **dropout))
-    value, grads, _ = loss_and_grads(tiny(**switches), state)
-    np.testing.assert_allclose(value, reference, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+def test_scan_and_remat_compute_the_same_loss_and_gradients(base, variants):
+    reference, ref_grads, state = loss_and_grads(tiny(**base))
+    for switches in variants:
+        value, grads, _ = loss_and_grads(tiny(**base, **switches), state)
+        np.testing.assert_allclose(value, reference, rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_scan_needs_whole_moe_groups():
@@ -225,6 +250,44 @@ def test_two_processes_train_like_one(single_device, tmp_path):
     assert "--- sample ---" in logs[0] and "--- sample ---" not in logs[1]
     metrics = read_metrics(run_dir)
     np.testing.assert_allclose(
-        [metrics[step]["train/loss"] for step in (1, 2, 3)], single_device(False), rtol=2e-5
+        [metrics[step]["train/loss"] for step in STEPS], single_device(False), rtol=2e-5
     )
-    assert (run_dir / "checkpoints" / "3").is_dir()  # saved by both processes together
+    assert (run_dir / "checkpoints" / "4").is_dir()  # saved by both processes together
+
+
+def test_checkpoint_from_fsdp8_restores_under_dp2_tp4(runs, tmp_path):
+    """Orbax reshards on restore: the fsdp=8 run's step-3 checkpoint, restored under
+    data=2 x tensor=4, holds identical values, and resuming there gives the same step-4 loss."""
+    import shutil
+
+    from research.train.checkpoint import Checkpointer
+    from research.train.trainer import abstract_like
+
+    cfg, result = runs("fsdp8")
+    copy = tmp_path / "run"
+    shutil.copytree(result.run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / "4")  # resume from step 3
+
+    def restored(*mesh):
+        cfg = load_experiment("tiny", [*COMMON, *mesh])
+        cfg.model = cfg.model.resolved()
+        _, state, _, _ = init_train_state(cfg, make_mesh(cfg.mesh))
+        checkpointer = Checkpointer(copy / "checkpoints", 3, use_async=False)
+        step, state, _ = checkpointer.restore_latest(abstract_like(state))
+        checkpointer.close()
+        assert step == 3
+        return state
+
+    tp = ("mesh.data=2", "mesh.tensor=4")
+    a, b = restored(*LAYOUTS["fsdp8"]), restored(*tp)
+    assert a["params"]["blocks"][0]["attn"]["wq"].sharding.spec[0] == "fsdp"
+    assert b["params"]["blocks"][0]["attn"]["wq"].sharding.spec[1] == "tensor"
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(jax.device_get(x), jax.device_get(y))
+
+    resumed = load_experiment("tiny", [*COMMON, *tp, f"train.run_dir={copy}"])
+    assert train(resumed).steps_run == 1
+    rows = [json.loads(line) for line in (copy / "metrics.jsonl").read_text().splitlines()]
+    step4 = [row["train/loss"] for row in rows if row["step"] == 4 and "train/loss" in row]
+    assert len(step4) == 2  # the fsdp=8 run's, then the resumed dp2 x tp4 run's
+    assert step4[1] == pytest.approx(step4[0], rel=1e-5)
