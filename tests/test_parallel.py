@@ -129,6 +129,12 @@ def test_layout_trains_like_one_device(layout, runs, single_device):
         assert spec_axes == axes, (path, leaf.sharding.spec)
         ways = int(np.prod([mesh.shape[a] for a in axes]))
         assert leaf.addressable_shards[0].data.size * ways == leaf.size
+    memory = json.loads((result.run_dir / "memory.json").read_text())
+    param_bytes = sum(x.nbytes for x in jax.tree.leaves(state["params"]))
+    if layout == "fsdp8":  # every tiny parameter has an embed dim: exactly 1/8 per device
+        assert memory["params_bytes"] * 8 == param_bytes
+    assert 2 * memory["params_bytes"] <= memory["optimizer_bytes"]  # Adam's two moments
+    assert memory["optimizer_bytes"] <= 2 * memory["params_bytes"] + 1024
     if layout == "dp8":  # data parallel replicates: every device holds every parameter
         assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
     else:  # every matrix splits (each has embed or a tensor axis), optimizer moments too
@@ -291,3 +297,19 @@ def test_checkpoint_from_fsdp8_restores_under_dp2_tp4(runs, tmp_path):
     step4 = [row["train/loss"] for row in rows if row["step"] == 4 and "train/loss" in row]
     assert len(step4) == 2  # the fsdp=8 run's, then the resumed dp2 x tp4 run's
     assert step4[1] == pytest.approx(step4[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["none", "save-dots", "full"])
+def test_activation_estimate_is_close_to_jax_residuals(remat):
+    """The memory report's activation figure against what jax.vjp really keeps."""
+    from research.parallel.memory import activation_bytes, saved_residual_bytes
+    from research.train.step import cross_entropy
+
+    cfg = tiny(vocab_size=256, d_model=64, n_heads=4, seq_len=64, remat=remat)
+    graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
+    reference = saved_residual_bytes(
+        lambda p: cross_entropy(nnx.merge(graphdef, p)(tokens), tokens)[0], params
+    )
+    estimate = activation_bytes(cfg, tokens.size, tensor=1)
+    assert 0.75 < estimate / reference < 1.25, (estimate, reference)

@@ -24,14 +24,14 @@ from research.data.shards import PreparedData, prepare
 from research.infer.sampling import generate
 from research.models import Transformer
 from research.parallel.distributed import gather_to_host, initialize, put_global
+from research.parallel.memory import memory_report
 from research.parallel.mesh import (
     batch_sharding,
     data_parallel_size,
-    logical_to_spec,
     make_mesh,
     on_mesh,
 )
-from research.parallel.shardings import optimizer_shardings
+from research.parallel.shardings import optimizer_shardings, param_shardings
 from research.scaling.accounting import count_params
 from research.train.checkpoint import Checkpointer
 from research.train.metrics import MetricsLogger, peak_flops_per_device
@@ -66,19 +66,7 @@ def run_directory(cfg: ExperimentConfig) -> Path:
 
 def build_model(model_cfg: ModelConfig, seed: int, mesh) -> tuple[nnx.GraphDef, dict]:
     """Initialise parameters directly into their shardings (no full copy on one device first)."""
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-
-    def sharding_of(path, variable):
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        axes = variable.get_metadata().get("logical_axes") or (None,) * variable.value.ndim
-        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, mesh, name))
-
-    shardings = nnx.to_pure_dict(
-        jax.tree_util.tree_map_with_path(
-            sharding_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
-    )
+    graphdef, shardings = param_shardings(model_cfg, mesh)
 
     @jax.jit
     def init():
@@ -290,6 +278,10 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"mesh {dict(mesh.shape)}"
         )
+    memory = memory_report(model_cfg, mesh, tx, batch_size // accum)
+    if jax.process_index() == 0:
+        (run_dir / "memory.json").write_text(json.dumps(memory.to_dict(), indent=2))
+        print(memory.summary())
 
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
     progress = _progress_bar(cfg, start_step)
