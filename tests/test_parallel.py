@@ -63,7 +63,6 @@ def single_device(runs):
 LAYOUTS = {
     "single": ("mesh.data=1",),
     "single_moe": ("mesh.data=1", *MOE),
-    "dp8": ("mesh.data=8",),
     "fsdp8": ("mesh.data=1", "mesh.fsdp=8"),
     "tp2_dp4_scan_remat": (
         "mesh.data=4",
@@ -89,7 +88,6 @@ LAYOUTS = {
 
 # (parameter path, the mesh axes its shards must be split over) per layout
 SHARDED = {
-    "dp8": [],
     "fsdp8": [(("embed",), {"fsdp"}), (("blocks", 0, "attn", "wq"), {"fsdp"})],
     "tp2_dp4_scan_remat": [
         (("blocks", 0, "attn", "wq"), {"tensor"}),
@@ -106,7 +104,7 @@ SHARDED = {
 @pytest.mark.parametrize(
     "layout",
     [
-        "dp8",
+        # data=8 alone: tests/test_train.py::test_sharded_run_matches_single_device
         "fsdp8",
         "tp2_dp4_scan_remat",
         "fsdp2_tp2_dp2_savedots",
@@ -135,11 +133,9 @@ def test_layout_trains_like_one_device(layout, runs, single_device):
         assert memory["params_bytes"] * 8 == param_bytes
     assert 2 * memory["params_bytes"] <= memory["optimizer_bytes"]  # Adam's two moments
     assert memory["optimizer_bytes"] <= 2 * memory["params_bytes"] + 1024
-    if layout == "dp8":  # data parallel replicates: every device holds every parameter
-        assert all(x.sharding.is_fully_replicated for x in jax.tree.leaves(state["params"]))
-    else:  # every matrix splits (each has embed or a tensor axis), optimizer moments too
-        matrices = [x for x in jax.tree.leaves(state) if x.ndim >= 2]
-        assert matrices and not any(x.sharding.is_fully_replicated for x in matrices)
+    # Every matrix splits (each has embed or a tensor axis), the optimizer moments too.
+    matrices = [x for x in jax.tree.leaves(state) if x.ndim >= 2]
+    assert matrices and not any(x.sharding.is_fully_replicated for x in matrices)
 
 
 def tiny(**overrides) -> ModelConfig:
@@ -168,7 +164,7 @@ def loss_and_grads(cfg: ModelConfig, params=None):
     ("base", "variants"),
     [
         (
-            dict(dropout=0.1),  # dropout keys must follow the layer index inside the scan
+            dict(dropout=0.1, n_layers=2),  # dropout keys follow the layer index in the scan
             [dict(scan_layers=True), dict(remat="full"), dict(remat="save-dots", scan_layers=True)],
         ),
         (dict(n_experts=4, top_k=2, moe_every=2), [dict(scan_layers=True, remat="full")]),
@@ -307,9 +303,11 @@ def test_activation_estimate_is_close_to_jax_residuals(remat):
 
     cfg = tiny(vocab_size=256, d_model=64, n_heads=4, seq_len=64, remat=remat)
     graphdef, params = nnx.split(Transformer(cfg, nnx.Rngs(0)))
-    tokens = jnp.zeros((4, cfg.seq_len), jnp.int32)
-    reference = saved_residual_bytes(
-        lambda p: cross_entropy(nnx.merge(graphdef, p)(tokens), tokens)[0], params
-    )
+    tokens = jnp.zeros((3, cfg.seq_len), jnp.int32)  # batch 3: no weight has a dim of 3
+
+    def loss(p):
+        return cross_entropy(nnx.merge(graphdef, p)(tokens), tokens)[0]
+
+    reference = saved_residual_bytes(loss, params, batch=3)
     estimate = activation_bytes(cfg, tokens.size, tensor=1)
-    assert 0.75 < estimate / reference < 1.25, (estimate, reference)
+    assert 0.7 < estimate / reference < 1.3, (estimate, reference)

@@ -86,9 +86,8 @@ def activation_bytes(cfg: ModelConfig, tokens_per_device: int, tensor: int) -> i
     holds one block's recomputed set at a time, on top of this."""
     itemsize = jnp.dtype(compute_dtype(cfg.compute_dtype)).itemsize
     per_token = sum(activation_elements_per_token(cfg, tensor, i) for i in range(cfg.n_layers))
-    # float32 logits: the cross-entropy keeps about four vocab-sized rows per token (measured
-    # against jax.vjp's residuals: logits, exponentials, softmax, log-softmax)
-    logits = 4 * cfg.vocab_size // tensor * 4
+    per_token += 2 * cfg.d_model  # the final norm's input and output
+    logits = 2 * cfg.vocab_size // tensor * 4  # float32 logits and softmax for the loss
     return tokens_per_device * (per_token * itemsize + logits)
 
 
@@ -123,12 +122,13 @@ def compiled_memory(compiled) -> dict[str, int]:
     return {name: int(getattr(stats, f"{name}_size_in_bytes", 0)) for name in names}
 
 
-def saved_residual_bytes(loss_fn, params) -> int:
-    """Bytes ``jax.vjp(loss_fn, params)`` keeps for the backward pass beyond the parameters
-    themselves: the activations, measured from JAX's own residuals (nothing is computed)."""
+def saved_residual_bytes(loss_fn, params, batch: int) -> int:
+    """Bytes of activations ``jax.vjp(loss_fn, params)`` keeps for the backward pass, from JAX's
+    own residuals (nothing is computed): those with a leading batch dimension of size ``batch``
+    (or a layer axis then batch, under scan); weights kept in other layouts do not count."""
     vjp_fn = jax.eval_shape(lambda p: jax.vjp(loss_fn, p)[1], params)
-
-    def nbytes(tree) -> int:
-        return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-    return nbytes(vjp_fn) - nbytes(params)
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(vjp_fn)
+        if x.ndim >= 2 and batch in x.shape[:2]
+    )

@@ -25,12 +25,7 @@ from research.infer.sampling import generate
 from research.models import Transformer
 from research.parallel.distributed import gather_to_host, initialize, put_global
 from research.parallel.memory import memory_report
-from research.parallel.mesh import (
-    batch_sharding,
-    data_parallel_size,
-    make_mesh,
-    on_mesh,
-)
+from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
 from research.parallel.shardings import optimizer_shardings, param_shardings
 from research.scaling.accounting import count_params
 from research.train.checkpoint import Checkpointer
