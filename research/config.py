@@ -59,7 +59,7 @@ class ModelConfig:
     aux_free_bias_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free bias update speed
     # Memory and compile time (research/models/stack.py).
     remat: str = "none"  # none | full | save-dots: what each block keeps for the backward pass
-    scan_layers: bool = False  # one compiled block looped over layers: fast compiles when deep
+    scan_layers: bool = False  # one block looped over layers (README: compile time, measured)
 
     def resolved(self, vocab_size: int | None = None) -> ModelConfig:
         """A copy with every 0 ("derive it") replaced by its derived value."""

@@ -7,7 +7,9 @@ Both keep the parameter tree exactly as the unrolled model has it (``blocks/0``,
   block's input and recomputes the block; ``save-dots`` keeps the outputs of matmuls against
   weights (projections, MLP) and recomputes the cheap element-wise ops and attention scores.
 - ``scan_layers``: the blocks' parameters are stacked inside the jitted step and one compiled
-  block runs under ``jax.lax.scan``, so compile time stops growing with depth. With MoE every
+  block runs under ``jax.lax.scan``. The program is ~4.5x smaller, but stacking (and slicing
+  the gradients apart) inside every step costs more compile time than the scan saves on CPU
+  (benchmarks/parallel_memory.py); keeping parameters stacked would fix that. With MoE every
   ``moe_every``-th layer differs, so the scan runs over groups of ``moe_every`` layers (each
   group the same structure) and unrolls inside a group.
 """
