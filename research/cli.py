@@ -119,6 +119,20 @@ def cmd_info(args) -> None:
         f"params {size.total_params:,} (non-embedding {size.non_embedding_params:,}, active "
         f"{size.active_params:,}); {size.flops_per_token / 1e6:.2f} MFLOP per training token"
     )
+    print(_memory_line(cfg))
+
+
+def _memory_line(cfg: ExperimentConfig) -> str:
+    """Per-device memory on the mesh this config gets on the devices here."""
+    from research.parallel.memory import memory_report
+    from research.parallel.mesh import make_mesh
+    from research.train.optimizer import make_optimizer
+
+    micro_batch = cfg.train.batch_size // cfg.optim.grad_accum
+    mesh = make_mesh(cfg.mesh, batch_size=micro_batch)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
+    report = memory_report(cfg.model, mesh, tx, micro_batch)
+    return f"{report.summary()}; mesh {dict(mesh.shape)}"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,9 @@ class ModelConfig:
     router_aux_loss: float = 0.01  # Switch/GShard load-balancing loss coefficient (0: off)
     router_z_loss: float = 0.001  # router logit z-loss coefficient (0: off)
     aux_free_bias_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free bias update speed
+    # Memory and compile time (research/models/stack.py).
+    remat: str = "none"  # none | full | save-dots: what each block keeps for the backward pass
+    scan_layers: bool = False  # one block looped over layers (README: compile time, measured)
 
     def resolved(self, vocab_size: int | None = None) -> ModelConfig:
         """A copy with every 0 ("derive it") replaced by its derived value."""
@@ -73,6 +76,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "set model.head_dim explicitly or change one of them"
+            )
+        if self.remat not in ("none", "full", "save-dots"):
+            raise ConfigError(f"model.remat='{self.remat}': use none, full or save-dots")
+        if self.scan_layers and self.n_experts and self.n_layers % self.moe_every:
+            raise ConfigError(
+                f"model.scan_layers scans over groups of model.moe_every={self.moe_every} layers "
+                f"(one MoE block each), which model.n_layers={self.n_layers} is not a multiple "
+                "of; change one of them or set model.scan_layers=false"
             )
         moe = {}
         if self.n_experts:
@@ -154,6 +165,9 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    # Multi-process (research/parallel/distributed.py); env RESEARCH_COORDINATOR etc. also work.
+    coordinator: str = ""  # host:port of process 0; "auto": let JAX detect it (Cloud TPU, SLURM)
+    num_processes: int = 0  # 0: from $RESEARCH_NUM_PROCESSES or auto-detected
 
 
 @dataclass

@@ -37,8 +37,10 @@ def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> j
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 5, 6, 7, 8))
-def _generate(graphdef, params, prompt, max_new_tokens, key, temperature, top_k, top_p, width):
+@partial(jax.jit, static_argnums=(0, 3, 5, 6, 7, 8, 9))
+def _generate(
+    graphdef, params, prompt, max_new_tokens, key, temperature, top_k, top_p, width, vocab_limit
+):
     model = nnx.merge(graphdef, params)
     batch, prompt_len = prompt.shape
     caches = model.init_caches(batch, width)
@@ -47,6 +49,8 @@ def _generate(graphdef, params, prompt, max_new_tokens, key, temperature, top_k,
     def step(carry, index):
         last_logits, caches, key = carry
         key, sub = jax.random.split(key)
+        if vocab_limit:  # ids past the tokenizer's (a vocab padded for sharding) never come
+            last_logits = last_logits.at[:, vocab_limit:].set(-jnp.inf)
         token = sample_token(last_logits, sub, temperature, top_k, top_p)
         position = (prompt_len + index)[None].astype(jnp.int32)
         logits, caches = model(token[:, None], position, caches)
@@ -64,8 +68,10 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    vocab_limit: int = 0,
 ) -> jax.Array:
-    """Sample max_new_tokens continuations of prompt [B, P]; returns the new tokens [B, N]."""
+    """Sample max_new_tokens continuations of prompt [B, P]; returns the new tokens [B, N].
+    ``vocab_limit``: the tokenizer's vocabulary size when the model's is padded beyond it."""
     width = model.cfg.seq_len
     prompt = jnp.asarray(prompt, jnp.int32)[:, -width:]
     graphdef, state = nnx.split(model)
@@ -79,4 +85,5 @@ def generate(
         int(top_k),
         float(top_p),
         width,
+        int(vocab_limit),
     )

@@ -15,6 +15,7 @@ from research.config import ModelConfig
 from research.models.attention import Attention, init_kv_cache
 from research.models.layers import RMSNorm, SwiGLU, param, rope_tables
 from research.models.moe import MoE
+from research.models.stack import run_blocks
 
 
 def compute_dtype(name: str):
@@ -93,13 +94,17 @@ class Transformer(nnx.Module):
         x = embed[tokens].astype(dtype)
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         new_caches, router_stats = [], []
-        for i, block in enumerate(self.blocks):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            cache = None if caches is None else caches[i]
-            x, cache, aux = block(x, positions, rope, cache, key, moe_groups)
-            new_caches.append(cache)
-            if aux is not None:
-                router_stats.append(aux)
+        if caches is None:  # training and scoring: remat and scan-over-layers apply here
+            x, router_stats = run_blocks(
+                self.blocks, cfg, x, positions, rope, dropout_key, moe_groups
+            )
+        else:
+            for i, block in enumerate(self.blocks):
+                key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+                x, cache, aux = block(x, positions, rope, caches[i], key, moe_groups)
+                new_caches.append(cache)
+                if aux is not None:
+                    router_stats.append(aux)
         x = self.final_norm(x)
         head = embed.T if cfg.tie_embeddings else self.lm_head[...]
         logits = jnp.einsum(

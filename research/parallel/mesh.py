@@ -6,10 +6,13 @@ Single device is a 1x1x1x1 mesh: there is one code path. Parameters carry logica
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research.config import MeshConfig
@@ -26,6 +29,11 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": ("tensor",),
     "expert": ("expert",),
 }
+
+
+# Activations keep ``embed`` whole: FSDP splits the batch and gathers each layer's weights, and
+# tensor parallelism all-reduces a block's output, so the residual stream is never split on it.
+ACTIVATION_RULES = {**LOGICAL_RULES, "embed": None}
 
 
 class MeshShapeError(ValueError):
@@ -58,7 +66,8 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     """The mesh for a config. On CPU, with data=-1 and a (micro)batch size given, it uses as many
     devices as divide the batch (12 sequences on 8 cores run on 6), so any batch fits any host."""
     devices = list(devices if devices is not None else jax.devices())
-    if batch_size and cfg.data == -1 and devices[0].platform == "cpu":
+    single_host_cpu = devices[0].platform == "cpu" and jax.process_count() == 1
+    if batch_size and cfg.data == -1 and single_host_cpu:
         fixed = math.prod(max(getattr(cfg, a), 1) for a in MESH_AXES if a != "data")
         fitting = [
             d
@@ -69,7 +78,11 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     sizes = mesh_shape(cfg, len(devices))
     # A fixed mesh smaller than the machine (e.g. data=1 on 8 devices) runs on the first devices.
     devices = devices[: math.prod(sizes.values())]
-    grid = np.asarray(devices).reshape([sizes[a] for a in MESH_AXES])
+    shape = [sizes[a] for a in MESH_AXES]
+    if devices[0].platform == "cpu" or len(devices) != jax.device_count():
+        grid = np.asarray(devices).reshape(shape)
+    else:  # all of a GPU/TPU slice: an order that follows the interconnect (ICI, NVLink)
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)
 
 
@@ -98,3 +111,35 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways a batch is split."""
     return math.prod(mesh.shape[axis] for axis in LOGICAL_RULES["batch"])
+
+
+def _spec(axes: tuple, shape: tuple[int, ...], mesh_shape: dict, rules: dict) -> PartitionSpec:
+    """Mesh axes per dimension; an axis that does not divide the dimension is left out."""
+    spec = []
+    for axis, dim in zip(axes, shape, strict=True):
+        mesh_axes = tuple(a for a in (rules.get(axis) or ()) if mesh_shape.get(a, 1) > 1)
+        if dim % math.prod(mesh_shape[a] for a in mesh_axes):
+            mesh_axes = ()
+        spec.append(mesh_axes if len(mesh_axes) > 1 else (mesh_axes[0] if mesh_axes else None))
+    return PartitionSpec(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    """Pin an activation's sharding by its logical axes; a no-op outside ``on_mesh``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = _spec(axes, x.shape, dict(mesh.shape), ACTIVATION_RULES)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` traced with ``mesh`` as the context mesh, so the model's ``constrain`` calls apply.
+    (``jax.set_mesh`` may not be entered inside jit; the abstract mesh may.)"""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return traced

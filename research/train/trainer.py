@@ -23,7 +23,10 @@ from research.data.loader import eval_batches, train_dataset
 from research.data.shards import PreparedData, prepare
 from research.infer.sampling import generate
 from research.models import Transformer
-from research.parallel.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
+from research.parallel.distributed import gather_to_host, initialize, put_global
+from research.parallel.memory import memory_report
+from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
+from research.parallel.shardings import optimizer_shardings, param_shardings
 from research.scaling.accounting import count_params
 from research.train.checkpoint import Checkpointer
 from research.train.metrics import MetricsLogger, peak_flops_per_device
@@ -58,19 +61,7 @@ def run_directory(cfg: ExperimentConfig) -> Path:
 
 def build_model(model_cfg: ModelConfig, seed: int, mesh) -> tuple[nnx.GraphDef, dict]:
     """Initialise parameters directly into their shardings (no full copy on one device first)."""
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(seed)))
-    graphdef, abstract_state = nnx.split(abstract)
-
-    def sharding_of(path, variable):
-        name = "/".join(str(getattr(p, "key", p)) for p in path)
-        axes = variable.get_metadata().get("logical_axes") or (None,) * variable.value.ndim
-        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, mesh, name))
-
-    shardings = nnx.to_pure_dict(
-        jax.tree_util.tree_map_with_path(
-            sharding_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
-        )
-    )
+    graphdef, shardings = param_shardings(model_cfg, mesh)
 
     @jax.jit
     def init():
@@ -87,7 +78,7 @@ def init_train_state(cfg: ExperimentConfig, mesh):
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": jax.jit(tx.init)(params),
+        "opt_state": jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params),
         "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
     }
     # Scalars (step, optimizer counts, RNG key) live replicated on the mesh beside the params.
@@ -144,7 +135,7 @@ def evaluate(
     total, count = 0.0, 0
     batches = eval_batches(data.tokens("val"), cfg.model.seq_len, rows, cfg.train.eval_batches)
     for batch, valid_rows in batches:
-        loss_sum, n = eval_step(params, jax.device_put(batch, sharding), valid_rows)
+        loss_sum, n = eval_step(params, put_global(batch, sharding), valid_rows)
         total, count = total + loss_sum, count + n  # summed on device: one sync at the end
     val_loss = float(total) / int(count)
     return val_loss, val_loss / math.log(2) / data.bytes_per_token("val")
@@ -164,7 +155,16 @@ def sample_text(
     tokenizer = data.tokenizer()
     model = nnx.merge(graphdef, jax.device_get(params))
     prompt_ids = tokenizer.encode(prompt)[None, :]
-    new = generate(model, prompt_ids, n_tokens, jax.random.key(seed), temperature, top_k, top_p)
+    new = generate(
+        model,
+        prompt_ids,
+        n_tokens,
+        jax.random.key(seed),
+        temperature,
+        top_k,
+        top_p,
+        tokenizer.vocab_size,
+    )
     return prompt + tokenizer.decode(np.asarray(new[0]))
 
 
@@ -174,6 +174,8 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mes
     device_seconds counts accelerator chips; a CPU host counts once, whatever number of XLA
     devices it was split into."""
     path = run_dir / "ledger.json"
+    if jax.process_index() != 0:  # one writer; the others' time is the same wall time
+        return {"wall_seconds": seconds}
     ledger = (
         json.loads(path.read_text())
         if path.exists()
@@ -199,6 +201,7 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mes
 def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
     t_start = time.perf_counter()
+    initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare(cfg.data, verbose=jax.process_index() == 0)
@@ -251,14 +254,16 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             print(f"resumed {run_dir} from step {start_step}")
 
     train_sharding = batch_sharding(mesh, leading_dims=1)  # [accum, batch, seq + 1]
-    step_fn = make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss, dp)
+    step_fn = on_mesh(
+        make_train_step(graphdef, tx, schedule, model_cfg, cfg.train.z_loss, dp), mesh
+    )
     train_step = jax.jit(
         step_fn,
         in_shardings=(state_shardings, train_sharding),
-        out_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),  # any host reads
         donate_argnums=0,
     )
-    eval_step = jax.jit(make_eval_step(graphdef))
+    eval_step = jax.jit(on_mesh(make_eval_step(graphdef), mesh))
     logger = MetricsLogger(run_dir, cfg.log.tensorboard)
     logger.text("config", f"```\n{cfg.to_json()}\n```")
     if start_step == 0:
@@ -268,6 +273,10 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"mesh {dict(mesh.shape)}"
         )
+    memory = memory_report(model_cfg, mesh, tx, batch_size // accum)
+    if jax.process_index() == 0:
+        (run_dir / "memory.json").write_text(json.dumps(memory.to_dict(), indent=2))
+        print(memory.summary())
 
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
     progress = _progress_bar(cfg, start_step)
@@ -348,10 +357,12 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     )
 
     sample = ""
+    if cfg.train.sample_tokens:
+        params = gather_to_host(state["params"])  # a collective: every process takes part
     if cfg.train.sample_tokens and jax.process_index() == 0:
         sample = sample_text(
             graphdef,
-            state["params"],
+            params,
             data,
             cfg.train.sample_prompt,
             cfg.train.sample_tokens,

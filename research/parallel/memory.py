@@ -1,0 +1,134 @@
+"""Per-device memory of a run: parameters, optimizer state (both exact, from their shardings) and
+an estimate of the activations the backward pass keeps (from the model shape and remat policy).
+
+The activation estimate counts the tensors each block saves, as in Korthikanti et al. 2022
+("Reducing activation recomputation in large transformer models"), for this model's layers:
+per token and layer, with tensor parallelism dividing the per-head and MLP terms. The check is
+JAX's own residuals (what ``jax.vjp`` keeps): tests/test_parallel.py and
+benchmarks/parallel_memory.py compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from research.config import ModelConfig
+from research.models.transformer import compute_dtype
+from research.parallel.mesh import data_parallel_size
+from research.parallel.shardings import abstract_params, optimizer_shardings
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    params_bytes: int  # per device
+    optimizer_bytes: int  # per device
+    activation_bytes: int  # per device, estimated
+    devices: int
+    remat: str
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def summary(self) -> str:
+        return (
+            f"memory per device: params {_mib(self.params_bytes)}, optimizer "
+            f"{_mib(self.optimizer_bytes)}, activations ~{_mib(self.activation_bytes)} "
+            f"(remat={self.remat}), total ~{_mib(self.total_bytes)}"
+        )
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "total_bytes": self.total_bytes}
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded arrays (or ShapeDtypeStructs with shardings)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def activation_elements_per_token(cfg: ModelConfig, tensor: int, layer: int) -> int:
+    """Elements one layer keeps per token for the backward pass (attention's T x T included)."""
+    d, hd, t = cfg.d_model, cfg.head_dim, cfg.seq_len
+    q, kv = cfg.n_heads * hd // tensor, cfg.n_kv_heads * hd // tensor
+    scores = cfg.n_heads * t // tensor
+    if cfg.is_moe_layer(layer):
+        hidden = (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden * cfg.capacity_factor
+    else:
+        hidden = cfg.mlp_hidden
+    hidden = int(hidden) // tensor
+    if cfg.remat == "full":
+        return d  # the block input; the block is recomputed in the backward pass
+    if cfg.remat == "save-dots":
+        # matmuls against weights: q, k, v, attention output, gate, up, down; plus the input
+        return d + q + 2 * kv + d + 2 * hidden + d
+    # none: both norms' inputs and outputs, q/k/v, the rotated q/k and their RoPE products,
+    # raw, masked and normalised scores, the attention output, and gate, up, sigmoid(gate) and
+    # silu(gate) * up
+    return 4 * d + 4 * q + 4 * kv + 3 * scores + 4 * hidden
+
+
+def activation_bytes(cfg: ModelConfig, tokens_per_device: int, tensor: int) -> int:
+    """What the forward pass leaves for the backward pass. With remat, the backward pass also
+    holds one block's recomputed set at a time, on top of this."""
+    itemsize = jnp.dtype(compute_dtype(cfg.compute_dtype)).itemsize
+    per_token = sum(activation_elements_per_token(cfg, tensor, i) for i in range(cfg.n_layers))
+    per_token += 2 * cfg.d_model  # the final norm's input and output
+    logits = 2 * cfg.vocab_size // tensor * 4  # float32 logits and softmax for the loss
+    return tokens_per_device * (per_token * itemsize + logits)
+
+
+def memory_report(
+    cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation, micro_batch: int
+) -> MemoryReport:
+    """Per-device memory for a resolved model config trained with ``tx`` on ``mesh``;
+    ``micro_batch``: sequences per optimizer microbatch (global, split over the batch axes)."""
+    params = abstract_params(cfg, mesh)
+    opt_shapes = jax.eval_shape(tx.init, params)
+    opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        opt_shapes,
+        optimizer_shardings(tx, params, mesh),
+    )
+    tokens = max(1, micro_batch // data_parallel_size(mesh)) * cfg.seq_len
+    return MemoryReport(
+        params_bytes=per_device_bytes(params),
+        optimizer_bytes=per_device_bytes(opt),
+        activation_bytes=activation_bytes(cfg, tokens, mesh.shape["tensor"]),
+        devices=mesh.devices.size,
+        remat=cfg.remat,
+    )
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """XLA's per-device figures for a compiled step (``jax.jit(f).lower(...).compile()``)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    names = ("argument", "output", "temp", "generated_code", "alias")
+    return {name: int(getattr(stats, f"{name}_size_in_bytes", 0)) for name in names}
+
+
+def saved_residual_bytes(loss_fn, params, batch: int) -> int:
+    """Bytes of activations ``jax.vjp(loss_fn, params)`` keeps for the backward pass, from JAX's
+    own residuals (nothing is computed): those with a leading batch dimension of size ``batch``
+    (or a layer axis then batch, under scan); weights kept in other layouts do not count."""
+    vjp_fn = jax.eval_shape(lambda p: jax.vjp(loss_fn, p)[1], params)
+    return sum(
+        math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+        for x in jax.tree.leaves(vjp_fn)
+        if x.ndim >= 2 and batch in x.shape[:2]
+    )
