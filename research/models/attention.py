@@ -17,6 +17,7 @@ from flax import nnx
 
 from research.kernels.flash_attention import blockwise_attention, flash_attention
 from research.models.layers import apply_rope, param
+from research.parallel.mesh import per_shard
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
 # From this length on, auto takes blockwise over xla off GPU: measured faster from 256 on (0.85x
@@ -100,7 +101,7 @@ def attend(
     impl = resolve_implementation(implementation, q.dtype, k.shape[1])
     seg = (segment_ids, segment_ids)
     if impl == "pallas":
-        return flash_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
+        return _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
     plain_causal = q.shape[1] == k.shape[1] and not window and segment_ids is None
@@ -108,6 +109,28 @@ def attend(
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     # The KV-cache path (ragged positions) always takes the reference: decoding is memory-bound.
     return xla_attention(q, k, v, q_positions, kv_positions, window, *seg)
+
+
+def _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window):
+    """The Pallas kernel on each device's batch rows and heads: a custom call is not partitioned
+    by XLA. Query heads split over ``tensor`` when each device then holds whole GQA groups: the
+    KV heads split too, or there is one KV head (MQA), which every device keeps."""
+    tensor = jax.sharding.get_abstract_mesh().shape.get("tensor", 1)
+    heads, kv_heads = q.shape[2], k.shape[2]
+    split_kv = tensor > 1 and heads % tensor == 0 and kv_heads % tensor == 0
+    split_q = split_kv or (tensor > 1 and heads % tensor == 0 and kv_heads == 1)
+    q_axes = ("batch", "seq", "heads" if split_q else None, None)
+    kv_axes = ("batch", "seq", "kv" if split_kv else None, None)
+    args, axes = [q, k, v, q_positions, kv_positions], [q_axes, kv_axes, kv_axes, None, None]
+    if segment_ids is not None:
+        args.append(segment_ids)
+        axes.append(("batch", "seq"))
+
+    def kernel(q, k, v, q_positions, kv_positions, segment_ids=None):
+        seg = (segment_ids, segment_ids)
+        return flash_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
+
+    return per_shard(kernel, tuple(axes), q_axes)(*args)
 
 
 class Attention(nnx.Module):

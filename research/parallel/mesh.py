@@ -133,6 +133,34 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def per_shard(fn: Callable, in_axes: tuple, out_axes: tuple) -> Callable:
+    """``fn`` run on each device's block of its arguments (``shard_map`` over the context mesh),
+    arguments split by logical axes (``None``: replicated). For custom calls such as Pallas
+    kernels, which XLA cannot partition and would otherwise gather whole onto every device.
+    Outside ``on_mesh`` (or on one device) it is ``fn`` itself."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or math.prod(mesh.shape.values()) == 1:
+            return fn(*args)
+        sizes = dict(mesh.shape)
+
+        def spec(axes, shape):
+            return PartitionSpec() if axes is None else _spec(axes, shape, sizes, ACTIVATION_RULES)
+
+        out_shape = jax.eval_shape(fn, *args)
+        return jax.shard_map(
+            fn,
+            mesh=mesh,
+            in_specs=tuple(spec(ax, a.shape) for ax, a in zip(in_axes, args, strict=True)),
+            out_specs=spec(out_axes, out_shape.shape),
+            check_vma=False,  # the kernels are per-device code with no collectives
+        )(*args)
+
+    return wrapped
+
+
 def on_mesh(fn: Callable, mesh: Mesh) -> Callable:
     """``fn`` traced with ``mesh`` as the context mesh, so the model's ``constrain`` calls apply.
     (``jax.set_mesh`` may not be entered inside jit; the abstract mesh may.)"""
