@@ -41,6 +41,7 @@ class ModelConfig:
     dropout: float = 0.0
     init_std: float = 0.02
     attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas
+    attention_window: int = 0  # > 0: sliding-window (local) attention over the last W positions
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU
     # Mixture of experts (n_experts = 0: a dense model).
@@ -76,6 +77,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
                 "set model.head_dim explicitly or change one of them"
+            )
+        if self.attention_window < 0:
+            raise ConfigError(
+                f"model.attention_window={self.attention_window}: use 0 (full causal attention) "
+                "or a positive window width in tokens"
             )
         if self.remat not in ("none", "full", "save-dots"):
             raise ConfigError(f"model.remat='{self.remat}': use none, full or save-dots")

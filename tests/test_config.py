@@ -51,3 +51,8 @@ def test_missing_experiment_lists_known_ones():
 def test_gqa_head_counts_must_divide():
     with pytest.raises(ConfigError, match="n_kv_heads"):
         load_experiment("tiny", ["model.n_kv_heads=3"]).model.resolved(65)
+
+
+def test_negative_attention_window_is_refused():
+    with pytest.raises(ConfigError, match="attention_window=-4"):
+        load_experiment("tiny", ["model.attention_window=-4"]).model.resolved(65)

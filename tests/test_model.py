@@ -155,6 +155,23 @@ def test_ring_buffer_cache_is_a_sliding_window():
     np.testing.assert_allclose(logits[0, -1], window[0, -1], atol=1e-4)
 
 
+@pytest.mark.parametrize("implementation", ["xla", "blockwise"])
+def test_attention_window_trains_local_attention(implementation):
+    """model.attention_window=W: one layer's logits at t see tokens t-W+1..t only, and the
+    decoding ring buffer of width W gives the same logits as the full windowed forward pass."""
+    model = tiny_model(n_layers=1, attention_window=4, attention=implementation)
+    tokens = jax.random.randint(jax.random.key(8), (1, 16), 0, 50)
+    changed = tokens.at[0, 2].set((tokens[0, 2] + 1) % 50)
+    moved = jnp.any(jnp.abs(model(tokens) - model(changed)) > 1e-6, axis=-1)[0]
+    np.testing.assert_array_equal(moved, (jnp.arange(16) >= 2) & (jnp.arange(16) < 6))
+    caches = model.init_caches(batch=1, width=4)
+    outs = []
+    for t in range(16):
+        logits, caches = model(tokens[:, t : t + 1], jnp.array([t]), caches)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, axis=1), model(tokens), atol=1e-4)
+
+
 def test_sampling_filters():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
     top2 = filter_logits(logits, 1.0, 2, 1.0)

@@ -72,7 +72,8 @@ def generate(
 ) -> jax.Array:
     """Sample max_new_tokens continuations of prompt [B, P]; returns the new tokens [B, N].
     ``vocab_limit``: the tokenizer's vocabulary size when the model's is padded beyond it."""
-    width = model.cfg.seq_len
+    # The cache holds what a token may see: the model's attention window, else its context.
+    width = model.cfg.attention_window or model.cfg.seq_len
     prompt = jnp.asarray(prompt, jnp.int32)[:, -width:]
     graphdef, state = nnx.split(model)
     return _generate(

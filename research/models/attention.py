@@ -137,6 +137,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg, param_dtype, out_std: float, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.implementation = cfg.attention
+        self.window = cfg.attention_window
         self.wq = param(rngs, (d, h, hd), ("embed", "heads", None), cfg.init_std, param_dtype)
         self.wk = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
@@ -153,7 +154,9 @@ class Attention(nnx.Module):
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = attend(q, k, v, positions, positions, self.implementation, 0, segment_ids)
+            out = attend(
+                q, k, v, positions, positions, self.implementation, self.window, segment_ids
+            )
         else:
             width = cache["k"].shape[1]
             slots = positions % width
