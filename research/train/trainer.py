@@ -25,6 +25,8 @@ from research.infer.sampling import generate
 from research.models import Transformer
 from research.parallel.mesh import batch_sharding, data_parallel_size, logical_to_spec, make_mesh
 from research.scaling.accounting import count_params
+from research.scaling.ledger import record_energy
+from research.scaling.power import PowerMeter
 from research.train.checkpoint import Checkpointer
 from research.train.metrics import MetricsLogger, peak_flops_per_device
 from research.train.optimizer import make_optimizer
@@ -199,6 +201,7 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mes
 def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
     t_start = time.perf_counter()
+    meter = PowerMeter(cfg.energy)  # NVML samples or a TDP estimate, for ledger.json
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare(cfg.data, verbose=jax.process_index() == 0)
@@ -346,6 +349,8 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         time.perf_counter() - t_start,
         mesh,
     )
+    if jax.process_index() == 0:
+        ledger = record_energy(run_dir, cfg.energy, meter.stop())
 
     sample = ""
     if cfg.train.sample_tokens and jax.process_index() == 0:
