@@ -92,7 +92,7 @@ def _print_plan(runs, root: Path, mfu: float, done: set[str]) -> None:
     )
 
 
-def _results_rows(path: str) -> list[dict]:
+def results_rows(path: str) -> list[dict]:
     from research.config import ConfigError
     from research.scaling.sweep import RESULTS, read_results
 
@@ -157,7 +157,7 @@ def cmd_fit(args) -> None:
     from research.scaling.fits import fit_all, load_runs
     from research.scaling.plots import save_all
 
-    rows = _results_rows(args.results)
+    rows = results_rows(args.results)
     report = fit_all(rows, args.params, args.bootstrap, args.budget, args.seed)
     print_fit_report(report)
     target = Path(args.results)

@@ -262,8 +262,9 @@ def _result_row(run: SweepRun, result, ledger: dict, seconds: float) -> dict:
         "non_embedding_params": size.non_embedding_params,
         "active_params": size.active_params,
         "flops_per_token": size.flops_per_token,
-        "tokens": ledger["tokens"],
-        "flops": ledger["flops"],
+        # The model's tokens and FLOPs; the ledger's only count calls that reached their end.
+        "tokens": result.step * tokens_per_step(run.config),
+        "flops": result.step * tokens_per_step(run.config) * size.flops_per_token,
         "steps": result.step,
         "train_loss": result.train_loss,
         "val_loss": result.val_loss,
