@@ -15,10 +15,9 @@ it reached.
 """
 
 from research.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
-from research.scaling.sweep import isoflop_grid, isoflop_run
+from research.scaling.sweep import isoflop_with_holdout
 
 BUDGETS = (2.67e11, 8e11, 2.4e12)
-HOLDOUT_BUDGET = 4 * BUDGETS[-1]
 TOKENS_PER_PARAM = 100
 
 
@@ -38,7 +37,6 @@ def config() -> ExperimentConfig:
 
 
 def sweep():
-    runs = isoflop_grid(base(), BUDGETS, n_sizes=5, spread=4.0, tokens_per_param=TOKENS_PER_PARAM)
-    holdout_size = (HOLDOUT_BUDGET / (6 * TOKENS_PER_PARAM)) ** 0.5
-    runs.append(isoflop_run(base(), HOLDOUT_BUDGET, holdout_size, holdout=True))
-    return runs
+    return isoflop_with_holdout(
+        base(), BUDGETS, tokens_per_param=TOKENS_PER_PARAM, n_sizes=5, spread=4.0
+    )

@@ -17,10 +17,9 @@ cleaner law: ``--set data.corpus=/path/to/texts``.
 """
 
 from research.config import DataConfig, ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
-from research.scaling.sweep import isoflop_grid, isoflop_run
+from research.scaling.sweep import isoflop_with_holdout
 
 BUDGETS = (1e13, 3e13, 1e14)
-HOLDOUT_BUDGET = 4 * BUDGETS[-1]
 TOKENS_PER_PARAM = 100
 SHAPE = dict(aspect_ratio=48, head_dim=32)
 
@@ -41,9 +40,6 @@ def config() -> ExperimentConfig:
 
 
 def sweep():
-    runs = isoflop_grid(
-        base(), BUDGETS, n_sizes=5, spread=4.0, tokens_per_param=TOKENS_PER_PARAM, **SHAPE
+    return isoflop_with_holdout(
+        base(), BUDGETS, tokens_per_param=TOKENS_PER_PARAM, n_sizes=5, spread=4.0, **SHAPE
     )
-    holdout_size = (HOLDOUT_BUDGET / (6 * TOKENS_PER_PARAM)) ** 0.5
-    runs.append(isoflop_run(base(), HOLDOUT_BUDGET, holdout_size, holdout=True, **SHAPE))
-    return runs

@@ -137,6 +137,25 @@ def isoflop_grid(
     return runs
 
 
+def isoflop_with_holdout(
+    base: ExperimentConfig,
+    budgets: Iterable[float],
+    tokens_per_param: float = 20.0,
+    holdout_multiple: float = 4.0,
+    **kwargs,
+) -> list[SweepRun]:
+    """An IsoFLOP grid plus one held-out run at ``holdout_multiple`` x the largest budget, sized
+    by the same rule of thumb as the grid's centre (chosen before any fit, so the fit's
+    prediction of its loss is a fair test)."""
+    budgets = list(budgets)
+    shape = {k: v for k, v in kwargs.items() if k in ("aspect_ratio", "head_dim", "flops")}
+    runs = isoflop_grid(base, budgets, tokens_per_param=tokens_per_param, **kwargs)
+    budget = holdout_multiple * max(budgets)
+    size = math.sqrt(budget / (6 * tokens_per_param))
+    runs.append(isoflop_run(base, budget, size, holdout=True, **shape))
+    return runs
+
+
 def load_sweep(experiment: str, overrides: list[str] | None = None) -> list[SweepRun]:
     """The runs of an experiment file's ``sweep()``, with --set overrides applied to each."""
     path = find_experiment(experiment)
