@@ -134,9 +134,10 @@ def print_fit_report(report: dict) -> None:
     for name in names:
         if name in report:
             p = report[name]["prediction"]
+            kind = "train loss, envelope" if name == "approach1" else "val loss"
             print(
                 f"  {name}: N_opt = {_ci(p['n_opt'])}, D_opt = {_ci(p['d_opt'])}, "
-                f"loss = {_ci(p['loss'], '.4f')}"
+                f"loss = {_ci(p['loss'], '.4f')} ({kind})"
             )
     for row in report["holdout"]:
         text = f"held-out {row['name']} (C = {row['flops']:.3g}): observed {row['observed']:.4f}"
