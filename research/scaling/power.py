@@ -21,10 +21,10 @@ from research.scaling.hardware import cpu_threads, device_hardware, lookup
 class EnergyReading:
     joules: float | None  # None: no figure for this device (set energy.device_power_w)
     seconds: float
-    method: str  # nvml | tdp-estimate | configured-power | unknown
+    method: str  # nvml (nvml-xN-hosts) | tdp-estimate | configured-power | unknown
     power_w: float | None  # mean draw of all devices together
     hardware: str
-    devices: int  # accelerators counted; a CPU host counts once
+    devices: int  # accelerators of all hosts; a CPU host counts once
 
 
 def _nvml_handles(devices: list) -> list | None:
@@ -51,7 +51,9 @@ class PowerMeter:
         self.interval = interval
         devices = jax.local_devices()
         platform = devices[0].platform
-        self.devices = 1 if platform == "cpu" else len(devices)
+        # The ledger is written by process 0 for the whole job: count every host's devices.
+        self.hosts = jax.process_count()
+        self.devices = self.hosts if platform == "cpu" else jax.device_count()
         self.hardware = (
             lookup(cfg.hardware)
             if cfg.hardware != "auto"
@@ -96,7 +98,9 @@ class PowerMeter:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            joules, method = self._joules, "nvml"
+            # This host's GPUs, measured; other hosts' assumed to draw the same.
+            joules = self._joules * self.hosts
+            method = "nvml" if self.hosts == 1 else f"nvml-x{self.hosts}-hosts"
             power = joules / seconds if seconds else None
         else:
             power, method = self.estimated_power_w()
