@@ -219,3 +219,26 @@ def test_forecast_lands_on_published_gpt3_and_bloom_energy():
         forecast.forecast(forecast.Plan(params=1e9, tokens=1e10, hardware="H100", mfu=1.5))
     with pytest.raises(ConfigError, match="unknown hardware"):
         forecast.forecast(forecast.Plan(params=1e9, tokens=1e10, hardware="Z9000"))
+
+
+def test_fit_and_forecast_commands(tmp_path, capsys):
+    from research.cli import main as cli_main
+
+    runs = synthetic_runs()
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for name, n, d, c, loss in zip(runs.names, runs.n, runs.d, runs.c, runs.loss, strict=True):
+            row = dict(name=name, active_params=n, tokens=d, flops=c, val_loss=loss, budget=c)
+            f.write(json.dumps({**row, "steps": 1, "run_dir": str(tmp_path)}) + "\n")
+    assert cli_main(["fit", str(tmp_path), "--bootstrap", "3", "--format", "svg"]) == 0
+    out = capsys.readouterr().out
+    assert "approach3 (parametric): E = " in out and "approach1 (envelope): not fitted" in out
+    saved = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert saved["approach3"]["params"]["alpha"]["value"] == pytest.approx(0.34, rel=0.1)
+    assert (tmp_path / "fit" / "approach3_contours.svg").exists()
+    assert cli_main(["fit", str(tmp_path / "empty")]) == 2
+    assert "no results" in capsys.readouterr().err
+
+    assert cli_main(["forecast", "--case", "gpt3"]) == 0
+    assert "1,291" in capsys.readouterr().out
+    assert cli_main(["forecast", "--params", "1e9"]) == 2
+    assert "--tokens" in capsys.readouterr().err

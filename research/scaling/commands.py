@@ -97,12 +97,12 @@ def results_rows(path: str) -> list[dict]:
     from research.scaling.sweep import RESULTS, read_results
 
     target = Path(path)
-    root = target if target.is_dir() else target.parent
-    if target.is_file() and target.name != RESULTS:
-        root = None
+    if target.is_dir():
+        rows = read_results(target)
+    elif target.is_file():
         rows = [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
     else:
-        rows = read_results(root)
+        rows = []
     if not rows:
         raise ConfigError(
             f"no results in {path}: give a sweep folder or its {RESULTS} "
