@@ -124,10 +124,26 @@ def test_sweep_file_without_sweep_function_is_a_clear_error(tmp_path):
         sweep_mod.load_sweep(str(path))
 
 
-def test_notebook_runs_fit_and_plots(tmp_path):
-    """The Colab notebook end to end on CPU, loading a small sweep's results."""
+def run_notebook(folder: Path, env: dict) -> str:
+    """Execute notebooks/scaling_laws.ipynb in ``folder`` with ``env``; its printed text."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
+    notebook = nbformat.read(REPO / "notebooks" / "scaling_laws.ipynb", as_version=4)
+    env = {"PYTHONPATH": str(REPO), **env}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        nbclient.NotebookClient(
+            notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": folder}}
+        ).execute()
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def test_notebook_runs_fit_and_plots(tmp_path):
+    """The Colab notebook end to end on CPU, loading a small sweep's results."""
     from test_scaling import synthetic_runs
 
     runs = synthetic_runs()
@@ -137,17 +153,15 @@ def test_notebook_runs_fit_and_plots(tmp_path):
         for name, n, d, c, loss in zip(runs.names, runs.n, runs.d, runs.c, runs.loss, strict=True):
             row = dict(name=name, active_params=n, params=n, tokens=d, flops=c, val_loss=loss)
             f.write(json.dumps({**row, "budget": c, "steps": 1, "run_dir": str(root)}) + "\n")
-    notebook = nbformat.read(REPO / "notebooks" / "scaling_laws.ipynb", as_version=4)
-    env = {"SCALING_RESULTS": str(root), "SCALING_BOOTSTRAP": "5", "PYTHONPATH": str(REPO)}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        nbclient.NotebookClient(
-            notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
-        ).execute()
-    finally:
-        for key, value in old.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    outputs = run_notebook(tmp_path, {"SCALING_RESULTS": str(root), "SCALING_BOOTSTRAP": "5"})
     assert "approach3" in outputs and "N_opt" in outputs
     assert (root / "fit" / "isoflop_curves.png").exists()
+
+
+@pytest.mark.slow
+def test_notebook_runs_the_tiny_sweep(tmp_path):
+    """As on Colab: no results given, so it trains isoflop_shakespeare (minutes), then fits."""
+    outputs = run_notebook(tmp_path, {"SCALING_RESULTS": "", "SCALING_BOOTSTRAP": "20"})
+    rows = (tmp_path / "runs" / "isoflop_shakespeare" / "results.jsonl").read_text().splitlines()
+    assert len(rows) == 12
+    assert "approach2 (IsoFLOP parabolas): a = " in outputs  # every budget has a minimum
