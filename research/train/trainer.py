@@ -349,8 +349,9 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         time.perf_counter() - t_start,
         mesh,
     )
+    reading = meter.stop()  # on every process: it ends the NVML sampling thread
     if jax.process_index() == 0:
-        ledger = record_energy(run_dir, cfg.energy, meter.stop())
+        ledger = record_energy(run_dir, cfg.energy, reading)
 
     sample = ""
     if cfg.train.sample_tokens and jax.process_index() == 0:
