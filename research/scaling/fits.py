@@ -257,7 +257,7 @@ def _objective(theta: np.ndarray, log_n, log_d, log_loss, delta: float):
 def _minimise(starts, log_n, log_d, log_loss, delta):
     best = None
     solutions = []
-    # Five unknowns: BLAS threads only add overhead, 10x of it on a busy machine (measured).
+    # Five unknowns: BLAS threads only add overhead, and stall when the cores are busy.
     with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", RuntimeWarning)
         for start in starts:
