@@ -1,4 +1,4 @@
-"""The `research` command: prepare | train | eval | generate | info."""
+"""The `research` command: prepare | train | eval | generate | info | sweep | fit | forecast."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from research.config import ConfigError, ExperimentConfig, load_experiment
+from research.scaling.commands import add_scaling_commands
 
 DEFAULT_EXPERIMENT = "shakespeare_char"
 
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_experiment_args(p)
     p.set_defaults(func=cmd_info)
+
+    add_scaling_commands(sub, _add_experiment_args)  # sweep | fit | forecast
     return parser
 
 

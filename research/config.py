@@ -184,6 +184,19 @@ class LogConfig:
 
 
 @dataclass
+class EnergyConfig:
+    """How a run's energy, CO2 and cost are measured or estimated (research/scaling/ledger.py)."""
+
+    hardware: str = "auto"  # auto: from the device kind; else a name in scaling/hardware.py
+    measure: bool = True  # sample power with NVML where the device reports it
+    device_power_w: float = 0.0  # > 0: use this per-device draw instead of TDP x utilisation
+    utilisation: float = 1.0  # fraction of TDP drawn, for estimates (1.0: an upper bound)
+    pue: float = 1.1  # data-centre overhead: facility energy / IT energy
+    grid_kg_co2_per_kwh: float = 0.4  # set your grid's; BLOOM used 0.057, GPT-3's paper 0.429
+    price_per_device_hour: float = 0.0  # USD; 0: the hardware table's indicative price
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,6 +205,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    energy: EnergyConfig = field(default_factory=EnergyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -28,6 +28,8 @@ from research.parallel.memory import memory_report
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
 from research.parallel.shardings import optimizer_shardings, param_shardings
 from research.scaling.accounting import count_params
+from research.scaling.ledger import record_energy
+from research.scaling.power import PowerMeter
 from research.train.checkpoint import Checkpointer
 from research.train.metrics import MetricsLogger, peak_flops_per_device
 from research.train.optimizer import make_optimizer
@@ -202,6 +204,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
     t_start = time.perf_counter()
     initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
+    meter = PowerMeter(cfg.energy)  # NVML samples or a TDP estimate, for ledger.json
     run_dir = run_directory(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     data = prepare(cfg.data, verbose=jax.process_index() == 0)
@@ -355,6 +358,9 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         time.perf_counter() - t_start,
         mesh,
     )
+    reading = meter.stop()  # on every process: it ends the NVML sampling thread
+    if jax.process_index() == 0:
+        ledger = record_energy(run_dir, cfg.energy, reading)
 
     sample = ""
     if cfg.train.sample_tokens:

@@ -1,0 +1,94 @@
+"""The energy and cost ledger: device-hours, kWh, kg CO2eq and dollars of a run or a sweep.
+
+The trainer writes tokens, FLOPs and seconds to ``ledger.json``; ``record_energy`` adds the
+energy reading of the same call (a resumed run keeps adding) and recomputes the derived figures:
+
+    device_hours = device_seconds / 3600
+    energy_kwh   = device energy (J) / 3.6e6 x PUE                 (facility energy)
+    co2_kg       = energy_kwh x grid intensity (kg CO2eq / kWh)
+    cost_usd     = device_hours x price per device-hour
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from research.config import EnergyConfig
+from research.scaling.hardware import HARDWARE, cpu_threads, lookup
+from research.scaling.power import EnergyReading
+
+JOULES_PER_KWH = 3.6e6
+
+# Additive fields: a sweep's ledger is their sum over runs.
+SUMMED = (
+    "tokens",
+    "flops",
+    "wall_seconds",
+    "device_seconds",
+    "device_hours",
+    "energy_device_joules",
+    "energy_kwh",
+    "co2_kg",
+    "cost_usd",
+)
+
+
+def price_per_device_hour(cfg: EnergyConfig, hardware: str) -> float | None:
+    if cfg.price_per_device_hour:
+        return cfg.price_per_device_hour
+    try:
+        entry = lookup(hardware)
+    except ValueError:
+        return None
+    if entry is HARDWARE["CPU"]:
+        return entry.price_per_hour * cpu_threads()
+    return entry.price_per_hour
+
+
+def derive(ledger: dict, cfg: EnergyConfig) -> dict:
+    """Fill device_hours, energy_kwh, co2_kg and cost_usd from the raw fields and the config."""
+    out = dict(ledger)
+    out["device_hours"] = out.get("device_seconds", 0.0) / 3600
+    joules = out.get("energy_device_joules")
+    out["pue"] = cfg.pue
+    out["grid_kg_co2_per_kwh"] = cfg.grid_kg_co2_per_kwh
+    if joules is None:
+        out["energy_kwh"] = out["co2_kg"] = None
+    else:
+        out["energy_kwh"] = joules / JOULES_PER_KWH * cfg.pue
+        out["co2_kg"] = out["energy_kwh"] * cfg.grid_kg_co2_per_kwh
+    price = price_per_device_hour(cfg, out.get("hardware", "unknown"))
+    out["price_per_device_hour"] = price
+    out["cost_usd"] = None if price is None else out["device_hours"] * price
+    return out
+
+
+def record_energy(run_dir: Path, cfg: EnergyConfig, reading: EnergyReading) -> dict:
+    """Add this call's energy to run_dir/ledger.json and rewrite the derived figures."""
+    path = Path(run_dir) / "ledger.json"
+    ledger = json.loads(path.read_text()) if path.exists() else {}
+    previous = ledger.get("energy_device_joules", 0.0)
+    if reading.joules is None or previous is None:
+        ledger["energy_device_joules"] = None
+    else:
+        ledger["energy_device_joules"] = previous + reading.joules
+    methods = set(filter(None, ledger.get("energy_method", "").split("+"))) | {reading.method}
+    ledger["energy_method"] = "+".join(sorted(methods))
+    ledger["hardware"] = reading.hardware
+    ledger["mean_power_w"] = reading.power_w
+    ledger = derive(ledger, cfg)
+    path.write_text(json.dumps(ledger, indent=2))
+    return ledger
+
+
+def sum_ledgers(ledgers: list[dict]) -> dict:
+    """A sweep's totals; a figure missing from any run (no power data) makes the total None."""
+    total: dict = {"runs": len(ledgers)}
+    for key in SUMMED:
+        values = [ledger.get(key) for ledger in ledgers]
+        total[key] = None if any(v is None for v in values) else float(sum(values))
+    total["energy_method"] = "+".join(
+        sorted({m for ledger in ledgers for m in ledger.get("energy_method", "").split("+") if m})
+    )
+    return total

@@ -1,0 +1,244 @@
+"""Scaling-law tooling: accounting against hand counts, shape rule, the three Chinchilla fits on
+data drawn from a known law, the energy ledger's arithmetic, and forecasts of published runs."""
+
+import json
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from research.config import ConfigError, EnergyConfig, ModelConfig
+from research.scaling import fits, forecast, ledger, power
+from research.scaling.accounting import count_params
+from research.scaling.shapes import shape_for_params
+
+
+def test_gpt2_124m_counts_match_hand_computation():
+    d, layers, vocab, ctx = 768, 12, 50257, 1024
+    cfg = ModelConfig(
+        vocab_size=vocab, d_model=d, n_layers=layers, n_heads=12, seq_len=ctx, mlp_hidden=2048
+    ).resolved()
+    size = count_params(cfg)
+    weights = layers * 12 * d * d  # attention 4 d^2 + SwiGLU 3 x d x 2048 (= GPT-2's 8 d^2)
+    norms = (2 * layers + 1) * d  # RMSNorm scales, no biases
+    assert size.non_embedding_params == weights + norms == 84_953_856
+    assert size.total_params == weights + norms + vocab * d
+    # GPT-2 124M (124,439,808) adds learned positions (1024 d), biases (9 d a layer) and
+    # LayerNorm shifts (2 d a layer, d for the final norm) to the same weight matrices.
+    gpt2_extra = ctx * d + layers * (9 * d + 2 * d) + d
+    assert 124_439_808 - size.total_params == gpt2_extra
+    # FLOPs/token: 6 x matmul params (tied head included) + 12 L d T attention (PaLM appendix B).
+    assert size.flops_per_token == 6 * (weights + vocab * d) + 12 * layers * d * ctx
+    nanogpt = 6 * (124_439_808 - ctx * d) + 12 * layers * d * ctx  # its estimate_mfu count
+    assert size.flops_per_token == pytest.approx(nanogpt, rel=1e-3)
+
+
+def test_gpt3_175b_counts_and_training_flops():
+    d, layers, vocab, ctx = 12288, 96, 50257, 2048
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        d_model=d,
+        n_layers=layers,
+        n_heads=96,
+        seq_len=ctx,
+        mlp_hidden=4 * d * 2 // 3,
+    ).resolved()
+    size = count_params(cfg)
+    assert size.non_embedding_params == 12 * layers * d * d + (2 * layers + 1) * d
+    assert size.total_params == pytest.approx(175e9, rel=0.005)  # 174.6B + positions, biases
+    # Brown et al. 2020 (table D.1): 3.14e23 training FLOPs for 300B tokens, i.e. 6 N D.
+    assert 6 * size.total_params * 300e9 == pytest.approx(3.14e23, rel=0.01)
+    attention = 12 * layers * d * ctx
+    assert size.flops_per_token == 6 * (12 * layers * d * d + vocab * d) + attention
+    assert attention / size.flops_per_token == pytest.approx(0.027, abs=0.001)
+
+
+def test_moe_active_params_count_router_and_top_k_experts():
+    dense = ModelConfig(vocab_size=64, d_model=64, n_layers=2, mlp_hidden=128).resolved()
+    moe = ModelConfig(
+        vocab_size=64, d_model=64, n_layers=2, mlp_hidden=128, n_experts=8, top_k=2
+    ).resolved()
+    d, s = count_params(dense), count_params(moe)
+    expert = 3 * 64 * 128
+    assert s.total_params - d.total_params == 2 * (7 * expert + 64 * 8)
+    assert s.active_params - d.active_params == 2 * (expert + 64 * 8)
+
+
+@pytest.mark.parametrize("target", [3e4, 2e5, 1e6, 2e7])
+def test_shape_rule_lands_near_target(target):
+    cfg, size = shape_for_params(target, ModelConfig(), aspect_ratio=32, head_dim=16, vocab_size=65)
+    assert cfg.d_model % 16 == 0 and cfg.n_heads * 16 == cfg.d_model
+    assert 0.5 < size.non_embedding_params / target < 2.0
+    assert cfg.d_model / cfg.n_layers == pytest.approx(32, rel=0.6)
+    with pytest.raises(ConfigError, match="positive"):
+        shape_for_params(0, ModelConfig())
+
+
+# ------------------------------------------------------------------------------- fits
+
+LAW = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)  # Hoffmann et al.'s fit
+
+
+def synthetic_runs(noise: float = 0.002, seed: int = 0) -> fits.Runs:
+    """An IsoFLOP grid drawn from LAW with log-normal noise; curves follow the law in D."""
+    rng = np.random.default_rng(seed)
+    n, d, c, curves = [], [], [], []
+    for budget in np.geomspace(1e18, 1e21, 4):
+        n_opt, _ = fits.optimal_allocation(LAW, budget, 6.0)
+        for size in n_opt * np.geomspace(1 / 6, 6, 6):
+            tokens = budget / (6 * size)
+            n.append(size)
+            d.append(tokens)
+            c.append(budget)
+            seen = np.geomspace(tokens / 30, tokens, 25)
+            curves.append((6 * size * seen, fits.predict_loss(LAW, size, seen)))
+    n, d, c = np.array(n), np.array(d), np.array(c)
+    loss = fits.predict_loss(LAW, n, d) * np.exp(rng.normal(0, noise, len(n)))
+    return fits.Runs([f"r{i}" for i in range(len(n))], n, d, c, loss, c.copy(), curves)
+
+
+def test_three_approaches_recover_the_law_with_bootstrap_cis():
+    runs = synthetic_runs()
+    true_a = LAW["beta"] / (LAW["alpha"] + LAW["beta"])
+    f3 = fits.approach3(runs)
+    for key in ("E", "alpha", "beta"):
+        assert f3[key] == pytest.approx(LAW[key], rel=0.1), key
+    assert f3["a"] == pytest.approx(true_a, abs=0.02)
+    for approach in (fits.approach1, fits.approach2):
+        fit = approach(runs)
+        assert fit["a"] == pytest.approx(true_a, abs=0.04)
+        assert fit["a"] + fit["b"] == pytest.approx(1.0, abs=0.05)  # N_opt D_opt ~ C
+    boot = fits.bootstrap(runs, samples=12, seed=1)
+    assert all(len(v) >= 10 for v in boot["draws"].values())
+    low, high = fits._ci([draw["a"] for draw in boot["draws"]["approach3"]])
+    assert low <= f3["a"] <= high and high - low < 0.1
+    # The optimum the law implies, vs the closed form used for allocation.
+    n_opt, d_opt = fits.optimal_allocation(f3, 1e22, 6.0)
+    grid = np.geomspace(n_opt / 3, n_opt * 3, 201)
+    brute = grid[np.argmin(fits.predict_loss(f3, grid, 1e22 / (6 * grid)))]
+    assert brute == pytest.approx(n_opt, rel=0.02)
+
+
+def test_fit_report_predicts_held_out_run_and_errors_are_clear(tmp_path):
+    runs = synthetic_runs(noise=0.0)
+    rows = [
+        {
+            "name": name,
+            "active_params": n,
+            "tokens": d,
+            "flops": c,
+            "val_loss": loss,
+            "budget": c,
+            "run_dir": str(tmp_path),  # no metrics.jsonl: approach 1 reports it cannot fit
+            "steps": 10,
+        }
+        for name, n, d, c, loss in zip(runs.names, runs.n, runs.d, runs.c, runs.loss, strict=True)
+    ]
+    held_n, held_c = 3e9, 4e21
+    rows.append(
+        {
+            **rows[0],
+            "name": "holdout",
+            "holdout": True,
+            "active_params": held_n,
+            "tokens": held_c / (6 * held_n),
+            "flops": held_c,
+            "val_loss": float(fits.predict_loss(LAW, held_n, held_c / (6 * held_n))),
+        }
+    )
+    report = fits.fit_all(rows, samples=0)
+    assert "training curves" in report["errors"]["approach1"]
+    assert report["holdout"][0]["approach3_error_pct"] == pytest.approx(0.0, abs=0.2)
+    with pytest.raises(fits.FitError, match="no runs"):
+        fits.fit_all([], samples=0)
+
+
+# ------------------------------------------------------------------------------- ledger
+
+
+def test_ledger_arithmetic_and_resume_accumulation(tmp_path):
+    cfg = EnergyConfig(pue=1.2, grid_kg_co2_per_kwh=0.5, price_per_device_hour=2.0)
+    (tmp_path / "ledger.json").write_text(json.dumps({"device_seconds": 7200.0, "tokens": 10}))
+    reading = power.EnergyReading(3.6e6, 3600, "tdp-estimate", 1000.0, "H100", 2)
+    first = ledger.record_energy(tmp_path, cfg, reading)
+    assert first["device_hours"] == 2.0
+    assert first["energy_kwh"] == pytest.approx(1.0 * 1.2)
+    assert first["co2_kg"] == pytest.approx(1.2 * 0.5)
+    assert first["cost_usd"] == pytest.approx(4.0)
+    second = ledger.record_energy(tmp_path, cfg, reading)  # a resumed run adds its energy
+    assert second["energy_kwh"] == pytest.approx(2.4)
+    total = ledger.sum_ledgers([first, second])
+    assert total["energy_kwh"] == pytest.approx(3.6) and total["runs"] == 2
+    unknown = power.EnergyReading(None, 1.0, "unknown", None, "TPU v9", 1)
+    assert ledger.record_energy(tmp_path, cfg, unknown)["energy_kwh"] is None
+    assert ledger.sum_ledgers([first, {"energy_kwh": None}])["energy_kwh"] is None
+
+
+def test_cpu_energy_is_an_estimate_per_thread_and_says_so():
+    meter = power.PowerMeter(EnergyConfig(utilisation=0.5))
+    reading = meter.stop()
+    assert reading.method == "tdp-estimate" and reading.hardware == "CPU"
+    from research.scaling.hardware import cpu_threads
+
+    assert reading.power_w == pytest.approx(5.0 * 0.5 * cpu_threads())
+    configured = power.PowerMeter(EnergyConfig(device_power_w=42.0)).stop()
+    assert configured.method == "configured-power" and configured.power_w == 42.0
+
+
+def test_nvml_power_is_sampled_in_a_thread_and_integrated(monkeypatch):
+    fake = types.SimpleNamespace(nvmlDeviceGetPowerUsage=lambda handle: 150_000)  # mW
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(power, "_nvml_handles", lambda devices: ["gpu0", "gpu1"])
+    meter = power.PowerMeter(EnergyConfig(), interval=0.01)
+    time.sleep(0.3)
+    reading = meter.stop()
+    assert reading.method == "nvml"
+    assert reading.joules == pytest.approx(300.0 * reading.seconds, rel=0.15)
+
+
+# ------------------------------------------------------------------------------- forecast
+
+
+def test_forecast_lands_on_published_gpt3_and_bloom_energy():
+    for case, tolerance in (("gpt3", 0.02), ("bloom", 0.01)):
+        plan, published = forecast.PUBLISHED[case]
+        result = forecast.forecast(plan)
+        assert result["energy_mwh"] == pytest.approx(published["energy_mwh"], rel=tolerance)
+        assert result["co2_t"] == pytest.approx(published["co2_t"], rel=0.02)
+        assert result["days"] == pytest.approx(published["days"], rel=0.02)
+    # BLOOM from its utilisation instead of its device-hours: the MFU those hours imply.
+    bloom, published = forecast.PUBLISHED["bloom"]
+    implied = forecast.forecast(bloom)["mfu"]
+    by_mfu = forecast.forecast(
+        forecast.Plan(**{**bloom.__dict__, "device_hours": 0.0, "mfu": implied})
+    )
+    assert by_mfu["energy_mwh"] == pytest.approx(published["energy_mwh"], rel=0.01)
+    with pytest.raises(ConfigError, match="mfu"):
+        forecast.forecast(forecast.Plan(params=1e9, tokens=1e10, hardware="H100", mfu=1.5))
+    with pytest.raises(ConfigError, match="unknown hardware"):
+        forecast.forecast(forecast.Plan(params=1e9, tokens=1e10, hardware="Z9000"))
+
+
+def test_fit_and_forecast_commands(tmp_path, capsys):
+    from research.cli import main as cli_main
+
+    runs = synthetic_runs()
+    with open(tmp_path / "results.jsonl", "w") as f:
+        for name, n, d, c, loss in zip(runs.names, runs.n, runs.d, runs.c, runs.loss, strict=True):
+            row = dict(name=name, active_params=n, tokens=d, flops=c, val_loss=loss, budget=c)
+            f.write(json.dumps({**row, "steps": 1, "run_dir": str(tmp_path)}) + "\n")
+    assert cli_main(["fit", str(tmp_path), "--bootstrap", "3", "--format", "svg"]) == 0
+    out = capsys.readouterr().out
+    assert "approach3 (parametric): E = " in out and "approach1 (envelope): not fitted" in out
+    saved = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert saved["approach3"]["params"]["alpha"]["value"] == pytest.approx(0.34, rel=0.1)
+    assert (tmp_path / "fit" / "approach3_contours.svg").exists()
+    assert cli_main(["fit", str(tmp_path / "empty")]) == 2
+    assert "no results" in capsys.readouterr().err
+
+    assert cli_main(["forecast", "--case", "gpt3"]) == 0
+    assert "1,291" in capsys.readouterr().out
+    assert cli_main(["forecast", "--params", "1e9"]) == 2
+    assert "--tokens" in capsys.readouterr().err
