@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import read_metrics
 from flax import nnx
 
 from research.config import ConfigError, MeshConfig, ModelConfig, load_experiment
 from research.models import Transformer
 from research.parallel.mesh import MeshShapeError, make_mesh
 from research.train.trainer import init_train_state, train
-from tests.conftest import read_metrics
 
 # vocab 128: the character vocabulary (65) does not split over tensor-parallel devices; 4 KV
 # heads split 4 ways. Checkpoints at steps 3 and 4: the restore test resumes from step 3.
