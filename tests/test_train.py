@@ -1,5 +1,6 @@
 """End-to-end training: resume after a real SIGKILL, checkpoint fallback, divergence, sharding."""
 
+import json
 import os
 import signal
 import subprocess
@@ -77,6 +78,12 @@ def test_resume_after_sigkill_gives_identical_losses(tmp_path):
     assert sorted(resumed) == sorted(expected) == list(range(1, 2001))
     for step in expected:
         assert resumed[step]["train/loss"] == expected[step]["train/loss"], step
+    # The killed call's work up to its last checkpoint (step 1000) stayed in the ledger; the
+    # steps it ran past that were redone after the resume and are counted once.
+    ledgers = [json.loads((run / "ledger.json").read_text()) for run in (straight, killed)]
+    assert ledgers[1]["tokens"] == ledgers[0]["tokens"]
+    assert ledgers[1]["flops"] == ledgers[0]["flops"]
+    assert ledgers[1]["energy_kwh"] > 0
 
 
 def _corrupt(step_dir: Path) -> None:

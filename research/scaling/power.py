@@ -63,6 +63,7 @@ class PowerMeter:
         self.cpu = platform == "cpu"
         self._handles = _nvml_handles(devices) if cfg.measure and not cfg.device_power_w else None
         self._joules = 0.0
+        self._lock = threading.Lock()  # the sampler adds, take() reads and resets
         self._stop = threading.Event()
         self._thread = None
         self._start = time.perf_counter()
@@ -79,7 +80,8 @@ class PowerMeter:
         last_t, last_w = time.perf_counter(), self._read_watts()
         while not self._stop.wait(self.interval):
             now, watts = time.perf_counter(), self._read_watts()
-            self._joules += 0.5 * (watts + last_w) * (now - last_t)
+            with self._lock:
+                self._joules += 0.5 * (watts + last_w) * (now - last_t)
             last_t, last_w = now, watts
 
     def estimated_power_w(self) -> tuple[float | None, str]:
@@ -93,16 +95,26 @@ class PowerMeter:
             per_device *= cpu_threads()
         return per_device * self.devices, "tdp-estimate"
 
-    def stop(self) -> EnergyReading:
-        seconds = time.perf_counter() - self._start
+    def take(self) -> EnergyReading:
+        """The reading since the previous ``take`` (or the start); the meter keeps running, so
+        the trainer can add each checkpoint interval to the ledger as it goes."""
+        now = time.perf_counter()
+        seconds, self._start = now - self._start, now
         if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
+            with self._lock:
+                measured, self._joules = self._joules, 0.0
             # This host's GPUs, measured; other hosts' assumed to draw the same.
-            joules = self._joules * self.hosts
+            joules = measured * self.hosts
             method = "nvml" if self.hosts == 1 else f"nvml-x{self.hosts}-hosts"
             power = joules / seconds if seconds else None
         else:
             power, method = self.estimated_power_w()
             joules = None if power is None else power * seconds
         return EnergyReading(joules, seconds, method, power, self.hardware_name, self.devices)
+
+    def stop(self) -> EnergyReading:
+        """End the sampling thread; the reading since the previous ``take``."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        return self.take()

@@ -202,7 +202,6 @@ def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mes
 
 def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
-    t_start = time.perf_counter()
     initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
     meter = PowerMeter(cfg.energy)  # NVML samples or a TDP estimate, for ledger.json
     run_dir = run_directory(cfg)
@@ -281,6 +280,14 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         (run_dir / "memory.json").write_text(json.dumps(memory.to_dict(), indent=2))
         print(memory.summary())
 
+    ledger_step = start_step
+
+    def account(steps: int, reading) -> dict:
+        """Add ``steps`` steps and their time and energy to ledger.json (process 0 writes)."""
+        tokens, flops = steps * tokens_per_step, steps * flops_per_step
+        ledger = _update_ledger(run_dir, tokens, flops, reading.seconds, mesh)
+        return record_energy(run_dir, cfg.energy, reading) if jax.process_index() == 0 else ledger
+
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
     progress = _progress_bar(cfg, start_step)
     train_loss, val_loss, val_bpb = float("nan"), None, None
@@ -346,21 +353,16 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         if checkpoint_now:
             checkpointer.save(step, state, batches.get_state())
             last_good_step = step
+            if not is_last:  # a killed run's checkpointed work stays in the ledger
+                account(step - ledger_step, meter.take())
+                ledger_step = step
         progress.update(1)
     progress.close()
     checkpointer.close()
     train_seconds = time.perf_counter() - loop_start
     steps_done = step - start_step
-    ledger = _update_ledger(
-        run_dir,
-        steps_done * tokens_per_step,
-        steps_done * flops_per_step,
-        time.perf_counter() - t_start,
-        mesh,
-    )
-    reading = meter.stop()  # on every process: it ends the NVML sampling thread
-    if jax.process_index() == 0:
-        ledger = record_energy(run_dir, cfg.energy, reading)
+    # meter.stop() on every process: it ends the NVML sampling thread.
+    ledger = account(step - ledger_step, meter.stop())
 
     sample = ""
     if cfg.train.sample_tokens:
