@@ -19,12 +19,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from research.parallel.mesh import constrain
+
+if TYPE_CHECKING:
+    from research.config import ModelConfig
 
 REMAT_POLICIES = {
     "full": None,  # jax.checkpoint without a policy saves nothing but the inputs
@@ -35,7 +39,7 @@ BOUNDARY_AXES = ("batch", "seq", "embed")  # activations between blocks
 LAYER_AXIS = "layers"  # the logical axis of a stacked parameter's leading dimension
 
 
-def layer_period(cfg) -> int:
+def layer_period(cfg: ModelConfig) -> int:
     """How many different block structures repeat along the depth (moe_every for MoE, else 1)."""
     return cfg.moe_every if cfg.n_experts else 1
 
@@ -64,7 +68,7 @@ def layer_of(stacked: Sequence[nnx.Module], index: int) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(lambda a: a[index // period], state))
 
 
-def stack_layers(params: dict, cfg) -> dict:
+def stack_layers(params: dict, cfg: ModelConfig) -> dict:
     """Parameters (a pure dict, as ``nnx.to_pure_dict`` gives) of the unrolled model, in the
     layout of the same model with ``scan_layers=true``."""
     if "blocks" not in params:
@@ -113,7 +117,7 @@ def block_function(block: nnx.Module, remat: str, moe_groups: int) -> Callable:
 
 def run_blocks(
     blocks: Sequence[nnx.Module],
-    cfg,
+    cfg: ModelConfig,
     x: jax.Array,
     positions: jax.Array,
     rope,
