@@ -109,7 +109,8 @@ def main() -> None:
 
 def blocks_only(layers: int) -> None:
     """Where scan's compile time goes: the gradient of the blocks alone, scanned over parameters
-    stacked outside the program, stacked inside it (what model.scan_layers does), or unrolled."""
+    stacked outside the program (what model.scan_layers does), stacked inside it (what it did
+    before the model kept them stacked), or unrolled."""
     cfg = config(d_model=128, n_heads=4, seq_len=128, n_layers=layers).model
     model = Transformer(cfg, nnx.Rngs(0))
     apply = block_function(model.blocks[0], "none", 1)

@@ -60,7 +60,9 @@ class ModelConfig:
     aux_free_bias_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free bias update speed
     # Memory and compile time (research/models/stack.py).
     remat: str = "none"  # none | full | save-dots: what each block keeps for the backward pass
-    scan_layers: bool = False  # one block looped over layers (README: compile time, measured)
+    # Blocks' params stacked (a leading layer axis; another checkpoint layout) and one block
+    # scanned over them: 16 layers compile in 2.8 s against 4.7 s unrolled on CPU (README).
+    scan_layers: bool = False
 
     def resolved(self, vocab_size: int | None = None) -> ModelConfig:
         """A copy with every 0 ("derive it") replaced by its derived value."""

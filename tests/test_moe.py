@@ -207,6 +207,23 @@ def test_aux_free_bias_moves_towards_equal_load():
     assert updated["blocks"][1] == {"mlp": {}}
 
 
+def test_aux_free_bias_updates_each_layer_of_a_stacked_model():
+    """scan_layers keeps MoE layers 1 and 3 as rows 0 and 1 of stack 1: same update per layer."""
+    from research.config import ModelConfig
+    from research.models.moe import update_router_biases
+    from research.models.stack import stack_layers
+
+    cfg = ModelConfig(n_layers=4, n_experts=4, moe_every=2)
+    params = {"blocks": {i: {"mlp": {"router_bias": jnp.full(4, float(i))}} for i in range(4)}}
+    loads = jnp.array([[0.55, 0.25, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]])
+    expected = stack_layers(update_router_biases(params, [1, 3], loads, 0.1), cfg)
+    updated = update_router_biases(stack_layers(params, cfg), [1, 3], loads, 0.1)
+    bias = np.asarray(updated["stacked_blocks"][1]["mlp"]["router_bias"])
+    np.testing.assert_allclose(bias, [[0.9, 1.0, 1.1, 1.1], [3.1, 3.1, 2.9, 2.9]])
+    for a, b in zip(jax.tree.leaves(updated), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_aux_free_bias_changes_selection_not_weights():
     moe = make_moe(n_experts=4, top_k=1, router="sigmoid", router_renormalize=False)
     x = jax.random.normal(jax.random.key(9), (1, 6, 16))

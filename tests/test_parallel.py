@@ -11,6 +11,7 @@ from flax import nnx
 
 from research.config import ConfigError, MeshConfig, ModelConfig, load_experiment
 from research.models import Transformer
+from research.models.stack import stack_layers, unstack_layers
 from research.parallel.mesh import MeshShapeError, make_mesh
 from research.train.trainer import init_train_state, train
 
@@ -89,15 +90,17 @@ LAYOUTS = {
 # (parameter path, the mesh axes its shards must be split over) per layout
 SHARDED = {
     "fsdp8": [(("embed",), {"fsdp"}), (("blocks", 0, "attn", "wq"), {"fsdp"})],
-    "tp2_dp4_scan_remat": [
-        (("blocks", 0, "attn", "wq"), {"tensor"}),
-        (("blocks", 1, "mlp", "w_down"), {"tensor"}),
+    "tp2_dp4_scan_remat": [  # scan keeps the blocks stacked: a leading, unsharded layer axis
+        (("stacked_blocks", 0, "attn", "wq"), {"tensor"}),
+        (("stacked_blocks", 0, "mlp", "w_down"), {"tensor"}),
     ],
     "fsdp2_tp2_dp2_savedots": [
         (("blocks", 0, "mlp", "w_gate"), {"fsdp", "tensor"}),
         (("embed",), {"fsdp", "tensor"}),
     ],
-    "moe_ep2_tp2_fsdp2_scan": [(("blocks", 1, "mlp", "w_up"), {"expert", "fsdp", "tensor"})],
+    "moe_ep2_tp2_fsdp2_scan": [
+        (("stacked_blocks", 1, "mlp", "w_up"), {"expert", "fsdp", "tensor"})
+    ],
 }
 
 
@@ -124,6 +127,9 @@ def test_layout_trains_like_one_device(layout, runs, single_device):
         for key in path:
             leaf = leaf[key]
         spec_axes = {a for entry in leaf.sharding.spec if entry for a in np.atleast_1d(entry)}
+        if path[0] == "stacked_blocks":
+            assert leaf.shape[0] == cfg.model.n_layers // len(state["params"]["stacked_blocks"])
+            assert leaf.sharding.spec[0] is None  # each device holds every layer's slice
         assert spec_axes == axes, (path, leaf.sharding.spec)
         ways = int(np.prod([mesh.shape[a] for a in axes]))
         assert leaf.addressable_shards[0].data.size * ways == leaf.size
@@ -133,8 +139,14 @@ def test_layout_trains_like_one_device(layout, runs, single_device):
         assert memory["params_bytes"] * 8 == param_bytes
     assert 2 * memory["params_bytes"] <= memory["optimizer_bytes"]  # Adam's two moments
     assert memory["optimizer_bytes"] <= 2 * memory["params_bytes"] + 1024
-    # Every matrix splits (each has embed or a tensor axis), the optimizer moments too.
-    matrices = [x for x in jax.tree.leaves(state) if x.ndim >= 2]
+
+    # Every matrix splits (each has embed or a tensor axis), the optimizer moments too; a stacked
+    # norm scale [layers, embed] is a vector per layer, replicated unless fsdp splits embed.
+    def layer_ndim(path, x) -> int:
+        return x.ndim - any(getattr(key, "key", None) == "stacked_blocks" for key in path)
+
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    matrices = [x for path, x in leaves if layer_ndim(path, x) >= 2]
     assert matrices and not any(x.sharding.is_fully_replicated for x in matrices)
 
 
@@ -144,9 +156,15 @@ def tiny(**overrides) -> ModelConfig:
 
 
 def loss_and_grads(cfg: ModelConfig, params=None):
+    """Loss and gradients (both in the unrolled layout) at ``params`` (unrolled layout, a pure
+    dict) or at the model's own initial parameters."""
     model = Transformer(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    state = params if params is not None else state
+    state = nnx.to_pure_dict(state)
+    if params is not None:
+        converted = stack_layers(params, cfg) if cfg.scan_layers else params
+        assert jax.tree.structure(converted) == jax.tree.structure(state)
+        state = converted
     tokens = jax.random.randint(jax.random.key(1), (2, 17), 0, cfg.vocab_size)
 
     def loss(state):
@@ -157,6 +175,8 @@ def loss_and_grads(cfg: ModelConfig, params=None):
         return ce + (aux["load_balance_loss"] if aux else 0.0)
 
     value, grads = jax.jit(jax.value_and_grad(loss))(state)
+    if cfg.scan_layers:
+        state, grads = unstack_layers(state), unstack_layers(grads)
     return value, grads, state
 
 
@@ -178,6 +198,22 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(base, variants):
         np.testing.assert_allclose(value, reference, rtol=1e-5)
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("moe", [{}, dict(n_experts=4, top_k=2, moe_every=2)], ids=["dense", "moe"])
+def test_scanned_model_starts_from_the_unrolled_models_parameters(moe):
+    """Same seed, same values, only stacked: scan_layers changes the layout, not the run."""
+    plain = nnx.to_pure_dict(nnx.state(Transformer(tiny(**moe), nnx.Rngs(0))))
+    scanned = nnx.to_pure_dict(nnx.state(Transformer(tiny(**moe, scan_layers=True), nnx.Rngs(0))))
+    assert "blocks" not in scanned
+    assert scanned["stacked_blocks"][0]["attn"]["wq"].shape[0] == 4 // (2 if moe else 1)
+    stacked = stack_layers(plain, tiny(**moe))
+    assert jax.tree.structure(stacked) == jax.tree.structure(scanned)
+    for a, b in zip(jax.tree.leaves(stacked), jax.tree.leaves(scanned), strict=True):
+        np.testing.assert_array_equal(a, b)
+    roundtrip = unstack_layers(scanned)
+    for a, b in zip(jax.tree.leaves(roundtrip), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_scan_needs_whole_moe_groups():

@@ -105,6 +105,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
     assert again.step == 50 and again.train_loss == pytest.approx(first.train_loss, abs=0)
 
 
+def test_checkpoint_of_the_other_scan_layout_is_refused_not_moved_aside(tmp_path):
+    """scan_layers changes the parameter tree: restoring across it names the setting, and the
+    checkpoint stays where it is (it is not unreadable, only for the other layout)."""
+    import jax.numpy as jnp
+
+    from research.train.checkpoint import Checkpointer, CheckpointLayoutError
+
+    saver = Checkpointer(tmp_path / "checkpoints", 2, use_async=False)
+    saver.save(3, {"params": {"blocks": {0: {"w": jnp.ones(2)}}}}, {})
+    saver.close()
+    stacked = {"params": {"stacked_blocks": {0: {"w": jnp.ones((1, 2))}}}}
+    restorer = Checkpointer(tmp_path / "checkpoints", 2, use_async=False)
+    with pytest.raises(CheckpointLayoutError, match="saved with model.scan_layers=false"):
+        restorer.restore_latest(stacked)
+    restorer.close()
+    assert (tmp_path / "checkpoints" / "3").is_dir()
+
+
 def test_divergence_stops_with_a_clear_message(tiny_config):
     cfg = tiny_config(
         "optim.lr=1e30",
@@ -136,6 +154,9 @@ def test_changed_config_on_existing_run_is_refused(tiny_config):
     train(tiny_config("train.steps=2", "train.sample_tokens=0"))
     with pytest.raises(ConfigError, match="model.d_model"):
         train(tiny_config("train.steps=2", "model.d_model=64"))
+    # scan_layers lays the parameters out differently: part of a run's identity too
+    with pytest.raises(ConfigError, match="model.scan_layers: False -> True"):
+        train(tiny_config("train.steps=2", "model.scan_layers=true"))
 
 
 def test_bad_mesh_is_a_clear_error(tiny_config):

@@ -20,6 +20,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from research.models.layers import SwiGLU, param
@@ -218,13 +219,26 @@ class MoE(nnx.Module):
 
 
 def update_router_biases(params: dict, moe_layers: list[int], loads: jax.Array, rate: float):
-    """DeepSeek-V3's bias step: raise under-loaded experts' bias, lower over-loaded ones'."""
-    blocks = dict(params["blocks"])
-    for row, layer in enumerate(moe_layers):
-        load = loads[row]
-        block = dict(blocks[layer])
+    """DeepSeek-V3's bias step: raise under-loaded experts' bias, lower over-loaded ones'.
+
+    ``loads``: [len(moe_layers), experts]. Either parameter layout: ``blocks/i`` (unrolled) or
+    ``stacked_blocks/j`` (scan_layers: layer i is row i // len(stacks) of stack i % len(stacks))."""
+    step = rate * jnp.sign(jnp.mean(loads, axis=-1, keepdims=True) - loads)
+    stacked = "stacked_blocks" in params
+    key = "stacked_blocks" if stacked else "blocks"
+    period = len(params[key]) if stacked else 1
+    # (entry of params[key], row within a stacked entry) of every MoE layer
+    where = [(layer % period, layer // period) if stacked else (layer, 0) for layer in moe_layers]
+    blocks = dict(params[key])
+    for entry in sorted({e for e, _ in where}):
+        rows = [r for r, (e, _) in enumerate(where) if e == entry]
+        block = dict(blocks[entry])
         mlp = dict(block["mlp"])
-        mlp["router_bias"] = mlp["router_bias"] + rate * jnp.sign(jnp.mean(load) - load)
+        if stacked:  # all this stack's MoE layers at once, each at its group's row
+            groups = np.asarray([where[r][1] for r in rows])
+            mlp["router_bias"] = mlp["router_bias"].at[groups].add(step[np.asarray(rows)])
+        else:
+            mlp["router_bias"] = mlp["router_bias"] + step[rows[0]]
         block["mlp"] = mlp
-        blocks[layer] = block
-    return {**params, "blocks": blocks}
+        blocks[entry] = block
+    return {**params, key: blocks}

@@ -15,7 +15,7 @@ from research.config import ModelConfig
 from research.models.attention import Attention, init_kv_cache
 from research.models.layers import RMSNorm, SwiGLU, param, rope_tables
 from research.models.moe import MoE
-from research.models.stack import run_blocks
+from research.models.stack import layer_of, layer_period, run_blocks, stack_modules
 
 
 def compute_dtype(name: str):
@@ -68,7 +68,14 @@ class Transformer(nnx.Module):
         self.embed = param(
             rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pdt
         )
-        self.blocks = nnx.List([Block(cfg, rngs, i) for i in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs, i) for i in range(cfg.n_layers)]
+        if cfg.scan_layers:  # stacked once here, so the train step scans without copying
+            period = layer_period(cfg)
+            self.stacked_blocks = nnx.List(
+                [stack_modules(blocks[j::period]) for j in range(period)]
+            )
+        else:
+            self.blocks = nnx.List(blocks)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         if not cfg.tie_embeddings:
             self.lm_head = param(
@@ -95,11 +102,11 @@ class Transformer(nnx.Module):
         rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         new_caches, router_stats = [], []
         if caches is None:  # training and scoring: remat and scan-over-layers apply here
-            x, router_stats = run_blocks(
-                self.blocks, cfg, x, positions, rope, dropout_key, moe_groups
-            )
+            blocks = self.stacked_blocks if cfg.scan_layers else self.blocks
+            x, router_stats = run_blocks(blocks, cfg, x, positions, rope, dropout_key, moe_groups)
         else:
-            for i, block in enumerate(self.blocks):
+            for i in range(cfg.n_layers):
+                block = layer_of(self.stacked_blocks, i) if cfg.scan_layers else self.blocks[i]
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
                 x, cache, aux = block(x, positions, rope, caches[i], key, moe_groups)
                 new_caches.append(cache)

@@ -28,6 +28,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "vocab": ("tensor",),
     "expert": ("expert",),
+    "layers": None,  # the leading axis of scan_layers' stacked blocks: every device holds all
 }
 
 

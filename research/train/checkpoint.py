@@ -20,6 +20,11 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
+class CheckpointLayoutError(ValueError):
+    """A readable checkpoint whose parameter tree is not this model's: not corruption, so it is
+    reported instead of being moved aside."""
+
+
 class Checkpointer:
     def __init__(self, directory: Path, keep: int, use_async: bool = True):
         self.directory = Path(directory).absolute()
@@ -43,6 +48,7 @@ class Checkpointer:
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict] | None:
         """The newest readable checkpoint as (step, state, data_state); None if there is none."""
         for step in sorted(self.manager.all_steps(), reverse=True):
+            self._check_layout(step, abstract_state)
             try:
                 restored = self.manager.restore(
                     step,
@@ -67,6 +73,30 @@ class Checkpointer:
                     f"moved to {aside}, trying the previous one"
                 )
         return None
+
+    def _check_layout(self, step: int, abstract_state: Any) -> None:
+        """Refuse a checkpoint whose parameters are laid out differently (model.scan_layers keeps
+        the blocks stacked, ``stacked_blocks``; without it they are ``blocks/i``)."""
+        try:
+            with ocp.StandardCheckpointer() as reader:
+                metadata = reader.metadata(self.directory / str(step) / "state").item_metadata
+            saved, expected = set(metadata.tree["params"]), set(abstract_state["params"])
+        except Exception:  # noqa: BLE001 - no metadata to compare: the restore decides
+            return
+        if saved == expected:
+            return
+        message = (
+            f"checkpoint {step} in {self.directory} holds parameters {sorted(saved)}, this "
+            f"model has {sorted(expected)}"
+        )
+        if {"blocks", "stacked_blocks"} & (saved ^ expected):
+            was = "true" if "stacked_blocks" in saved else "false"
+            message += (
+                f". It was saved with model.scan_layers={was}: set model.scan_layers={was} "
+                "to restore it, or convert the parameters with research.models.stack."
+                "stack_layers / unstack_layers"
+            )
+        raise CheckpointLayoutError(message)
 
     def _move_aside(self, step: int) -> Path:
         source = self.directory / str(step)
