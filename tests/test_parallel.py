@@ -239,6 +239,13 @@ def test_bad_mesh_shapes_name_the_mesh_and_the_devices(mesh, match):
         make_mesh(mesh)
 
 
+def test_cli_reports_a_bad_mesh_as_a_usage_error(capsys):
+    from research.cli import main as cli_main
+
+    assert cli_main(["info", "tiny", "--set", "mesh.fsdp=-1"]) == 2  # data is -1 by default
+    assert "mesh.data=1 --set mesh.fsdp=-1" in capsys.readouterr().err
+
+
 def test_model_dims_that_do_not_split_name_the_dim_and_the_mesh():
     from research.train.trainer import build_model
 

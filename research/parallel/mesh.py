@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from research.config import MeshConfig
+from research.config import ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -37,15 +37,18 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
 ACTIVATION_RULES = {**LOGICAL_RULES, "embed": None}
 
 
-class MeshShapeError(ValueError):
-    pass
+class MeshShapeError(ConfigError):
+    """A mesh that does not fit the devices or the model; the message names both and the fix."""
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     sizes = {axis: getattr(cfg, axis) for axis in MESH_AXES}
     rest = [axis for axis, size in sizes.items() if size == -1]
     if len(rest) > 1:
-        raise MeshShapeError(f"only one mesh axis may be -1 (the rest), got {rest}")
+        raise MeshShapeError(
+            f"only one mesh axis may be -1 (the rest), got {rest}; give the others a size, "
+            "e.g. --set mesh.data=1 --set mesh.fsdp=-1"
+        )
     fixed = math.prod(size for size in sizes.values() if size != -1)
     if rest:
         if n_devices % fixed:
