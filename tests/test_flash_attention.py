@@ -186,9 +186,11 @@ def test_kernels_lower_for_their_backend(kernel, platform):
 
 
 def test_model_trains_the_same_as_xla_with_pallas(tiny_config, tmp_path):
+    """Under tensor=2 x data=4 (the kernel per device), scanned layers and a sliding window."""
     common_overrides = ("train.steps=3", "train.log_every=1", "train.sample_tokens=0",
-                        "train.checkpoint_every=0", "model.head_dim=32", "model.n_layers=1",
-                        "mesh.data=1")  # fmt: skip
+                        "train.checkpoint_every=0", "model.head_dim=32", "model.n_layers=2",
+                        "model.vocab_size=128", "mesh.data=4", "mesh.tensor=2",
+                        "model.scan_layers=true", "model.attention_window=16")  # fmt: skip
     runs = {}
     for name in ("xla", "pallas"):
         cfg = tiny_config(*common_overrides, f"model.attention={name}",
