@@ -139,9 +139,10 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
 
 def per_shard(fn: Callable, in_axes: tuple, out_axes: tuple) -> Callable:
     """``fn`` run on each device's block of its arguments (``shard_map`` over the context mesh),
-    arguments split by logical axes (``None``: replicated). For custom calls such as Pallas
-    kernels, which XLA cannot partition and would otherwise gather whole onto every device.
-    Outside ``on_mesh`` (or on one device) it is ``fn`` itself."""
+    arguments split by logical axes (``None``: replicated); its output is shaped like the first
+    argument (attention's q). For custom calls such as Pallas kernels, which XLA cannot partition
+    and would otherwise gather whole onto every device. Outside ``on_mesh`` (or on one device) it
+    is ``fn`` itself."""
 
     @functools.wraps(fn)
     def wrapped(*args):
@@ -153,12 +154,11 @@ def per_shard(fn: Callable, in_axes: tuple, out_axes: tuple) -> Callable:
         def spec(axes, shape):
             return PartitionSpec() if axes is None else _spec(axes, shape, sizes, ACTIVATION_RULES)
 
-        out_shape = jax.eval_shape(fn, *args)
         return jax.shard_map(
             fn,
             mesh=mesh,
             in_specs=tuple(spec(ax, a.shape) for ax, a in zip(in_axes, args, strict=True)),
-            out_specs=spec(out_axes, out_shape.shape),
+            out_specs=spec(out_axes, args[0].shape),
             check_vma=False,  # the kernels are per-device code with no collectives
         )(*args)
 

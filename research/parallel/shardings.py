@@ -12,14 +12,13 @@ from research.config import ModelConfig
 from research.parallel.mesh import logical_to_spec
 
 
-def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
-    """The model's graph and each parameter's sharding, from its logical axes and the rules;
-    nothing is allocated. A dimension that does not split over its mesh axes is an error."""
+def _abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
     from research.models import Transformer
 
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
-    graphdef, abstract_state = nnx.split(abstract)
+    return nnx.split(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))))
 
+
+def _shardings_of(abstract_state: nnx.State, mesh: Mesh) -> dict:
     def sharding_of(path, variable):
         name = "/".join(str(getattr(p, "key", p)) for p in path)
         axes = variable.get_metadata().get("logical_axes") or (None,) * variable.value.ndim
@@ -28,19 +27,23 @@ def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, d
     shardings = jax.tree_util.tree_map_with_path(
         sharding_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)
     )
-    return graphdef, nnx.to_pure_dict(shardings)
+    return nnx.to_pure_dict(shardings)
+
+
+def param_shardings(model_cfg: ModelConfig, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
+    """The model's graph and each parameter's sharding, from its logical axes and the rules;
+    nothing is allocated. A dimension that does not split over its mesh axes is an error."""
+    graphdef, abstract_state = _abstract_model(model_cfg)
+    return graphdef, _shardings_of(abstract_state, mesh)
 
 
 def abstract_params(model_cfg: ModelConfig, mesh: Mesh) -> dict:
     """Shapes, dtypes and shardings of the parameters, as jax.ShapeDtypeStruct."""
-    from research.models import Transformer
-
-    _, shardings = param_shardings(model_cfg, mesh)
-    shapes = nnx.to_pure_dict(
-        nnx.state(nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0))))
-    )
+    _, abstract_state = _abstract_model(model_cfg)  # traced once for shapes and shardings
     return jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        nnx.to_pure_dict(abstract_state),
+        _shardings_of(abstract_state, mesh),
     )
 
 
