@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from research.config import ConfigError, ExperimentConfig, load_experiment
+from research.config import ExperimentConfig, ResearchError, load_experiment
 from research.scaling.commands import add_scaling_commands
 
 DEFAULT_EXPERIMENT = "shakespeare_char"
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     runtime.setup()
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ResearchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

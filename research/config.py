@@ -20,7 +20,12 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class ConfigError(ValueError):
+class ResearchError(Exception):
+    """The project's own error: bad input or state, with the fix in the message. The CLI prints
+    it as ``error: ...`` and exits with status 2 instead of showing a traceback."""
+
+
+class ConfigError(ResearchError, ValueError):
     """A config key, value or experiment name that cannot be used, with the fix in the message."""
 
 

@@ -100,7 +100,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
 
     again = train(tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1"))
     out = capsys.readouterr().out
-    assert "checkpoint 50 is unreadable" in out and "resumed" in out and "from step 25" in out
+    assert "checkpoint 50 is corrupt" in out and "resumed" in out and "from step 25" in out
     assert (run_dir / "checkpoints_unreadable" / "50").exists()  # moved aside, not deleted
     assert again.step == 50 and again.train_loss == pytest.approx(first.train_loss, abs=0)
 

@@ -12,8 +12,8 @@ from jax.sharding import Mesh
 from research.config import ExperimentConfig, MeshConfig
 from research.data.shards import PreparedData, prepare
 from research.parallel.mesh import make_mesh
+from research.parallel.shardings import abstract_params, param_shardings
 from research.train.checkpoint import Checkpointer
-from research.train.trainer import abstract_like, init_train_state
 
 
 @dataclass
@@ -36,13 +36,13 @@ def load_run(run_dir: Path) -> LoadedRun:
     cfg.mesh = MeshConfig()  # inference uses whatever devices are here, data-parallel
     data = prepare(cfg.data, verbose=False)
     mesh = make_mesh(cfg.mesh)
-    graphdef, state, _, _ = init_train_state(cfg, mesh)
-    checkpointer = Checkpointer(
-        Path(run_dir) / "checkpoints", cfg.train.keep_checkpoints, use_async=False
+    cfg.model = cfg.model.resolved(vocab_size=data.vocab_size)
+    graphdef, _ = param_shardings(cfg.model, mesh)
+    checkpointer = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
+    restored = checkpointer.restore_latest(
+        {"params": abstract_params(cfg.model, mesh)}, params_only=True
     )
-    restored = checkpointer.restore_latest(abstract_like(state))
     checkpointer.close()
     if restored is None:
         raise FileNotFoundError(f"{run_dir} has no readable checkpoint yet")
-    step, state, _ = restored
-    return LoadedRun(cfg, data, mesh, graphdef, state["params"], step)
+    return LoadedRun(cfg, data, mesh, graphdef, restored.state["params"], restored.step)

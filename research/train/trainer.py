@@ -251,8 +251,8 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     if resume:
         restored = checkpointer.restore_latest(abstract_like(state))
         if restored is not None:
-            start_step, state, data_state = restored
-            batches.set_state(data_state)
+            start_step, state = restored.step, restored.state
+            batches.set_state(restored.data_state)
             print(f"resumed {run_dir} from step {start_step}")
 
     train_sharding = batch_sharding(mesh, leading_dims=1)  # [accum, batch, seq + 1]
@@ -288,12 +288,18 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         ledger = _update_ledger(run_dir, tokens, flops, reading.seconds, mesh)
         return record_energy(run_dir, cfg.energy, reading) if jax.process_index() == 0 else ledger
 
+    def on_durable(durable_step: int) -> None:  # the ledger counts only work a checkpoint holds
+        nonlocal ledger_step
+        account(durable_step - ledger_step, meter.take())
+        ledger_step = durable_step
+
+    checkpointer.on_durable = on_durable
+
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
     progress = _progress_bar(cfg, start_step)
     train_loss, val_loss, val_bpb = float("nan"), None, None
     window_start, window_steps = time.perf_counter(), 0
     tokens_per_second = mfu = 0.0
-    last_good_step = checkpointer.latest_step()
     loop_start = time.perf_counter()
     step = start_step
     bounded_queue = mesh.devices.flat[0].platform == "cpu" and mesh.devices.size > 1
@@ -309,6 +315,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             jax.block_until_ready(previous_loss)
             previous_loss = metrics["loss"]
         window_steps += 1
+        checkpointer.poll()  # a failed background save stops the run here
         is_last = step == cfg.train.steps
         checkpoint_now = is_last or (
             cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
@@ -320,8 +327,9 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
                 checkpointer.close()
                 raise TrainingDiverged(
                     f"loss became {train_loss} at step {step}; stopped. The last good checkpoint "
-                    f"is step {last_good_step} in {checkpointer.directory}. Lower optim.lr, raise "
-                    "optim.warmup_steps or enable train.z_loss, then re-run to resume from it."
+                    f"is step {checkpointer.durable_step} in {checkpointer.directory}. Lower "
+                    "optim.lr, raise optim.warmup_steps or enable train.z_loss, then re-run to "
+                    "resume from it."
                 )
             elapsed = time.perf_counter() - window_start
             tokens_per_second = window_steps * tokens_per_step / elapsed
@@ -352,13 +360,9 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             window_start = time.perf_counter()  # eval time is not training throughput
         if checkpoint_now:
             checkpointer.save(step, state, batches.get_state())
-            last_good_step = step
-            if not is_last:  # a killed run's checkpointed work stays in the ledger
-                account(step - ledger_step, meter.take())
-                ledger_step = step
         progress.update(1)
     progress.close()
-    checkpointer.close()
+    checkpointer.close()  # waits for the final save; raises CheckpointSaveError if it failed
     train_seconds = time.perf_counter() - loop_start
     steps_done = step - start_step
     # meter.stop() on every process: it ends the NVML sampling thread.
