@@ -152,8 +152,8 @@ def cpu_child(impl: str, seq: int, steps: int) -> None:
 
     from research.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
     from research.parallel.mesh import batch_sharding, make_mesh
+    from research.train.state import init_train_state
     from research.train.step import make_train_step
-    from research.train.trainer import init_train_state
 
     model = ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=2, seq_len=seq,
                         attention=impl).resolved()  # fmt: skip

@@ -25,11 +25,11 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from research.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from research.models.accounting import count_params  # noqa: E402
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh  # noqa: E402
-from research.scaling.accounting import count_params  # noqa: E402
 from research.train.metrics import measure_matmul_peak, peak_flops_per_device  # noqa: E402
+from research.train.state import init_train_state  # noqa: E402
 from research.train.step import make_train_step  # noqa: E402
-from research.train.trainer import init_train_state  # noqa: E402
 
 
 def step_time(model_cfg: ModelConfig, batch: int, steps: int, repeats: int) -> float:

@@ -1,5 +1,5 @@
 """Remat and scan-over-layers, measured: XLA's temp memory of the compiled train step beside our
-activation estimate (research/parallel/memory.py) per remat policy, and the compile time of a
+activation estimate (research/train/memory.py) per remat policy, and the compile time of a
 deep model unrolled beside scanned.
 
     PYTHONPATH=. python benchmarks/parallel_memory.py [--layers 16]
@@ -26,14 +26,14 @@ from research.config import ExperimentConfig, MeshConfig, ModelConfig, TrainConf
 from research.models import Transformer  # noqa: E402
 from research.models.layers import rope_tables  # noqa: E402
 from research.models.stack import block_function  # noqa: E402
-from research.parallel.memory import (  # noqa: E402
+from research.parallel.mesh import batch_sharding, make_mesh, on_mesh  # noqa: E402
+from research.train.memory import (  # noqa: E402
     compiled_memory,
     memory_report,
     saved_residual_bytes,
 )
-from research.parallel.mesh import batch_sharding, make_mesh, on_mesh  # noqa: E402
+from research.train.state import init_train_state  # noqa: E402
 from research.train.step import cross_entropy, make_train_step  # noqa: E402
-from research.train.trainer import init_train_state  # noqa: E402
 
 
 def compile_step(cfg: ExperimentConfig):

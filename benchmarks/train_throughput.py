@@ -36,9 +36,9 @@ import jax  # noqa: E402
 
 from research.config import load_experiment  # noqa: E402
 from research.data.shards import prepare  # noqa: E402
-from research.scaling.accounting import count_params  # noqa: E402
+from research.models.accounting import count_params  # noqa: E402
+from research.run import train  # noqa: E402
 from research.train.metrics import measure_matmul_peak, peak_flops_per_device  # noqa: E402
-from research.train.trainer import train  # noqa: E402
 
 PUBLISHED_NANOGPT_CPU = {
     "ms_per_step": 37.0,

@@ -79,12 +79,12 @@ def main(out: Path = Path("docs/moe_vs_dense.png")) -> None:
     from research import runtime
 
     runtime.setup()
-    from research.train.trainer import train
+    from research.run import train
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     print("| model | val loss | median step (ms) | total / active params |")
     print("|---|---|---|---|")
-    from research.scaling.accounting import count_params
+    from research.models.accounting import count_params
 
     for name, cfg in sweep():
         cfg.train.run_dir = f"runs/moe_vs_dense/{name}"

@@ -43,7 +43,7 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from research.train.trainer import train
+    from research.run import train
 
     result = train(_load(args), resume=not args.restart)
     val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
@@ -57,41 +57,42 @@ def cmd_train(args) -> None:
     print(
         f"done: step {result.step}, train loss {result.train_loss:.4f}, val loss {val}, "
         f"{result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "
-        f"{result.wall_seconds:.1f} s -> {result.run_dir}"
+        f"compile {result.compile_seconds:.1f} s, {result.wall_seconds:.1f} s -> {result.run_dir}"
     )
     if result.sample:
         print("--- sample ---")
         print(result.sample)
 
 
-def _load_run(run_dir: str):
-    from research.infer.restore import load_run
+def _saved_run(run_dir: str, purpose: str):
+    """A trained run's parameters (only: no optimizer state), read-only."""
+    from research.run import build_run, load_run_config
 
-    return load_run(Path(run_dir))
+    return build_run(load_run_config(Path(run_dir)), purpose)
 
 
 def cmd_eval(args) -> None:
-    from research.train.step import make_eval_step
-    from research.train.trainer import evaluate
+    from research.infer.evaluate import Evaluator
 
-    run = _load_run(args.run_dir)
-    import jax
-
-    val_loss, bpb = evaluate(
-        jax.jit(make_eval_step(run.graphdef)), run.params, run.data, run.config, run.mesh
+    run = _saved_run(args.run_dir, "eval")
+    cfg = run.config
+    evaluator = Evaluator(
+        run.graphdef, run.data, run.mesh, cfg.model.seq_len, run.micro_batch, cfg.train.eval_batches
     )
+    val_loss, bpb = evaluator(run.state["params"])
     print(json.dumps({"step": run.step, "val_loss": val_loss, "val_bpb": bpb}))
 
 
 def cmd_generate(args) -> None:
-    from research.train.trainer import sample_text
+    from research.infer.sampling import sample_text
 
-    run = _load_run(args.run_dir)
+    run = _saved_run(args.run_dir, "generate")
+    tokenizer = run.data.tokenizer()
     for index in range(args.num_samples):
         text = sample_text(
             run.graphdef,
-            run.params,
-            run.data,
+            run.state["params"],
+            tokenizer,
             args.prompt,
             args.max_tokens,
             args.seed + index,
@@ -105,35 +106,16 @@ def cmd_generate(args) -> None:
 
 
 def cmd_info(args) -> None:
-    from research.scaling.accounting import count_params
+    from research.run import build_run
 
-    cfg = _load(args)
-    vocab = cfg.model.vocab_size
-    if not vocab:  # the tokenizer decides: prepare the data (or read it from the cache)
-        from research.data.shards import prepare
-
-        vocab = prepare(cfg.data, verbose=False).vocab_size
-    cfg.model = cfg.model.resolved(vocab_size=vocab)
-    size = count_params(cfg.model)
-    print(cfg.to_json())
+    run = build_run(_load(args), "info")  # resolves and checks everything, allocates nothing
+    size = run.size
+    print(run.config.to_json())
     print(
         f"params {size.total_params:,} (non-embedding {size.non_embedding_params:,}, active "
         f"{size.active_params:,}); {size.flops_per_token / 1e6:.2f} MFLOP per training token"
     )
-    print(_memory_line(cfg))
-
-
-def _memory_line(cfg: ExperimentConfig) -> str:
-    """Per-device memory on the mesh this config gets on the devices here."""
-    from research.parallel.memory import memory_report
-    from research.parallel.mesh import make_mesh
-    from research.train.optimizer import make_optimizer
-
-    micro_batch = cfg.train.batch_size // cfg.optim.grad_accum
-    mesh = make_mesh(cfg.mesh, batch_size=micro_batch)
-    tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
-    report = memory_report(cfg.model, mesh, tx, micro_batch)
-    return f"{report.summary()}; mesh {dict(mesh.shape)}"
+    print(f"{run.memory.summary()}; mesh {dict(run.mesh.shape)}")
 
 
 def build_parser() -> argparse.ArgumentParser:

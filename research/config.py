@@ -188,6 +188,7 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     peak_flops: float = 0.0  # 0: look up the device, or measure the f32 matmul ceiling on CPU
+    profile_steps: str = ""  # "A:B": a trace of steps A+1..B for TensorBoard's profile tab
 
 
 @dataclass

@@ -17,7 +17,7 @@ from research.kernels.flash_attention import (
     flash_attention,
 )
 from research.models.attention import attend, xla_attention
-from research.train.trainer import train
+from research.run import train
 
 SMALL = BlockSizes(32, 16, 16, 32)  # several blocks per axis even at these lengths
 

@@ -10,9 +10,9 @@ from flax import nnx
 from research.config import ModelConfig
 from research.infer.sampling import filter_logits
 from research.models import Transformer
+from research.models.accounting import count_params
 from research.models.attention import xla_attention
 from research.models.layers import apply_rope, rope_tables
-from research.scaling.accounting import count_params
 
 
 def tiny_model(**overrides) -> Transformer:

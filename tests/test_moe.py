@@ -8,10 +8,10 @@ from conftest import read_metrics
 from flax import nnx
 
 from research.config import ModelConfig
+from research.models.accounting import count_params
 from research.models.layers import SwiGLU
 from research.models.moe import MoE
-from research.scaling.accounting import count_params
-from research.train.trainer import train
+from research.run import train
 
 
 def make_moe(**overrides) -> MoE:
@@ -171,7 +171,7 @@ def test_expert_parallel_loss_equals_unsharded(tiny_config, tmp_path, experts):
 def test_expert_weights_are_sharded_over_the_expert_axis():
     from research.config import MeshConfig
     from research.parallel.mesh import make_mesh
-    from research.train.trainer import build_model
+    from research.train.state import build_model
 
     cfg = ModelConfig(
         vocab_size=16, d_model=16, n_heads=2, n_layers=1, n_experts=8, expert_hidden=32

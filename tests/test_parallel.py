@@ -13,7 +13,8 @@ from research.config import ConfigError, MeshConfig, ModelConfig, load_experimen
 from research.models import Transformer
 from research.models.stack import stack_layers, unstack_layers
 from research.parallel.mesh import MeshShapeError, make_mesh
-from research.train.trainer import init_train_state, train
+from research.run import train
+from research.train.state import init_train_state
 
 # vocab 128: the character vocabulary (65) does not split over tensor-parallel devices; 4 KV
 # heads split 4 ways. Checkpoints at steps 3 and 4: the restore test resumes from step 3.
@@ -247,7 +248,7 @@ def test_cli_reports_a_bad_mesh_as_a_usage_error(capsys):
 
 
 def test_model_dims_that_do_not_split_name_the_dim_and_the_mesh():
-    from research.train.trainer import build_model
+    from research.train.state import build_model
 
     with pytest.raises(MeshShapeError, match=r"kv' of size 2 .*tensor.* size 4"):
         build_model(tiny(n_kv_heads=2), 0, make_mesh(MeshConfig(data=2, tensor=4)))
@@ -306,7 +307,7 @@ def test_checkpoint_from_fsdp8_restores_under_dp2_tp4(runs, tmp_path):
     import shutil
 
     from research.train.checkpoint import Checkpointer
-    from research.train.trainer import abstract_like
+    from research.train.state import abstract_like
 
     cfg, result = runs("fsdp8")
     copy = tmp_path / "run"
@@ -341,7 +342,7 @@ def test_checkpoint_from_fsdp8_restores_under_dp2_tp4(runs, tmp_path):
 @pytest.mark.parametrize("remat", ["none", "save-dots", "full"])
 def test_activation_estimate_is_close_to_jax_residuals(remat):
     """The memory report's activation figure against what jax.vjp really keeps."""
-    from research.parallel.memory import activation_bytes, saved_residual_bytes
+    from research.train.memory import activation_bytes, saved_residual_bytes
     from research.train.step import cross_entropy
 
     cfg = tiny(vocab_size=256, d_model=64, n_heads=4, seq_len=64, remat=remat)

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from research.config import ConfigError, EnergyConfig, ModelConfig
+from research.models.accounting import count_params
 from research.scaling import fits, forecast, ledger, power
-from research.scaling.accounting import count_params
 from research.scaling.shapes import shape_for_params
 
 

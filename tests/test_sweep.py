@@ -9,8 +9,8 @@ import pytest
 
 from research.cli import main as cli_main
 from research.config import ConfigError, load_experiment
+from research.models.accounting import count_params
 from research.scaling import sweep as sweep_mod
-from research.scaling.accounting import count_params
 from research.train import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from conftest import read_metrics
 
 from research.cli import main as cli_main
 from research.config import ConfigError
-from research.train.trainer import TrainingDiverged, train
+from research.run import train
+from research.train.loop import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
 

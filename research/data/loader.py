@@ -48,19 +48,21 @@ def train_dataset(
 
 
 def eval_batches(
-    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int = 0, padded_rows: int = 0
 ) -> Iterator[tuple[np.ndarray, int]]:
     """Non-overlapping windows over the whole split (or the first max_batches batches).
 
-    Yields (batch [batch_size, seq_len + 1], rows): the last batch is zero-padded to full size so
-    one compiled eval step serves them all; only its first ``rows`` rows count.
+    Yields (batch [max(batch_size, padded_rows), seq_len + 1], rows): batches are zero-padded to
+    full size so one compiled eval step serves them all (and to ``padded_rows``, e.g. a multiple
+    of the device count, without changing which windows are evaluated); only the first ``rows``
+    rows count.
     """
     n_windows = (len(tokens) - 1) // seq_len
     starts = np.arange(n_windows) * seq_len
     count = 0
     for first in range(0, n_windows, batch_size):
         chunk = starts[first : first + batch_size]
-        batch = np.zeros((batch_size, seq_len + 1), np.int32)
+        batch = np.zeros((max(batch_size, padded_rows), seq_len + 1), np.int32)
         for row, start in enumerate(chunk):
             batch[row] = tokens[start : start + seq_len + 1]
         yield batch, len(chunk)

@@ -11,6 +11,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -88,3 +89,30 @@ def generate(
         width,
         int(vocab_limit),
     )
+
+
+def sample_text(
+    graphdef: nnx.GraphDef,
+    params,
+    tokenizer,
+    prompt: str,
+    n_tokens: int,
+    seed: int,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 0.95,
+) -> str:
+    """The prompt and ``n_tokens`` sampled after it, as text (params: host or global arrays)."""
+    model = nnx.merge(graphdef, jax.device_get(params))
+    prompt_ids = tokenizer.encode(prompt)[None, :]
+    new = generate(
+        model,
+        prompt_ids,
+        n_tokens,
+        jax.random.key(seed),
+        temperature,
+        top_k,
+        top_p,
+        tokenizer.vocab_size,
+    )
+    return prompt + tokenizer.decode(np.asarray(new[0]))

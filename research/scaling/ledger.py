@@ -1,6 +1,6 @@
 """The energy and cost ledger: device-hours, kWh, kg CO2eq and dollars of a run or a sweep.
 
-The trainer writes tokens, FLOPs and seconds to ``ledger.json``; ``record_energy`` adds the
+Training writes tokens, FLOPs and seconds to ``ledger.json``; ``record_energy`` adds the
 energy reading of the same call (a resumed run keeps adding) and recomputes the derived figures:
 
     device_hours = device_seconds / 3600

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from research.config import ConfigError, ModelConfig
-from research.scaling.accounting import ModelSize, count_params
+from research.models.accounting import ModelSize, count_params
 
 
 def shape_for_params(

@@ -28,7 +28,7 @@ from research.config import (
     find_experiment,
     load_module,
 )
-from research.scaling.accounting import ModelSize, count_params
+from research.models.accounting import ModelSize, count_params
 from research.scaling.shapes import shape_for_params
 
 RESULTS = "results.jsonl"
@@ -55,9 +55,9 @@ def _short(x: float) -> str:
 def _vocab_size(cfg: ExperimentConfig) -> int:
     if cfg.model.vocab_size:
         return cfg.model.vocab_size
-    from research.data.shards import prepare  # the tokenizer decides (cached after the first)
+    from research.run.builder import prepared_data  # the tokenizer decides (once per process)
 
-    return prepare(cfg.data, verbose=False).vocab_size
+    return prepared_data(cfg).vocab_size
 
 
 def tokens_per_step(cfg: ExperimentConfig) -> int:
@@ -195,7 +195,9 @@ def read_results(root: Path) -> list[dict]:
 
 
 def _size(run: SweepRun) -> ModelSize:
-    return count_params(run.config.model.resolved(vocab_size=_vocab_size(run.config)))
+    from research.run.builder import resolve_config
+
+    return count_params(resolve_config(run.config)[0].model)
 
 
 def planned_flops(run: SweepRun) -> tuple[ModelSize, int, float]:
@@ -320,7 +322,7 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
     """Train each run not yet in ROOT/results.jsonl; yields each new result row."""
     import jax
 
-    from research.train.trainer import train
+    from research.run import train
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)

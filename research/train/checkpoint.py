@@ -150,9 +150,15 @@ class Checkpointer:
             self.on_durable(step)
         return step
 
-    def close(self) -> None:
-        """Wait for the last save (raising if it failed) and release orbax's threads."""
-        self.poll(block=True)  # after a failed save, closing orbax only adds its own tracebacks
+    def close(self, quiet: bool = False) -> None:
+        """Wait for the last save (raising if it failed, unless ``quiet``: the caller is already
+        handling another error) and release orbax's threads."""
+        try:
+            self.poll(block=True)
+        except CheckpointSaveError:
+            if not quiet:
+                raise  # after a failed save, closing orbax only adds its own tracebacks
+            return
         self.manager.close()
 
     def latest_step(self) -> int | None:

@@ -1,4 +1,4 @@
-"""The loss, one jitted train step (with gradient accumulation) and the eval step."""
+"""One train step: loss, gradients (with accumulation over microbatches), optimizer update."""
 
 from __future__ import annotations
 
@@ -9,21 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from research.models.loss import cross_entropy
 from research.models.moe import update_router_biases
-
-
-def token_losses(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per-token cross-entropy in nats, and the log-partition function (for the z-loss)."""
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - picked, log_z
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, z_loss: float = 0.0):
-    """Mean token cross-entropy (nats) and the total loss with the optional z-loss on logits."""
-    losses, log_z = token_losses(logits, targets)
-    ce = jnp.mean(losses)
-    return ce + z_loss * jnp.mean(log_z**2), ce
 
 
 def make_train_step(
@@ -93,15 +80,3 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(graphdef: nnx.GraphDef):
-    """eval_step(params, batch [B, seq+1], rows) -> (sum of token losses, token count)."""
-
-    def eval_step(params, batch, rows):
-        logits = nnx.merge(graphdef, params)(batch[:, :-1])
-        losses, _ = token_losses(logits, batch[:, 1:])
-        valid = (jnp.arange(batch.shape[0]) < rows)[:, None]
-        return jnp.where(valid, losses, 0.0).sum(), valid.sum() * (batch.shape[1] - 1)
-
-    return eval_step

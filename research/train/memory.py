@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from research.config import ModelConfig
 from research.models.transformer import compute_dtype
 from research.parallel.mesh import data_parallel_size
-from research.parallel.shardings import abstract_params, optimizer_shardings
+from research.train.shardings import abstract_params, optimizer_shardings
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,210 @@
+"""`research train`: build the run, register the hooks, run the loop, report.
+
+Re-running the same command resumes from the newest good checkpoint, with the same batches and
+the same loss curve as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from research.config import ExperimentConfig
+from research.data.loader import train_dataset
+from research.infer.sampling import sample_text
+from research.parallel.distributed import gather_to_host
+from research.parallel.mesh import batch_sharding
+from research.run import hooks
+from research.run.builder import Run, build_run
+from research.scaling.ledger import record_energy
+from research.scaling.power import PowerMeter
+from research.train.loop import Trainer
+from research.train.metrics import MetricsLogger, peak_flops_per_device
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    train_loss: float
+    val_loss: float | None
+    val_bpb: float | None
+    wall_seconds: float
+    tokens_per_second: float
+    mfu: float
+    sample: str
+    steps_run: int = 0  # steps trained by this call (0: the run was already complete)
+    compile_seconds: float = 0.0
+
+
+def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
+    """Train (or resume) the experiment; returns the final metrics and a sample of text."""
+    meter = PowerMeter(cfg.energy)  # NVML samples or a TDP estimate, for ledger.json
+    run = build_run(cfg, "train", resume=resume)
+    cfg, train_cfg = run.config, run.config.train
+    if jax.process_index() == 0:
+        (run.run_dir / "config.json").write_text(cfg.to_json())
+        (run.run_dir / "memory.json").write_text(json.dumps(run.memory.to_dict(), indent=2))
+        if run.step == 0:
+            print(_model_line(run))
+        print(run.memory.summary())
+    batches = _batches(run)
+    trainer = Trainer(run.train_step, run.state, batches, run.step, train_cfg.steps)
+    logger = MetricsLogger(run.run_dir, cfg.log.tensorboard)
+    logger.text("config", f"```\n{cfg.to_json()}\n```")
+    progress = hooks.Progress()
+    bar, advance = hooks.progress_bar(run, cfg.log.progress)
+    ledger = _Ledger(run, meter)
+    run.checkpointer.on_durable = ledger.add_durable  # the ledger counts only durable work
+
+    if _is_multi_device_cpu(run):
+        trainer.add_hook(hooks.bounded_queue(), every=1, training=True)
+    trainer.add_hook(hooks.poll_checkpoint(run), every=1, training=True)
+    trainer.add_hook(hooks.nan_guard(run), every=(train_cfg.log_every, train_cfg.checkpoint_every))
+    peak = _peak_flops(run)
+    trainer.add_hook(
+        hooks.LogScalars(run, logger, peak, progress, bar),
+        every=train_cfg.log_every,
+        training=True,
+        name="log",
+    )
+    evaluate, evaluator = hooks.evaluate_hook(run, logger, progress, bar)
+    trainer.add_hook(evaluate, every=train_cfg.eval_every)
+    trainer.add_hook(hooks.save_checkpoint(run, batches), every=train_cfg.checkpoint_every)
+    if cfg.log.profile_steps:
+        trainer.add_hook(hooks.profiler(run, cfg.log.profile_steps), every=1, training=True)
+    trainer.add_hook(advance, every=1, training=True)
+
+    try:
+        try:
+            trainer.run()
+        except BaseException:
+            run.checkpointer.close(quiet=True)  # let a save in flight finish; keep this error
+            raise
+        run.checkpointer.close()  # waits for the final save; CheckpointSaveError if it failed
+    finally:
+        bar.close()
+        reading = meter.stop()  # on every process: it ends the NVML sampling thread
+    totals = ledger.add(0, reading)  # time after the last durable save (sampling, closing)
+    logger.scalars(trainer.step, {"perf/compile_seconds": trainer.compile_seconds})
+    sample = _sample(run, trainer.state["params"]) if train_cfg.sample_tokens else ""
+    logger.close()
+    steps_run = trainer.step - run.step
+    if progress.val_loss is None and steps_run == 0 and run.step:  # already complete
+        progress.val_loss, progress.val_bpb = evaluator(trainer.state["params"])
+    return TrainResult(
+        run_dir=run.run_dir,
+        step=int(trainer.state["step"]),
+        train_loss=progress.train_loss,
+        val_loss=progress.val_loss,
+        val_bpb=progress.val_bpb,
+        wall_seconds=totals["wall_seconds"],
+        tokens_per_second=progress.tokens_per_second,
+        mfu=progress.mfu,
+        sample=sample,
+        steps_run=steps_run,
+        compile_seconds=trainer.compile_seconds,
+    )
+
+
+def _batches(run: Run):
+    """This process' batches, reshaped to [accum, micro_batch, seq + 1] global arrays."""
+    cfg, processes = run.config, jax.process_count()
+    dataset = train_dataset(
+        run.data.tokens("train"),
+        cfg.model.seq_len,
+        cfg.train.batch_size // processes,
+        seed=cfg.train.seed,
+        process_index=jax.process_index(),
+        process_count=processes,
+    )
+    iterator = iter(dataset)
+    if run.data_state is not None:
+        iterator.set_state(run.data_state)
+    shape = (cfg.optim.grad_accum, run.micro_batch // processes, cfg.model.seq_len + 1)
+    sharding = batch_sharding(run.mesh, leading_dims=1)
+    return _GlobalBatches(iterator, shape, sharding)
+
+
+class _GlobalBatches:
+    """The loader's iterator, yielding global arrays; its state is the loader's."""
+
+    def __init__(self, iterator, shape, sharding):
+        self.iterator, self.shape, self.sharding = iterator, shape, sharding
+
+    def __next__(self):
+        local = next(self.iterator).reshape(self.shape)
+        return jax.make_array_from_process_local_data(self.sharding, local)
+
+    def get_state(self) -> dict:
+        return self.iterator.get_state()
+
+
+def _sample(run: Run, params) -> str:
+    params = gather_to_host(params)  # a collective: every process takes part
+    if jax.process_index():
+        return ""
+    cfg = run.config.train
+    return sample_text(
+        run.graphdef, params, run.data.tokenizer(), cfg.sample_prompt, cfg.sample_tokens, cfg.seed
+    )
+
+
+def _model_line(run: Run) -> str:
+    size, model = run.size, run.config.model
+    active = f", {size.active_params / 1e6:.2f}M active" if model.n_experts else ""
+    return (
+        f"model: {size.total_params / 1e6:.2f}M params ({size.non_embedding_params / 1e6:.2f}M "
+        f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token; "
+        f"mesh {dict(run.mesh.shape)}"
+    )
+
+
+def _is_multi_device_cpu(run: Run) -> bool:
+    return run.mesh.devices.flat[0].platform == "cpu" and run.mesh.devices.size > 1
+
+
+def _peak_flops(run: Run) -> float:
+    # A CPU's measured ceiling already covers all its cores, however many devices it shows.
+    chips = 1 if run.mesh.devices.flat[0].platform == "cpu" else run.mesh.devices.size
+    return peak_flops_per_device(run.config.log.peak_flops) * chips
+
+
+class _Ledger:
+    """Adds tokens, FLOPs, time and energy to ledger.json as checkpoints become durable."""
+
+    def __init__(self, run: Run, meter: PowerMeter):
+        self.run, self.meter, self.counted_step = run, meter, run.step
+
+    def add_durable(self, step: int) -> None:
+        self.add(step - self.counted_step, self.meter.take())
+        self.counted_step = step
+
+    def add(self, steps: int, reading) -> dict:
+        run = self.run
+        path = run.run_dir / "ledger.json"
+        if jax.process_index() != 0:  # one writer; the others' time is the same wall time
+            return {"wall_seconds": reading.seconds}
+        ledger = (
+            json.loads(path.read_text())
+            if path.exists()
+            else {
+                "tokens": 0,
+                "flops": 0.0,
+                "wall_seconds": 0.0,
+                "device_seconds": 0.0,
+            }
+        )
+        device = run.mesh.devices.flat[0]
+        chips = 1 if device.platform == "cpu" else run.mesh.devices.size
+        ledger["tokens"] += steps * run.tokens_per_step
+        ledger["flops"] += steps * run.flops_per_step
+        ledger["wall_seconds"] += reading.seconds
+        ledger["device_seconds"] += reading.seconds * chips
+        ledger["device_kind"] = device.device_kind
+        ledger["device_count"] = chips
+        path.write_text(json.dumps(ledger, indent=2))
+        return record_energy(run.run_dir, run.config.energy, reading)
