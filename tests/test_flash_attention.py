@@ -128,7 +128,7 @@ def test_block_classes_and_bands():
     """Causal with a window over 4x4 blocks of 16: skipped above the diagonal and beyond the
     window, unmasked strictly inside, masked on the edges; bands bound each row and column."""
     pos = jnp.arange(64)
-    p = common.prepare(*(jnp.zeros((1, 64, 1, 8)),) * 3, pos, pos, None, None, 16, 16)
+    p = common.prepare_blocks(*(jnp.zeros((1, 64, 1, 8)),) * 3, pos, pos, None, None, 16, 16)
     kinds = np.asarray(common.kind_table(p.q_stats, p.kv_stats, True, 33, False))[0]
     s, m, f = common.SKIP, common.PARTIAL, common.FULL
     expected = [[m, s, s, s], [f, m, s, s], [m, f, m, s], [s, m, f, m]]

@@ -83,7 +83,7 @@ def _mask(p: common.Prepared, i, j, bq: int, bk: int, causal: bool, window: int)
 
 def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, bq, bk):
     """Returns the padded output [B, Tp, H, D] and log2-sum-exp [nq, B, KV, G, bq] (base 2)."""
-    p = common.prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+    p = common.prepare_blocks(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     n_kv, head_dim = k.shape[2], q.shape[3]
     scale = LOG2_E / math.sqrt(head_dim)
     kinds = _batch_kinds(p, causal, window)
@@ -150,7 +150,7 @@ def _attention_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, window, bq, bk
 
 def _attention_bwd(causal, window, bq, bk, res, d_out):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
-    p = common.prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+    p = common.prepare_blocks(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     n_kv, head_dim = k.shape[2], q.shape[3]
     sm_scale = 1.0 / math.sqrt(head_dim)
     scale = LOG2_E * sm_scale

@@ -196,7 +196,7 @@ class Prepared:
     kv_stats: jax.Array  # [B or 1, nk, 5]
 
 
-def prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_kv: int) -> Prepared:
+def prepare_blocks(q, k, v, q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_kv: int) -> Prepared:
     """Pad the sequence axes of q/k/v (and positions, segments) to multiples of the blocks."""
     t_pad = -(-q.shape[1] // block_q) * block_q
     s_pad = -(-k.shape[1] // block_kv) * block_kv

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from research.kernels.flash_attention import common, steps
+from research.kernels.flash_attention import common, tiles
 from research.kernels.flash_attention.common import (
     BAND_FULL_HI,
     BAND_FULL_LO,
@@ -80,12 +80,12 @@ def _fwd_kernel(*refs, causal, window, block_kv, scale):
     )
 
     def tile(carry, span, ok):
-        return steps.forward_step(q, k_ref[span, :], v_ref[span, :], carry, scale, ok)
+        return tiles.forward_step(q, k_ref[span, :], v_ref[span, :], carry, scale, ok)
 
     carry = _kv_band(
         mask_refs, pl.program_id(0), init, tile, causal=causal, window=window, block_kv=block_kv
     )
-    out, lse = steps.forward_finish(*carry)
+    out, lse = tiles.forward_finish(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse[:, 0]
 
@@ -97,7 +97,7 @@ def _dq_kernel(*refs, causal, window, block_kv, scale, sm_scale):
 
     def tile(dq, span, ok):
         k, v = k_ref[span, :], v_ref[span, :]
-        return steps.dq_step(q, do, lse, delta, k, v, dq, scale, sm_scale, ok)
+        return tiles.dq_step(q, do, lse, delta, k, v, dq, scale, sm_scale, ok)
 
     init = jnp.zeros(q.shape, jnp.float32)
     dq = _kv_band(
@@ -131,7 +131,7 @@ def _dkv_kernel(
             ok = common.visible(qpos_ref[span][:, None], kv_pos, q_seg, kv_seg, causal, window)
         q, do = q_ref[span, g, :], do_ref[span, g, :]
         lse, delta = lse_ref[g, span][:, None], delta_ref[g, span][:, None]
-        return steps.dkv_step(q, do, lse, delta, k, v, carry, scale, sm_scale, ok)
+        return tiles.dkv_step(q, do, lse, delta, k, v, carry, scale, sm_scale, ok)
 
     # Steps over (query block, group member) pairs, group members innermost.
     dk, dv = _three_loops(band, (jnp.zeros(k.shape, jnp.float32),) * 2, body, reps=group)
@@ -178,7 +178,7 @@ def _params(num_warps: int | None, num_stages: int, head_dim: int):
 def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, interpret):
     """Padded output [B, Tp, H, D] and base-2 log-sum-exp [B, H, Tp]."""
     bq, bk = blocks.block_q, blocks.block_kv
-    p = common.prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+    p = common.prepare_blocks(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     batch, t_pad, n_heads, head_dim = p.q.shape
     s_pad, group = p.k.shape[1], n_heads // k.shape[2]
     grid = (t_pad // bq, batch, n_heads)
@@ -218,7 +218,7 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
              blocks, interpret):  # fmt: skip
     """dq, dk, dv (unpadded). ``lse`` and ``delta`` are [B, H, T] float32."""
     bq, bk = blocks.block_q_bwd, blocks.block_kv_bwd
-    p = common.prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+    p = common.prepare_blocks(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     batch, t_pad, n_heads, head_dim = p.q.shape
     s_pad, n_kv = p.k.shape[1], k.shape[2]
     group = n_heads // n_kv

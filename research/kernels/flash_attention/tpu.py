@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from research.kernels.flash_attention import common, steps
+from research.kernels.flash_attention import common, tiles
 from research.kernels.flash_attention.common import (
     BAND_HI,
     BAND_LO,
@@ -95,14 +95,14 @@ def _fwd_kernel(qs_ref, ks_ref, *refs, causal, window, scale, nq, nk, has_seg):
     def step(masked: bool):
         ok = _mask(masked, mask_refs, causal, window)
         carry = (acc_ref[...], m_ref[...], l_ref[...])
-        acc, m, denom = steps.forward_step(q_ref[...], k_ref[...], v_ref[...], carry, scale, ok)
+        acc, m, denom = tiles.forward_step(q_ref[...], k_ref[...], v_ref[...], carry, scale, ok)
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, denom
 
     _when_visible(kind, in_band, step)
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _():
-        out, lse = steps.forward_finish(acc_ref[...], m_ref[...], l_ref[...])
+        out, lse = tiles.forward_finish(acc_ref[...], m_ref[...], l_ref[...])
         o_ref[...] = out.astype(o_ref.dtype)
         lse_ref[...] = lse
 
@@ -122,7 +122,7 @@ def _dq_kernel(qs_ref, ks_ref, *refs, causal, window, scale, sm_scale, nq, nk, h
 
     def step(masked: bool):
         ok = _mask(masked, mask_refs, causal, window)
-        acc_ref[...] = steps.dq_step(
+        acc_ref[...] = tiles.dq_step(
             q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref[...], v_ref[...],
             acc_ref[...], scale, sm_scale, ok,
         )  # fmt: skip
@@ -152,7 +152,7 @@ def _dkv_kernel(qs_ref, ks_ref, *refs, causal, window, scale, sm_scale, nq, nk, 
 
     def step(masked: bool):
         ok = _mask(masked, mask_refs, causal, window)
-        dk_acc[...], dv_acc[...] = steps.dkv_step(
+        dk_acc[...], dv_acc[...] = tiles.dkv_step(
             q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref[...], v_ref[...],
             (dk_acc[...], dv_acc[...]), scale, sm_scale, ok,
         )  # fmt: skip
@@ -171,7 +171,7 @@ def _heads_first(x: jax.Array) -> jax.Array:
 
 def _setup(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk, causal, window):
     """Padded, head-major tensors, the flat SMEM summaries and the mask operands."""
-    p = common.prepare(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+    p = common.prepare_blocks(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
     q_stats, kv_stats = common.stats_with_bands(p, causal, window)
     mask_ops = [p.q_pos[:, None], p.kv_pos[None, :]]
     if p.q_seg is not None:
