@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from research.config import ConfigError, EnergyConfig
-from research.scaling.hardware import lookup
+from research.train.accounting import lookup
 
 
 @dataclass(frozen=True)
@@ -114,8 +114,8 @@ def forecast(plan: Plan) -> dict:
 
 def device_estimate(seconds: float, cfg: EnergyConfig) -> dict:
     """Energy, CO2 and cost of ``seconds`` on this machine's devices, as the ledger estimates."""
-    from research.scaling.ledger import price_per_device_hour
-    from research.scaling.power import PowerMeter
+    from research.train.ledger import price_per_device_hour
+    from research.train.power import PowerMeter
 
     meter = PowerMeter(dataclasses.replace(cfg, measure=False))
     power, method = meter.estimated_power_w()

@@ -28,11 +28,12 @@ from research.parallel.memory import memory_report
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
 from research.parallel.shardings import optimizer_shardings, param_shardings
 from research.scaling.accounting import count_params
-from research.scaling.ledger import record_energy
-from research.scaling.power import PowerMeter
+from research.train.accounting import job_peak
 from research.train.checkpoint import Checkpointer
-from research.train.metrics import MetricsLogger, peak_flops_per_device
+from research.train.ledger import record_energy, record_work
+from research.train.metrics import MetricsLogger
 from research.train.optimizer import make_optimizer
+from research.train.power import PowerMeter
 from research.train.step import make_eval_step, make_train_step
 
 # Config sections that define what a run computes: changing them under an existing run is an error.
@@ -170,36 +171,6 @@ def sample_text(
     return prompt + tokenizer.decode(np.asarray(new[0]))
 
 
-def _update_ledger(run_dir: Path, tokens: int, flops: float, seconds: float, mesh) -> dict:
-    """Add this call's tokens, FLOPs and time to ledger.json (a resumed run keeps adding).
-
-    device_seconds counts accelerator chips; a CPU host counts once, whatever number of XLA
-    devices it was split into."""
-    path = run_dir / "ledger.json"
-    if jax.process_index() != 0:  # one writer; the others' time is the same wall time
-        return {"wall_seconds": seconds}
-    ledger = (
-        json.loads(path.read_text())
-        if path.exists()
-        else {
-            "tokens": 0,
-            "flops": 0.0,
-            "wall_seconds": 0.0,
-            "device_seconds": 0.0,
-        }
-    )
-    ledger["tokens"] += tokens
-    ledger["flops"] += flops
-    ledger["wall_seconds"] += seconds
-    device = mesh.devices.flat[0]
-    chips = 1 if device.platform == "cpu" else mesh.devices.size
-    ledger["device_seconds"] += seconds * chips
-    ledger["device_kind"] = device.device_kind
-    ledger["device_count"] = chips
-    path.write_text(json.dumps(ledger, indent=2))
-    return ledger
-
-
 def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
     initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
@@ -229,9 +200,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     size = count_params(model_cfg)
     tokens_per_step = batch_size * model_cfg.seq_len
     flops_per_step = size.flops_per_token * tokens_per_step
-    peak = peak_flops_per_device(cfg.log.peak_flops) * (
-        1 if mesh.devices.flat[0].platform == "cpu" else mesh.devices.size
-    )  # a CPU's measured ceiling already covers all its cores, however many devices it shows
+    peak = job_peak(cfg.log.peak_flops, mesh)  # per chip x chips; a CPU host is one chip
 
     if not resume:
         _set_aside_previous_run(run_dir)
@@ -268,6 +237,9 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     eval_step = jax.jit(on_mesh(make_eval_step(graphdef), mesh))
     logger = MetricsLogger(run_dir, cfg.log.tensorboard)
     logger.text("config", f"```\n{cfg.to_json()}\n```")
+    logger.text("perf/peak_flops", peak.describe())  # the MFU denominator, once per call
+    if peak.total:
+        logger.scalars(start_step, {"perf/peak_flops": peak.total})
     if start_step == 0:
         active = f", {size.active_params / 1e6:.2f}M active" if model_cfg.n_experts else ""
         print(
@@ -285,7 +257,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     def account(steps: int, reading) -> dict:
         """Add ``steps`` steps and their time and energy to ledger.json (process 0 writes)."""
         tokens, flops = steps * tokens_per_step, steps * flops_per_step
-        ledger = _update_ledger(run_dir, tokens, flops, reading.seconds, mesh)
+        ledger = record_work(run_dir, tokens, flops, reading.seconds, mesh, peak)
         return record_energy(run_dir, cfg.energy, reading) if jax.process_index() == 0 else ledger
 
     local_batch_shape = (accum, batch_size // accum // jax.process_count(), model_cfg.seq_len + 1)
@@ -325,7 +297,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
                 )
             elapsed = time.perf_counter() - window_start
             tokens_per_second = window_steps * tokens_per_step / elapsed
-            mfu = window_steps * flops_per_step / elapsed / peak
+            mfu = peak.mfu(window_steps * flops_per_step, elapsed)  # NaN: peak unknown
             logger.scalars(
                 step,
                 {
@@ -334,7 +306,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
                     "train/lr": float(metrics["lr"]),
                     "perf/tokens_per_second": tokens_per_second,
                     "perf/step_time_ms": 1e3 * elapsed / window_steps,
-                    "perf/mfu": mfu,
+                    **({"perf/mfu": mfu} if peak.total else {}),
                     **_router_scalars(metrics),
                 },
             )
