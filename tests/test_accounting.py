@@ -119,6 +119,7 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path)
         return 2.0e11 if len(calls) == 1 else 1.0e11  # a busier host the second time
 
     monkeypatch.setattr(accounting, "measure_matmul_peak", measure)
+    monkeypatch.setattr(accounting.os, "getloadavg", lambda: (0.0, 0.0, 0.0))  # an idle host
     cpu = fake_devices("cpu", "cpu")
     first = peak_flops(0.0, cpu)
     second = peak_flops(0.0, cpu)  # another run on the same machine: read, not re-measured
@@ -132,6 +133,16 @@ def test_cpu_peak_is_measured_once_per_machine_and_cached(monkeypatch, tmp_path)
     monkeypatch.setattr(accounting, "cpu_threads", lambda: 999)
     assert peak_flops(0.0, cpu)[0] == 1.0e11 and len(calls) == 2
     assert len(json.loads((tmp_path / "cpu_peak_flops.json").read_text())) == 2
+
+
+def test_cpu_peak_measured_on_a_busy_host_warns_where_it_is_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("RESEARCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(accounting, "measure_matmul_peak", lambda: 4e10)
+    monkeypatch.setattr(accounting.os, "getloadavg", lambda: (99.0, 99.0, 99.0))
+    with pytest.warns(RuntimeWarning, match=r"busy \(load average 99.0.*cpu_peak_flops.json"):
+        assert peak_flops(0.0, fake_devices("cpu", "cpu"))[0] == 4e10
+    (entry,) = json.loads((tmp_path / "cpu_peak_flops.json").read_text()).values()
+    assert entry["load_average"] == 99.0
 
 
 def test_chips_one_answer_per_host_kind():

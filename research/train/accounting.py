@@ -215,12 +215,23 @@ def cpu_peak_flops() -> tuple[float, str]:
     if not (isinstance(entry, dict) and entry.get("peak_flops", 0) > 0):
         import jax
 
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
         entry = {
             "peak_flops": measure_matmul_peak(),
             "method": "best of 10 jitted 1024x1024 float32 matmuls",
             "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "load_average": load,
             "jax": jax.__version__,
         }
+        if load > cpu_threads():
+            warnings.warn(
+                f"measured this CPU's peak ({entry['peak_flops'] / 1e9:.0f} GFLOP/s) while the "
+                f"host was busy (load average {load:.1f} on {cpu_threads()} threads): it is "
+                f"cached in {path} and MFU will read high. Delete that entry and re-run on an "
+                "idle machine, or set --set log.peak_flops=<FLOP/s>",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         table[key] = entry
         path.parent.mkdir(parents=True, exist_ok=True)
         scratch = path.with_name(f"{path.name}.{os.getpid()}.tmp")
