@@ -183,7 +183,8 @@ def test_forecast_for_each_tpu_generation(capsys):
         assert forecast.forecast(forecast.Plan(params=1e9, tokens=2e10, hardware=name))["tdp_w"]
     args = ["forecast", "--params", "7e9", "--tokens", "2e12", "--hardware", "TPU v5p"]
     assert cli_main(args) == 0
-    assert "TPU v5p (peak 459 TFLOP/s" in capsys.readouterr().out
+    assert "TPU v5p (peak 459 TFLOP/s, TDP 320 W (estimate)" in capsys.readouterr().out
+    assert forecast.forecast(forecast.Plan(1e9, 2e10, "TPU v4"))["tdp_source"] == "data sheet"
 
 
 # ------------------------------------------------------------------------------- ledger

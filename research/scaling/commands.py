@@ -208,7 +208,8 @@ def cmd_forecast(args) -> None:
     print(
         f"{result['params']:.3g} params x {result['tokens']:.3g} tokens = {result['flops']:.3g} "
         f"FLOPs on {result['devices']:,} x {result['hardware']} "
-        f"(peak {result['peak_flops'] / 1e12:.0f} TFLOP/s, TDP {result['tdp_w']:.0f} W, MFU {mfu})"
+        f"(peak {result['peak_flops'] / 1e12:.0f} TFLOP/s, TDP {result['tdp_w']:.0f} W"
+        f"{' (estimate)' if result['tdp_source'] == 'estimate' else ''}, MFU {mfu})"
     )
     print(
         f"time {result['days']:.1f} days, {result['device_hours']:,.0f} device-hours; energy "

@@ -86,6 +86,7 @@ def forecast(plan: Plan) -> dict:
         entry = lookup(plan.hardware)
     peak = plan.peak_flops or entry.peak_flops
     tdp = plan.tdp_w or entry.tdp_w
+    tdp_source = "given" if plan.tdp_w else "data sheet" if entry.power_published else "estimate"
     if not peak and not plan.device_hours:
         raise ConfigError(f"no peak FLOP/s for '{plan.hardware}': pass --peak-tflops")
     flops = plan.flops or 6.0 * plan.params * plan.tokens
@@ -101,6 +102,7 @@ def forecast(plan: Plan) -> dict:
         **dataclasses.asdict(plan),
         "peak_flops": peak,
         "tdp_w": tdp,
+        "tdp_source": tdp_source,  # "estimate": the vendor publishes no figure (TPU v5e/v5p/v6e)
         "flops": flops,
         "mfu": mfu,
         "device_hours": device_hours,
