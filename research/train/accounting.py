@@ -57,8 +57,9 @@ class Hardware:
 # (https://cloud.google.com/tpu/docs/system-architecture-tpu-vm) and the per-version pages
 # (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e). device_kind as JAX reports it: v5e is
 # "TPU v5 lite", v5p is "TPU v5", v6e is "TPU v6 lite" (the spelled-out names are accepted too).
-# Power: Google publishes v4's (192 W maximum per chip: the v4 page and Jouppi et al., "TPU v4",
-# ISCA 2023, which gives TPU v3 262 W in the same table). It publishes none for v5e, v5p or v6e:
+# Power: v4 192 W maximum per chip (Google's v4 page; Jouppi et al., "TPU v4", ISCA 2023), v3
+# 262 W maximum as we read that paper's v3/v4 table (not re-checked against the PDF here).
+# Google publishes no per-chip power for v5e, v5p or v6e:
 # those are ESTIMATES (power_published=False): v5e and v5p at v4's 192 W per 275 TFLOP/s scaled
 # to their peaks; v6e from v5e's and Google's "67% more energy-efficient than v5e" for Trillium.
 # Prices: Google Cloud TPU on-demand list prices per chip-hour (cloud.google.com/tpu/pricing,
