@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from research.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from research.models.accounting import count_params  # noqa: E402
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh  # noqa: E402
-from research.train.metrics import measure_matmul_peak, peak_flops_per_device  # noqa: E402
+from research.train.accounting import job_peak, measure_matmul_peak  # noqa: E402
 from research.train.state import init_train_state  # noqa: E402
 from research.train.step import make_train_step  # noqa: E402
 
@@ -82,7 +82,7 @@ def main() -> None:
 
     device = jax.devices()[0]
     on_cpu = device.platform == "cpu"
-    peak = measure_matmul_peak() if on_cpu else peak_flops_per_device() * jax.device_count()
+    peak = measure_matmul_peak() if on_cpu else (job_peak().total or float("nan"))
     print(
         f"device: {device.device_kind} x{jax.device_count()}, jax {jax.__version__}; "
         f"peak {'(f32 matmul, measured)' if on_cpu else '(bf16, data sheet)'} "

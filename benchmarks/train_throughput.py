@@ -38,7 +38,7 @@ from research.config import load_experiment  # noqa: E402
 from research.data.shards import prepare  # noqa: E402
 from research.models.accounting import count_params  # noqa: E402
 from research.run import train  # noqa: E402
-from research.train.metrics import measure_matmul_peak, peak_flops_per_device  # noqa: E402
+from research.train.accounting import job_peak, measure_matmul_peak  # noqa: E402
 
 PUBLISHED_NANOGPT_CPU = {
     "ms_per_step": 37.0,
@@ -155,16 +155,16 @@ def main() -> None:
 
     print(f"machine: {machine_name()}")
     on_cpu = jax.devices()[0].platform == "cpu"
-    f32_ceiling = measure_matmul_peak() if on_cpu else None
-    peak = f32_ceiling if on_cpu else peak_flops_per_device()
-    if on_cpu:
+    if on_cpu:  # measured now, under this run's load (the trainer uses its cached figure)
+        peak = measure_matmul_peak()
         print(
-            f"ceiling: jitted f32 matmul (1024^3) {f32_ceiling / 1e9:.0f} GFLOP/s "
+            f"ceiling: jitted f32 matmul (1024^3) {peak / 1e9:.0f} GFLOP/s "
             "(the MFU denominator on CPU)"
         )
     else:
-        print(f"ceiling: {peak / 1e12:.0f} TFLOP/s dense bf16 per device (data sheet)")
-        peak *= jax.device_count()
+        accelerator = job_peak()  # data-sheet peak per chip x chips; warns where unknown
+        peak = accelerator.total or float("nan")
+        print(f"ceiling: {accelerator.describe()}")
 
     mine = ours(args.experiment, args.steps, args.overrides)
     cfg = mine["config"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -54,9 +55,10 @@ def cmd_train(args) -> None:
         )
         print("--- sample ---\n" + result.sample if result.sample else "", end="\n")
         return
+    mfu = "n/a (peak unknown)" if math.isnan(result.mfu) else f"{100 * result.mfu:.1f}%"
     print(
         f"done: step {result.step}, train loss {result.train_loss:.4f}, val loss {val}, "
-        f"{result.tokens_per_second:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%, "
+        f"{result.tokens_per_second:,.0f} tokens/s, MFU {mfu}, "
         f"compile {result.compile_seconds:.1f} s, {result.wall_seconds:.1f} s -> {result.run_dir}"
     )
     if result.sample:

@@ -187,15 +187,15 @@ class MeshConfig:
 class LogConfig:
     tensorboard: bool = True
     progress: bool = True
-    peak_flops: float = 0.0  # 0: look up the device, or measure the f32 matmul ceiling on CPU
+    peak_flops: float = 0.0  # per chip; 0: train/accounting.py's table, or on CPU measured once
     profile_steps: str = ""  # "A:B": a trace of steps A+1..B for TensorBoard's profile tab
 
 
 @dataclass
 class EnergyConfig:
-    """How a run's energy, CO2 and cost are measured or estimated (research/scaling/ledger.py)."""
+    """How a run's energy, CO2 and cost are measured or estimated (research/train/ledger.py)."""
 
-    hardware: str = "auto"  # auto: from the device kind; else a name in scaling/hardware.py
+    hardware: str = "auto"  # auto: from the device kind; else a name in train/accounting.py
     measure: bool = True  # sample power with NVML where the device reports it
     device_power_w: float = 0.0  # > 0: use this per-device draw instead of TDP x utilisation
     utilisation: float = 1.0  # fraction of TDP drawn, for estimates (1.0: an upper bound)

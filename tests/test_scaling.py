@@ -1,17 +1,14 @@
 """Scaling-law tooling: accounting against hand counts, shape rule, the three Chinchilla fits on
-data drawn from a known law, the energy ledger's arithmetic, and forecasts of published runs."""
+data drawn from a known law, and forecasts of published runs (the ledger: test_accounting.py)."""
 
 import json
-import sys
-import time
-import types
 
 import numpy as np
 import pytest
 
-from research.config import ConfigError, EnergyConfig, ModelConfig
+from research.config import ConfigError, ModelConfig
 from research.models.accounting import count_params
-from research.scaling import fits, forecast, ledger, power
+from research.scaling import fits, forecast
 from research.scaling.shapes import shape_for_params
 
 
@@ -153,49 +150,6 @@ def test_fit_report_predicts_held_out_run_and_errors_are_clear(tmp_path):
     assert report["holdout"][0]["approach3_error_pct"] == pytest.approx(0.0, abs=0.2)
     with pytest.raises(fits.FitError, match="no runs"):
         fits.fit_all([], samples=0)
-
-
-# ------------------------------------------------------------------------------- ledger
-
-
-def test_ledger_arithmetic_and_resume_accumulation(tmp_path):
-    cfg = EnergyConfig(pue=1.2, grid_kg_co2_per_kwh=0.5, price_per_device_hour=2.0)
-    (tmp_path / "ledger.json").write_text(json.dumps({"device_seconds": 7200.0, "tokens": 10}))
-    reading = power.EnergyReading(3.6e6, 3600, "tdp-estimate", 1000.0, "H100", 2)
-    first = ledger.record_energy(tmp_path, cfg, reading)
-    assert first["device_hours"] == 2.0
-    assert first["energy_kwh"] == pytest.approx(1.0 * 1.2)
-    assert first["co2_kg"] == pytest.approx(1.2 * 0.5)
-    assert first["cost_usd"] == pytest.approx(4.0)
-    second = ledger.record_energy(tmp_path, cfg, reading)  # a resumed run adds its energy
-    assert second["energy_kwh"] == pytest.approx(2.4)
-    total = ledger.sum_ledgers([first, second])
-    assert total["energy_kwh"] == pytest.approx(3.6) and total["runs"] == 2
-    unknown = power.EnergyReading(None, 1.0, "unknown", None, "TPU v9", 1)
-    assert ledger.record_energy(tmp_path, cfg, unknown)["energy_kwh"] is None
-    assert ledger.sum_ledgers([first, {"energy_kwh": None}])["energy_kwh"] is None
-
-
-def test_cpu_energy_is_an_estimate_per_thread_and_says_so():
-    meter = power.PowerMeter(EnergyConfig(utilisation=0.5))
-    reading = meter.stop()
-    assert reading.method == "tdp-estimate" and reading.hardware == "CPU"
-    from research.scaling.hardware import cpu_threads
-
-    assert reading.power_w == pytest.approx(5.0 * 0.5 * cpu_threads())
-    configured = power.PowerMeter(EnergyConfig(device_power_w=42.0)).stop()
-    assert configured.method == "configured-power" and configured.power_w == 42.0
-
-
-def test_nvml_power_is_sampled_in_a_thread_and_integrated(monkeypatch):
-    fake = types.SimpleNamespace(nvmlDeviceGetPowerUsage=lambda handle: 150_000)  # mW
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    monkeypatch.setattr(power, "_nvml_handles", lambda devices: ["gpu0", "gpu1"])
-    meter = power.PowerMeter(EnergyConfig(), interval=0.01)
-    time.sleep(0.3)
-    reading = meter.stop()
-    assert reading.method == "nvml"
-    assert reading.joules == pytest.approx(300.0 * reading.seconds, rel=0.15)
 
 
 # ------------------------------------------------------------------------------- forecast

@@ -181,12 +181,15 @@ def test_tensorboard_events_and_ledger(tiny_config):
         "train/lr",
         "perf/tokens_per_second",
         "perf/mfu",
+        "perf/peak_flops",
         "train/grad_norm",
     ):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
     ledger = (result.run_dir / "ledger.json").read_text()
     assert '"tokens": 5120' in ledger  # 20 steps x 8 sequences x 32 tokens
+    # The MFU denominator is recorded: this CPU's cached ceiling, one chip for 8 XLA devices.
+    assert '"peak_flops_source": "cpu-measured-cached:' in ledger and '"device_count": 1' in ledger
     assert (result.run_dir / "config.json").exists()
 
 

@@ -10,6 +10,7 @@ import jax
 
 from research.infer.evaluate import Evaluator
 from research.run.builder import Run
+from research.train.accounting import Peak
 from research.train.loop import Trainer, TrainingDiverged
 from research.train.metrics import MetricsLogger
 
@@ -48,7 +49,7 @@ class LogScalars:
 
     run: Run
     logger: MetricsLogger
-    peak_flops: float
+    peak: Peak
     progress: Progress
     bar: object = None
     _last: tuple[int, float] = field(default=(0, 0.0))
@@ -67,12 +68,12 @@ class LogScalars:
         }
         if seconds > 0 and steps > 0:
             p.tokens_per_second = steps * self.run.tokens_per_step / seconds
-            p.mfu = steps * self.run.flops_per_step / seconds / self.peak_flops
+            p.mfu = self.peak.mfu(steps * self.run.flops_per_step, seconds)  # NaN: peak unknown
             scalars.update(
                 {
                     "perf/tokens_per_second": p.tokens_per_second,
                     "perf/step_time_ms": 1e3 * seconds / steps,
-                    "perf/mfu": p.mfu,
+                    **({"perf/mfu": p.mfu} if self.peak.total else {}),
                 }
             )
         scalars.update(_router_scalars(metrics))

@@ -19,10 +19,11 @@ from research.parallel.distributed import gather_to_host
 from research.parallel.mesh import batch_sharding
 from research.run import hooks
 from research.run.builder import Run, build_run
-from research.scaling.ledger import record_energy
-from research.scaling.power import PowerMeter
+from research.train.accounting import Peak, job_peak
+from research.train.ledger import record_energy, record_work
 from research.train.loop import Trainer
-from research.train.metrics import MetricsLogger, peak_flops_per_device
+from research.train.metrics import MetricsLogger
+from research.train.power import PowerMeter
 
 
 @dataclass
@@ -57,14 +58,17 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     logger.text("config", f"```\n{cfg.to_json()}\n```")
     progress = hooks.Progress()
     bar, advance = hooks.progress_bar(run, cfg.log.progress)
-    ledger = _Ledger(run, meter)
+    peak = job_peak(cfg.log.peak_flops, list(run.mesh.devices.flat))  # chips (a CPU host: 1)
+    logger.text("perf/peak_flops", peak.describe())  # the MFU denominator, once per call
+    if peak.total:
+        logger.scalars(run.step, {"perf/peak_flops": peak.total})
+    ledger = _Ledger(run, meter, peak)
     run.checkpointer.on_durable = ledger.add_durable  # the ledger counts only durable work
 
     if _is_multi_device_cpu(run):
         trainer.add_hook(hooks.bounded_queue(), every=1, training=True)
     trainer.add_hook(hooks.poll_checkpoint(run), every=1, training=True)
     trainer.add_hook(hooks.nan_guard(run), every=(train_cfg.log_every, train_cfg.checkpoint_every))
-    peak = _peak_flops(run)
     trainer.add_hook(
         hooks.LogScalars(run, logger, peak, progress, bar),
         every=train_cfg.log_every,
@@ -167,17 +171,11 @@ def _is_multi_device_cpu(run: Run) -> bool:
     return run.mesh.devices.flat[0].platform == "cpu" and run.mesh.devices.size > 1
 
 
-def _peak_flops(run: Run) -> float:
-    # A CPU's measured ceiling already covers all its cores, however many devices it shows.
-    chips = 1 if run.mesh.devices.flat[0].platform == "cpu" else run.mesh.devices.size
-    return peak_flops_per_device(run.config.log.peak_flops) * chips
-
-
 class _Ledger:
     """Adds tokens, FLOPs, time and energy to ledger.json as checkpoints become durable."""
 
-    def __init__(self, run: Run, meter: PowerMeter):
-        self.run, self.meter, self.counted_step = run, meter, run.step
+    def __init__(self, run: Run, meter: PowerMeter, peak: Peak):
+        self.run, self.meter, self.peak, self.counted_step = run, meter, peak, run.step
 
     def add_durable(self, step: int) -> None:
         self.add(step - self.counted_step, self.meter.take())
@@ -185,26 +183,14 @@ class _Ledger:
 
     def add(self, steps: int, reading) -> dict:
         run = self.run
-        path = run.run_dir / "ledger.json"
-        if jax.process_index() != 0:  # one writer; the others' time is the same wall time
-            return {"wall_seconds": reading.seconds}
-        ledger = (
-            json.loads(path.read_text())
-            if path.exists()
-            else {
-                "tokens": 0,
-                "flops": 0.0,
-                "wall_seconds": 0.0,
-                "device_seconds": 0.0,
-            }
+        ledger = record_work(
+            run.run_dir,
+            steps * run.tokens_per_step,
+            steps * run.flops_per_step,
+            reading.seconds,
+            run.mesh,
+            self.peak,
         )
-        device = run.mesh.devices.flat[0]
-        chips = 1 if device.platform == "cpu" else run.mesh.devices.size
-        ledger["tokens"] += steps * run.tokens_per_step
-        ledger["flops"] += steps * run.flops_per_step
-        ledger["wall_seconds"] += reading.seconds
-        ledger["device_seconds"] += reading.seconds * chips
-        ledger["device_kind"] = device.device_kind
-        ledger["device_count"] = chips
-        path.write_text(json.dumps(ledger, indent=2))
+        if jax.process_index() != 0:
+            return ledger
         return record_energy(run.run_dir, run.config.energy, reading)

@@ -28,12 +28,12 @@ def _throughput(root: Path, mfu: float) -> tuple[float, str]:
     if rows:
         rate = sum(r["flops"] for r in rows) / sum(r["wall_seconds"] for r in rows)
         return rate, f"measured on {len(rows)} finished runs"
-    import jax
+    from research.train.accounting import job_peak
 
-    from research.train.metrics import peak_flops_per_device
-
-    devices = 1 if jax.devices()[0].platform == "cpu" else jax.device_count()
-    return peak_flops_per_device() * devices * mfu, f"peak x assumed MFU {mfu:.0%}"
+    peak = job_peak()
+    if peak.total is None:  # job_peak warned: no figure for this accelerator
+        return float("nan"), "no peak FLOP/s known for this device: no time estimate"
+    return peak.total * mfu, f"peak ({peak.source}) x assumed MFU {mfu:.0%}"
 
 
 def cmd_sweep(args) -> None:
@@ -208,7 +208,8 @@ def cmd_forecast(args) -> None:
     print(
         f"{result['params']:.3g} params x {result['tokens']:.3g} tokens = {result['flops']:.3g} "
         f"FLOPs on {result['devices']:,} x {result['hardware']} "
-        f"(peak {result['peak_flops'] / 1e12:.0f} TFLOP/s, TDP {result['tdp_w']:.0f} W, MFU {mfu})"
+        f"(peak {result['peak_flops'] / 1e12:.0f} TFLOP/s, TDP {result['tdp_w']:.0f} W"
+        f"{' (estimate)' if result['tdp_source'] == 'estimate' else ''}, MFU {mfu})"
     )
     print(
         f"time {result['days']:.1f} days, {result['device_hours']:,.0f} device-hours; energy "

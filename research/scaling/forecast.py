@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from research.config import ConfigError, EnergyConfig
-from research.scaling.hardware import lookup
+from research.train.accounting import lookup
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ def forecast(plan: Plan) -> dict:
         entry = lookup(plan.hardware)
     peak = plan.peak_flops or entry.peak_flops
     tdp = plan.tdp_w or entry.tdp_w
+    tdp_source = "given" if plan.tdp_w else "data sheet" if entry.power_published else "estimate"
     if not peak and not plan.device_hours:
         raise ConfigError(f"no peak FLOP/s for '{plan.hardware}': pass --peak-tflops")
     flops = plan.flops or 6.0 * plan.params * plan.tokens
@@ -101,6 +102,7 @@ def forecast(plan: Plan) -> dict:
         **dataclasses.asdict(plan),
         "peak_flops": peak,
         "tdp_w": tdp,
+        "tdp_source": tdp_source,  # "estimate": the vendor publishes no figure (TPU v5e/v5p/v6e)
         "flops": flops,
         "mfu": mfu,
         "device_hours": device_hours,
@@ -114,8 +116,8 @@ def forecast(plan: Plan) -> dict:
 
 def device_estimate(seconds: float, cfg: EnergyConfig) -> dict:
     """Energy, CO2 and cost of ``seconds`` on this machine's devices, as the ledger estimates."""
-    from research.scaling.ledger import price_per_device_hour
-    from research.scaling.power import PowerMeter
+    from research.train.ledger import price_per_device_hour
+    from research.train.power import PowerMeter
 
     meter = PowerMeter(dataclasses.replace(cfg, measure=False))
     power, method = meter.estimated_power_w()

@@ -306,7 +306,7 @@ def _result_row(run: SweepRun, result, ledger: dict, seconds: float) -> dict:
 
 
 def write_sweep_ledger(root: Path) -> dict:
-    from research.scaling.ledger import sum_ledgers
+    from research.train.ledger import sum_ledgers
 
     ledgers = []
     for row in read_results(root):

@@ -1,4 +1,4 @@
-"""Throughput, MFU and logging: TensorBoard scalars plus a metrics.jsonl for scripts and tests."""
+"""Logging: TensorBoard scalars plus a metrics.jsonl for scripts and tests (peaks: accounting)."""
 
 from __future__ import annotations
 
@@ -7,52 +7,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-
-# Dense peak FLOP/s per chip at bf16 (no sparsity), from the vendors' data sheets.
-PEAK_FLOPS_BF16 = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "L4": 121e12,
-    "A10": 125e12,
-    "V100": 125e12,
-    "TPU v6": 918e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 197e12,  # v5e / "TPU v5 lite"
-    "TPU v4": 275e12,
-    "TPU v3": 123e12,
-}
-
-_measured_cpu_peak: float | None = None
-
-
-def measure_matmul_peak(size: int = 1024, repeats: int = 10) -> float:
-    """FLOP/s of a jitted float32 matmul on the default device: the CPU's practical ceiling."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
-
-
-def peak_flops_per_device(configured: float = 0.0) -> float:
-    """The configured peak, else the data-sheet peak for this accelerator, else measured (CPU)."""
-    global _measured_cpu_peak
-    if configured:
-        return configured
-    kind = jax.devices()[0].device_kind
-    for name, flops in PEAK_FLOPS_BF16.items():
-        if name.lower() in kind.lower():
-            return flops
-    if _measured_cpu_peak is None:
-        _measured_cpu_peak = measure_matmul_peak()
-    return _measured_cpu_peak
 
 
 class TensorBoardWriter:

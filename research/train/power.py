@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import jax
 
 from research.config import EnergyConfig
-from research.scaling.hardware import cpu_threads, device_hardware, lookup
+from research.train.accounting import chips, cpu_threads, device_hardware, lookup
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class EnergyReading:
     method: str  # nvml (nvml-xN-hosts) | tdp-estimate | configured-power | unknown
     power_w: float | None  # mean draw of all devices together
     hardware: str
-    devices: int  # accelerators of all hosts; a CPU host counts once
+    devices: int  # chips of all hosts (accounting.chips: a CPU host counts once per process)
 
 
 def _nvml_handles(devices: list) -> list | None:
@@ -51,9 +51,9 @@ class PowerMeter:
         self.interval = interval
         devices = jax.local_devices()
         platform = devices[0].platform
-        # The ledger is written by process 0 for the whole job: count every host's devices.
+        # The ledger is written by process 0 for the whole job: count every host's chips.
         self.hosts = jax.process_count()
-        self.devices = self.hosts if platform == "cpu" else jax.device_count()
+        self.devices = chips(jax.devices())
         self.hardware = (
             lookup(cfg.hardware)
             if cfg.hardware != "auto"

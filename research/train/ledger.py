@@ -1,7 +1,9 @@
-"""The energy and cost ledger: device-hours, kWh, kg CO2eq and dollars of a run or a sweep.
+"""The run ledger: tokens, FLOPs, chip-hours, kWh, kg CO2eq and dollars of a run or a sweep.
 
-Training writes tokens, FLOPs and seconds to ``ledger.json``; ``record_energy`` adds the
-energy reading of the same call (a resumed run keeps adding) and recomputes the derived figures:
+``record_work`` adds a stretch of training's tokens, FLOPs and seconds to ``ledger.json``, with
+the chips and the peak FLOP/s the run's MFU is measured against; ``record_energy`` adds the
+energy reading of the same stretch (a resumed run keeps adding) and recomputes the derived
+figures:
 
     device_hours = device_seconds / 3600
     energy_kwh   = device energy (J) / 3.6e6 x PUE                 (facility energy)
@@ -14,9 +16,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+
 from research.config import EnergyConfig
-from research.scaling.hardware import HARDWARE, cpu_threads, lookup
-from research.scaling.power import EnergyReading
+from research.train.accounting import CPU, Peak, chips, cpu_threads, lookup
+from research.train.power import EnergyReading
 
 JOULES_PER_KWH = 3.6e6
 
@@ -41,9 +45,31 @@ def price_per_device_hour(cfg: EnergyConfig, hardware: str) -> float | None:
         entry = lookup(hardware)
     except ValueError:
         return None
-    if entry is HARDWARE["CPU"]:
+    if entry is CPU:
         return entry.price_per_hour * cpu_threads()
     return entry.price_per_hour
+
+
+def record_work(run_dir: Path, tokens: int, flops: float, seconds: float, mesh, peak: Peak) -> dict:
+    """Add a stretch of training's tokens, FLOPs and time to ledger.json (process 0 writes).
+
+    device_seconds is seconds x ``chips(mesh)``: a CPU host counts once per process, whatever
+    number of XLA devices it was split into; the peak recorded is the one MFU is divided by.
+    """
+    if jax.process_index() != 0:  # one writer; the others' time is the same wall time
+        return {"wall_seconds": seconds}
+    path = Path(run_dir) / "ledger.json"
+    ledger = json.loads(path.read_text()) if path.exists() else {}
+    count = chips(mesh)
+    ledger["tokens"] = ledger.get("tokens", 0) + tokens
+    ledger["flops"] = ledger.get("flops", 0.0) + flops
+    ledger["wall_seconds"] = ledger.get("wall_seconds", 0.0) + seconds
+    ledger["device_seconds"] = ledger.get("device_seconds", 0.0) + seconds * count
+    ledger["device_kind"] = mesh.devices.flat[0].device_kind
+    ledger["device_count"] = count
+    ledger.update(peak.to_dict())
+    path.write_text(json.dumps(ledger, indent=2))
+    return ledger
 
 
 def derive(ledger: dict, cfg: EnergyConfig) -> dict:
