@@ -248,7 +248,7 @@ def test_moe_training_logs_router_statistics(tiny_config):
             "train.sample_tokens=0",
         )
     )
-    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events = EventAccumulator(str(result.run_dir))
     events.Reload()
     for tag in (
         "moe/load_balance_loss",

@@ -170,7 +170,7 @@ def test_tensorboard_events_and_ledger(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = train(tiny_config("train.steps=20", "train.eval_every=10"))
-    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events = EventAccumulator(str(result.run_dir))
     events.Reload()
     tags = events.Tags()["scalars"]
     for tag in (
@@ -259,6 +259,7 @@ def test_restart_keeps_the_previous_run(tiny_config):
     assert again.step == 6 and again.train_loss == first.train_loss
     kept = [p.name for p in first.run_dir.iterdir() if "before-restart" in p.name]
     assert any(name.startswith("checkpoints.before-restart") for name in kept)
+    assert any(name.startswith("tensorboard.before-restart") for name in kept)  # old events
 
 
 def test_cli_prepare_reports_dedup(capsys):

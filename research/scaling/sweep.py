@@ -320,6 +320,7 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
     """Train each run not yet in ROOT/results.jsonl; yields each new result row."""
     import jax
 
+    from research.train.metrics import events_dir
     from research.train.trainer import train
 
     root = Path(root)
@@ -339,7 +340,7 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
         result = train(cfg, resume=True)  # an interrupted run resumes from its checkpoints
         ledger = json.loads((result.run_dir / "ledger.json").read_text())
         row = _result_row(run, result, ledger, time.perf_counter() - start)
-        _write_hparams(run, row, result.run_dir / "tensorboard")
+        _write_hparams(run, row, events_dir(result.run_dir))
         with open(root / RESULTS, "a") as f:  # one short append per run: safe for parallel jobs
             f.write(json.dumps(row) + "\n")
         write_sweep_ledger(root)

@@ -31,7 +31,7 @@ from research.scaling.accounting import count_params
 from research.scaling.ledger import record_energy
 from research.scaling.power import PowerMeter
 from research.train.checkpoint import Checkpointer
-from research.train.metrics import MetricsLogger, peak_flops_per_device
+from research.train.metrics import MetricsLogger, peak_flops_per_device, set_aside_events
 from research.train.optimizer import make_optimizer
 from research.train.step import make_eval_step, make_train_step
 
@@ -402,6 +402,8 @@ def _set_aside_previous_run(run_dir: Path) -> None:
         if old.exists() and jax.process_index() == 0:
             old.rename(run_dir / f"{old.stem}.before-restart-{stamp}{old.suffix}")
             print(f"restart: kept the previous {name} as {old.stem}.before-restart-{stamp}")
+    if jax.process_index() == 0 and (kept := set_aside_events(run_dir, stamp)):
+        print(f"restart: kept the previous TensorBoard events in {kept.name}")
 
 
 def _router_scalars(metrics: dict) -> dict[str, float]:
