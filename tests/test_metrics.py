@@ -66,21 +66,25 @@ def test_a_run_written_before_keeps_its_tensorboard_folder(tmp_path):
 
 
 def test_scalars_have_twins_stepped_by_tokens(tmp_path):
+    from tensorboard.util import tensor_util
+
     _log_a_run(tmp_path)
     events = _events(tmp_path)
     tags = events.Tags()["tensors"]
 
     def series(tag):
-        return [(e.step, float(e.tensor_proto.float_val[0])) for e in events.Tensors(tag)]
+        return [
+            (e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)
+        ]
 
-    assert series("by_tokens/train/loss") == [
+    assert series("train/loss/by_tokens") == [
         (s * 512, pytest.approx(4.0 / s)) for s in range(1, 7)
     ]
-    assert series("by_tokens/val/loss") == [(s * 512, pytest.approx(4.5 / s)) for s in (3, 6)]
+    assert series("val/loss/by_tokens") == [(s * 512, pytest.approx(4.5 / s)) for s in (3, 6)]
     assert [v for _, v in series("progress/tokens_seen")] == [
         s * 512 for s in (1, 2, 3, 3, 4, 5, 6, 6)
     ]
-    assert "train/loss" in tags and "by_tokens/perf/mfu" in tags
+    assert "train/loss" in tags and "perf/mfu/by_tokens" in tags
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[0] == {"step": 1, "tokens": 512, "train/loss": 4.0, "perf/mfu": 0.3}
 
@@ -88,8 +92,8 @@ def test_scalars_have_twins_stepped_by_tokens(tmp_path):
 def test_every_known_tag_is_described_once(tmp_path):
     _log_a_run(tmp_path)
     events = _events(tmp_path)
-    for tag in ("train/loss", "by_tokens/train/loss", "val/loss", "perf/mfu"):
-        base = tag.removeprefix("by_tokens/")
+    for tag in ("train/loss", "train/loss/by_tokens", "val/loss", "perf/mfu"):
+        base = tag.removesuffix("/by_tokens")
         assert events.SummaryMetadata(tag).summary_description == DESCRIPTIONS[base]
     described = [v.tag for _, v in _raw_values(tmp_path) if v.metadata.summary_description]
     assert len(described) == len(set(described))  # attached on the first write only
@@ -208,7 +212,10 @@ def test_custom_scalars_layout_overlays_train_and_val_loss(tmp_path):
     loss = charts["train and val loss, by step"]
     for tag in ("train/loss", "val/loss"):
         assert any(re.search(pattern, tag) for pattern in loss), tag
-    assert not any(re.search(pattern, "by_tokens/train/loss") for pattern in loss)
+    assert not any(re.search(pattern, "train/loss/by_tokens") for pattern in loss)
+    norms = charts["parameter norms"]
+    assert all(any(re.search(p, t) for p in norms) for t in ("norms/params", "norms/params/embed"))
+    assert not any(re.search(p, "norms/params/by_tokens") for p in norms)
     assert "perf" in [cat.title for cat in layout.category]
 
 

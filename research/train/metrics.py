@@ -55,7 +55,7 @@ def peak_flops_per_device(configured: float = 0.0) -> float:
     return _measured_cpu_peak
 
 
-# What each scalar means, shown beside its chart in TensorBoard (the `by_tokens/` twin of a tag
+# What each scalar means, shown beside its chart in TensorBoard (the `/by_tokens` twin of a tag
 # shares its description). "prefix/*" entries cover tags named at run time, such as per-group norms.
 DESCRIPTIONS: dict[str, str] = {
     "train/loss": "Training cross-entropy (nats per token) on the batch of the logged step.",
@@ -86,12 +86,16 @@ DESCRIPTIONS: dict[str, str] = {
     "(columns) in each MoE layer (rows).",
 }
 
-TOKENS_PREFIX = "by_tokens/"
+# The twin of each scalar stepped by tokens seen is TAG + TOKENS_SUFFIX. A suffix, not a prefix:
+# TensorBoard sorts sections and cards by name, so each chart sits beside its twin in its own
+# section, where a `by_tokens/` section would come first and push the step charts below a dozen
+# twins; a separate `tokens` run would double the run list and mix both axes in one chart.
+TOKENS_SUFFIX = "/by_tokens"
 
 
 def describe(tag: str) -> str | None:
     """DESCRIPTIONS' text for a tag: exact, else its longest ``prefix/*`` entry, else None."""
-    tag = tag.removeprefix(TOKENS_PREFIX)
+    tag = tag.removesuffix(TOKENS_SUFFIX)
     if tag in DESCRIPTIONS:
         return DESCRIPTIONS[tag]
     parts = tag.split("/")
@@ -118,7 +122,7 @@ def scalars_layout():
             category(
                 "loss",
                 chart("train and val loss, by step", r"^train/loss$", r"^val/loss$"),
-                chart("train and val loss, by tokens", r"^by_tokens/(train|val)/loss$"),
+                chart("train and val loss, by tokens", r"^(train|val)/loss/by_tokens$"),
                 chart("val bits per byte", r"^val/bpb$"),
             ),
             category(
@@ -132,7 +136,7 @@ def scalars_layout():
                 "optimizer",
                 chart("learning rate", r"^train/lr$"),
                 chart("gradient norm", r"^train/grad_norm$"),
-                chart("parameter norms", r"^norms/params(/.*)?$"),
+                chart("parameter norms", r"^norms/params(/(?!by_tokens$)[^/]+)?$"),
                 chart("update / parameter norm", r"^norms/update_ratio$"),
             ),
             category(
@@ -255,14 +259,15 @@ class TensorBoardWriter:
         return metadata
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
+        """A float32 scalar tensor, as ``tf.summary.scalar`` writes it: TensorBoard's default
+        (Rust) loader drops the description of old-style ``simple_value`` scalars."""
+        import numpy as np
         from tensorboard.compat.proto import summary_pb2
+        from tensorboard.util import tensor_util
 
-        self._write(
-            step,
-            summary_pb2.Summary.Value(
-                tag=tag, metadata=self._metadata(tag, "scalars"), simple_value=float(value)
-            ),
-        )
+        tensor = tensor_util.make_tensor_proto(np.float32(value))
+        metadata = self._metadata(tag, "scalars")
+        self._write(step, summary_pb2.Summary.Value(tag=tag, metadata=metadata, tensor=tensor))
 
     def add_text(self, tag: str, text: str, step: int = 0) -> None:
         from tensorboard.compat.proto import summary_pb2
@@ -388,7 +393,7 @@ class MetricsLogger:
 
     def scalars(self, step: int, values: dict[str, float], tokens: int | None = None) -> None:
         """Scalars at ``step``; with ``tokens`` (tokens seen so far) also ``progress/tokens_seen``
-        and a ``by_tokens/<tag>`` twin of each tag stepped by tokens, so that runs with different
+        and a ``<tag>/by_tokens`` twin of each tag stepped by tokens, so that runs with different
         batch sizes line up in one chart."""
         if not self.enabled:
             return
@@ -401,7 +406,7 @@ class MetricsLogger:
             if tokens is not None:
                 self.writer.add_scalar("progress/tokens_seen", tokens, step)
                 for key, value in values.items():
-                    self.writer.add_scalar(TOKENS_PREFIX + key, value, int(tokens))
+                    self.writer.add_scalar(key + TOKENS_SUFFIX, value, int(tokens))
 
     def histogram(self, step: int, tag: str, counts) -> None:
         if self.writer:
