@@ -182,12 +182,15 @@ def test_expert_load_writes_a_histogram_per_layer_and_a_heat_map(tmp_path):
     load = np.random.default_rng(0).dirichlet(np.ones(8), size=3)  # 3 MoE layers x 8 experts
     logger = MetricsLogger(tmp_path)
     logger.expert_load(5, load, layers=[1, 3, 5])
+    logger.expert_load(6, load, layers=[1, 3, 5], image=False)  # histograms only
     with pytest.raises(ValueError, match=r"load\[layers, experts\]"):
         logger.expert_load(5, load.mean(0))
+    with pytest.raises(ValueError, match="one index per MoE layer"):
+        logger.expert_load(5, load, layers=[1, 3])
     logger.close()
     events = _events(tmp_path)
     for row, layer in zip(load, [1, 3, 5], strict=True):
-        (event,) = events.Tensors(f"moe/expert_load/layer_{layer}")
+        event, _ = events.Tensors(f"moe/expert_load/layer_{layer}")
         buckets = tensor_util.make_ndarray(event.tensor_proto)
         np.testing.assert_allclose(buckets[:, 2], row, rtol=1e-6)
         np.testing.assert_allclose(buckets[:, 1] - buckets[:, 0], 1.0)

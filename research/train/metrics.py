@@ -171,7 +171,7 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def expert_load_png(load, layers=None) -> tuple[bytes, int, int]:
+def expert_load_png(load, layers: list[int] | None = None) -> tuple[bytes, int, int]:
     """A layers x experts heat map of load x n_experts (1.0 = fair share) with its colour bar.
 
     Diverging colours centred on the fair share: blue experts are starved, red ones overloaded;
@@ -190,8 +190,11 @@ def expert_load_png(load, layers=None) -> tuple[bytes, int, int]:
     n_layers, n_experts = load.shape
     relative = load * n_experts
     layers = list(range(n_layers)) if layers is None else list(layers)
-    figure = Figure(
-        figsize=(min(2.5 + 0.4 * n_experts, 16), min(1.5 + 0.35 * n_layers, 12)), dpi=100
+    # Fixed margins in inches (tight_layout would draw the figure twice: ~2x the time).
+    width, height = min(2.5 + 0.4 * n_experts, 16), min(1.5 + 0.35 * n_layers, 12)
+    figure = Figure(figsize=(width, height), dpi=100)
+    figure.subplots_adjust(
+        left=0.7 / width, right=1 - 0.2 / width, bottom=0.6 / height, top=1 - 0.2 / height
     )
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
@@ -202,7 +205,6 @@ def expert_load_png(load, layers=None) -> tuple[bytes, int, int]:
     axes.set_xticks(range(n_experts))
     axes.set_yticks(range(n_layers), [str(i) for i in layers])
     figure.colorbar(image, ax=axes, label="load / fair share")
-    figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     width, height = figure.canvas.get_width_height()
@@ -412,10 +414,14 @@ class MetricsLogger:
         if self.writer:
             self.writer.add_histogram(tag, counts, step)
 
-    def expert_load(self, step: int, load, layers=None) -> None:
+    def expert_load(
+        self, step: int, load, layers: list[int] | None = None, image: bool = True
+    ) -> None:
         """Per-layer expert load ([MoE layers, experts], shares summing to 1 per row): one
-        histogram per layer (``moe/expert_load/layer_{i}``) and one heat map image
-        (``moe/expert_load_heatmap``). ``layers``: the model layer of each row (default 0..)."""
+        histogram per layer (``moe/expert_load/layer_{i}``) and, with ``image``, one heat map
+        (``moe/expert_load_heatmap``). ``layers``: the model layer of each row (default 0..).
+        Drawing the heat map with matplotlib costs far more than a train step of a small model:
+        pass ``image=False`` on frequent logs and draw it at evaluation cadence."""
         if not self.writer:
             return
         import numpy as np
@@ -427,8 +433,15 @@ class MetricsLogger:
                 "per-layer loads (the train step's moe/expert_load), not their mean over layers."
             )
         layers = list(range(load.shape[0])) if layers is None else list(layers)
+        if len(layers) != load.shape[0]:
+            raise ValueError(
+                f"expert_load got {load.shape[0]} rows of loads but {len(layers)} layer indices; "
+                "pass one index per MoE layer (ModelConfig.moe_layers())."
+            )
         for layer, row in zip(layers, load, strict=True):
             self.writer.add_histogram(f"moe/expert_load/layer_{layer}", row, step)
+        if not image:
+            return
         png, height, width = expert_load_png(load, layers)
         self.writer.add_image_png("moe/expert_load_heatmap", png, height, width, step)
 
