@@ -12,7 +12,7 @@ def config() -> ExperimentConfig:
         train=TrainConfig(
             steps=50,
             batch_size=8,
-            eval_every=0,
+            eval_every=25,
             eval_batches=4,
             checkpoint_every=25,
             log_every=5,

@@ -98,7 +98,7 @@ def test_interrupted_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, mon
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(root / "wide" / "tensorboard")).Reload()
+    events = EventAccumulator(str(root / "wide")).Reload()
     assert "hparams/val_loss" in events.Tags()["scalars"]
     assert any(t.startswith("_hparams_") for t in events.Tags()["tensors"])
 

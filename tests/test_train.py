@@ -171,9 +171,9 @@ def test_tensorboard_events_and_ledger(tiny_config):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = train(tiny_config("train.steps=20", "train.eval_every=10"))
-    events = EventAccumulator(str(result.run_dir / "tensorboard"))
+    events = EventAccumulator(str(result.run_dir))
     events.Reload()
-    tags = events.Tags()["scalars"]
+    tags = events.Tags()["tensors"]  # scalars are float32 tensors, as tf.summary writes them
     for tag in (
         "train/loss",
         "val/loss",
@@ -185,7 +185,7 @@ def test_tensorboard_events_and_ledger(tiny_config):
         "train/grad_norm",
     ):
         assert tag in tags, tag
-    assert [e.step for e in events.Scalars("val/loss")] == [10, 20]
+    assert [e.step for e in events.Tensors("val/loss")] == [10, 20]
     ledger = (result.run_dir / "ledger.json").read_text()
     assert '"tokens": 5120' in ledger  # 20 steps x 8 sequences x 32 tokens
     # The MFU denominator is recorded: this CPU's cached ceiling, one chip for 8 XLA devices.
@@ -263,6 +263,7 @@ def test_restart_keeps_the_previous_run(tiny_config):
     assert again.step == 6 and again.train_loss == first.train_loss
     kept = [p.name for p in first.run_dir.iterdir() if "before-restart" in p.name]
     assert any(name.startswith("checkpoints.before-restart") for name in kept)
+    assert any(name.startswith("tensorboard.before-restart") for name in kept)  # old events
 
 
 def test_cli_prepare_reports_dedup(capsys):

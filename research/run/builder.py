@@ -29,6 +29,7 @@ from research.parallel.distributed import initialize
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
 from research.train.checkpoint import Checkpointer
 from research.train.memory import MemoryReport, memory_report
+from research.train.metrics import set_aside_events
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, param_shardings
 from research.train.state import abstract_like, init_train_state
@@ -231,8 +232,10 @@ def _set_aside_previous_run(run_dir: Path) -> None:
     import time
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "ledger.json"):
+    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "ledger.json", "memory.json"):
         old = run_dir / name
         if old.exists() and jax.process_index() == 0:
             old.rename(run_dir / f"{old.stem}.before-restart-{stamp}{old.suffix}")
             print(f"restart: kept the previous {name} as {old.stem}.before-restart-{stamp}")
+    if jax.process_index() == 0 and (kept := set_aside_events(run_dir, stamp)):
+        print(f"restart: kept the previous TensorBoard events in {kept.name}")

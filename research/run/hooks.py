@@ -95,7 +95,11 @@ def evaluate_hook(run: Run, logger: MetricsLogger, progress: Progress, bar=None)
 
     def evaluate(trainer: Trainer) -> None:
         progress.val_loss, progress.val_bpb = evaluator(trainer.state["params"])
-        logger.scalars(trainer.step, {"val/loss": progress.val_loss, "val/bpb": progress.val_bpb})
+        logger.scalars(
+            trainer.step,
+            {"val/loss": progress.val_loss, "val/bpb": progress.val_bpb},
+            tokens=trainer.step * run.tokens_per_step,
+        )
         line = (
             f"step {trainer.step}: train loss {progress.train_loss:.4f}, val loss "
             f"{progress.val_loss:.4f}, val bpb {progress.val_bpb:.4f}"

@@ -22,8 +22,9 @@ from research.run.builder import Run, build_run
 from research.train.accounting import Peak, job_peak
 from research.train.ledger import record_energy, record_work
 from research.train.loop import Trainer
-from research.train.metrics import MetricsLogger
+from research.train.metrics import MetricsLogger, flatten
 from research.train.power import PowerMeter
+from research.train.run_info import run_metadata
 
 
 @dataclass
@@ -46,8 +47,10 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     meter = PowerMeter(cfg.energy)  # NVML samples or a TDP estimate, for ledger.json
     run = build_run(cfg, "train", resume=resume)
     cfg, train_cfg = run.config, run.config.train
+    info = run_metadata(dict(run.mesh.shape))  # git SHA, command, versions, devices, mesh
     if jax.process_index() == 0:
-        (run.run_dir / "config.json").write_text(cfg.to_json())
+        saved = {**cfg.to_dict(), "run": info}  # load_run_config reads the config part back
+        (run.run_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
         (run.run_dir / "memory.json").write_text(json.dumps(run.memory.to_dict(), indent=2))
         if run.step == 0:
             print(_model_line(run))
@@ -56,6 +59,8 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     trainer = Trainer(run.train_step, run.state, batches, run.step, train_cfg.steps)
     logger = MetricsLogger(run.run_dir, cfg.log.tensorboard)
     logger.text("config", f"```\n{cfg.to_json()}\n```")
+    logger.run_info(info)
+    logger.hparams(flatten(cfg.to_dict()))
     progress = hooks.Progress()
     bar, advance = hooks.progress_bar(run, cfg.log.progress)
     peak = job_peak(cfg.log.peak_flops, list(run.mesh.devices.flat))  # chips (a CPU host: 1)

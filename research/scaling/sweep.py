@@ -98,9 +98,11 @@ def isoflop_run(
             "budget, shrink the batch or drop this size"
         )
     cfg.train.steps = steps
-    # Schedules scale with the run: warmup 5% (at most 200 steps); checkpoints 4 per run.
+    # Schedules scale with the run: warmup 5% (at most 200 steps); checkpoints and evals 4 per run.
     cfg.optim.warmup_steps = min(200, max(1, steps // 20))
     cfg.train.checkpoint_every = max(1, steps // 4)
+    if not cfg.train.eval_every:  # val curves, not one point at the end
+        cfg.train.eval_every = max(1, steps // 4)
     label = name or f"C{_short(budget)}-N{_short(size.non_embedding_params)}"
     cfg.name = f"{base.name}-{label}"
     return SweepRun(label, cfg, budget=budget, holdout=holdout)
@@ -323,6 +325,7 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
     import jax
 
     from research.run import train
+    from research.train.metrics import events_dir
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -341,7 +344,7 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
         result = train(cfg, resume=True)  # an interrupted run resumes from its checkpoints
         ledger = json.loads((result.run_dir / "ledger.json").read_text())
         row = _result_row(run, result, ledger, time.perf_counter() - start)
-        _write_hparams(run, row, result.run_dir / "tensorboard")
+        _write_hparams(run, row, events_dir(result.run_dir))
         with open(root / RESULTS, "a") as f:  # one short append per run: safe for parallel jobs
             f.write(json.dumps(row) + "\n")
         write_sweep_ledger(root)

@@ -11,6 +11,7 @@ from flax import nnx
 
 from research.models.loss import cross_entropy
 from research.models.moe import update_router_biases
+from research.train.norms import tree_norms
 
 
 def make_train_step(
@@ -71,6 +72,7 @@ def make_train_step(
                 params, moe_layers, aux["expert_load"], model_cfg.aux_free_bias_rate
             )
         metrics = {
+            **tree_norms(params, updates),  # parameter and update norms, per module
             "loss": ce,
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state["step"]),
