@@ -126,7 +126,7 @@ def cmd_info(args) -> None:
 
 def _memory_line(cfg: ExperimentConfig) -> str:
     """Per-device memory on the mesh this config gets on the devices here."""
-    from research.parallel.memory import memory_report
+    from research.parallel.memory import check_fits, device_memory_bytes, memory_report
     from research.parallel.mesh import make_mesh
     from research.train.optimizer import make_optimizer
 
@@ -134,6 +134,7 @@ def _memory_line(cfg: ExperimentConfig) -> str:
     mesh = make_mesh(cfg.mesh, batch_size=micro_batch)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps)
     report = memory_report(cfg.model, mesh, tx, micro_batch)
+    check_fits(report, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
     return f"{report.summary()}; mesh {dict(mesh.shape)}"
 
 

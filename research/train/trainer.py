@@ -24,7 +24,7 @@ from research.data.shards import PreparedData, prepare
 from research.infer.sampling import generate
 from research.models import Transformer
 from research.parallel.distributed import gather_to_host, initialize, put_global
-from research.parallel.memory import memory_report
+from research.parallel.memory import check_fits, device_memory_bytes, memory_report
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
 from research.parallel.shardings import optimizer_shardings, param_shardings
 from research.scaling.accounting import count_params
@@ -215,8 +215,6 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         )
     cfg.model = model_cfg
     _check_same_run(run_dir, cfg.to_dict())
-    if jax.process_index() == 0:
-        (run_dir / "config.json").write_text(cfg.to_json())
 
     accum, batch_size = cfg.optim.grad_accum, cfg.train.batch_size
     mesh = make_mesh(cfg.mesh, batch_size=batch_size // accum)
@@ -233,6 +231,11 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         1 if mesh.devices.flat[0].platform == "cpu" else mesh.devices.size
     )  # a CPU's measured ceiling already covers all its cores, however many devices it shows
 
+    tx_shapes = make_optimizer(cfg.optim, cfg.train.steps)[0]  # for the estimate, before allocating
+    memory = memory_report(model_cfg, mesh, tx_shapes, batch_size // accum)
+    check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
+    if jax.process_index() == 0:  # after the checks: a refused config does not claim the folder
+        (run_dir / "config.json").write_text(cfg.to_json())
     if not resume:
         _set_aside_previous_run(run_dir)
     graphdef, state, tx, schedule = init_train_state(cfg, mesh)
@@ -275,7 +278,6 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
             f"non-embedding{active}), {size.flops_per_token / 1e6:.1f} MFLOP/token; "
             f"mesh {dict(mesh.shape)}"
         )
-    memory = memory_report(model_cfg, mesh, tx, batch_size // accum)
     if jax.process_index() == 0:
         (run_dir / "memory.json").write_text(json.dumps(memory.to_dict(), indent=2))
         print(memory.summary())
