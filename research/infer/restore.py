@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from flax import nnx
 from jax.sharding import Mesh
 
-from research.config import ExperimentConfig, MeshConfig
+from research.config import ExperimentConfig, MeshConfig, RunDirError, load_run_config
 from research.data.shards import PreparedData, prepare
 from research.parallel.mesh import make_mesh
 from research.train.checkpoint import Checkpointer
@@ -27,12 +26,7 @@ class LoadedRun:
 
 
 def load_run(run_dir: Path) -> LoadedRun:
-    config_path = Path(run_dir) / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"{run_dir} is not a run directory (no config.json); train one with `research train`"
-        )
-    cfg = ExperimentConfig.from_dict(json.loads(config_path.read_text()))
+    cfg = load_run_config(run_dir)  # validated; a missing or broken one is a RunDirError
     cfg.mesh = MeshConfig()  # inference uses whatever devices are here, data-parallel
     data = prepare(cfg.data, verbose=False)
     mesh = make_mesh(cfg.mesh)
@@ -43,6 +37,9 @@ def load_run(run_dir: Path) -> LoadedRun:
     restored = checkpointer.restore_latest(abstract_like(state))
     checkpointer.close()
     if restored is None:
-        raise FileNotFoundError(f"{run_dir} has no readable checkpoint yet")
+        raise RunDirError(
+            f"{run_dir} has no readable checkpoint yet; train it further with `research train` "
+            "(a run saves one every train.checkpoint_every steps and at the end)"
+        )
     step, state, _ = restored
     return LoadedRun(cfg, data, mesh, graphdef, state["params"], step)
