@@ -93,7 +93,7 @@ class _Checks:
             flag = isinstance(value, bool) and expected is not bool  # True is an int too
             if ok and (flag or not isinstance(value, ok)):
                 self.add(
-                    f"{self.section}.{f.name}={value!r} is a {type(value).__name__}, "
+                    f"{self.section}.{f.name}={value!r} has type {type(value).__name__}, "
                     f"expected {expected.__name__}"
                 )
 

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from research.cli import main
-from research.config import ExperimentConfig
+from research.config import ExperimentConfig, ResearchError
 
 TINY = ["tiny", "--set", "log.progress=false"]
 
@@ -164,3 +164,49 @@ def test_table_covers_every_command_and_enough_mistakes():
     commands = {argv[0] for _, argv, _ in CASES if argv}
     assert commands >= {"train", "eval", "generate", "info", "sweep", "fit", "forecast", "prepare"}
     assert len(CASES) >= 25
+
+
+def test_check_fits_says_by_how_much_and_which_knobs_help():
+    import jax
+
+    from research.parallel.memory import MemoryReport, check_fits, device_memory_bytes
+
+    mib = 2**20
+    report = MemoryReport(
+        params_bytes=100 * mib,
+        optimizer_bytes=200 * mib,
+        activation_bytes=700 * mib,
+        devices=1,
+        remat="none",
+    )
+    check_fits(report, None)  # nothing known about the device: no check
+    check_fits(report, 1000 * mib)  # exactly fits
+    with pytest.raises(ResearchError) as error:
+        check_fits(report, 600 * mib)
+    message = str(error.value)
+    assert "~1,000.0 MiB per device" in message and "600.0 MiB: 400.0 MiB too much" in message
+    for knob in ("model.remat=full", "train.batch_size", "optim.grad_accum", "mesh.fsdp"):
+        assert knob in message
+    cpu = jax.devices("cpu")[0]
+    assert device_memory_bytes(cpu) is None and device_memory_bytes(cpu, 2.0) == 2 * 2**30
+
+
+def test_the_first_file_that_is_not_utf8_is_named_with_its_offset(tmp_path):
+    from research.data.corpus import DataError, read_text
+
+    good, bad = tmp_path / "a.txt", tmp_path / "b.txt"
+    good.write_text("fine text")
+    raw = b"ok " + "naïve".encode() + b" then \x80 here"
+    bad.write_bytes(raw)
+    first_bad = max(n for n in range(len(raw) + 1) if _decodes(raw[:n]))  # longest valid prefix
+    with pytest.raises(DataError, match=f"{bad} is not UTF-8 text: byte offset {first_bad} "):
+        read_text([good, bad], "\n\n")
+    assert first_bad == raw.index(b"\x80")
+
+
+def _decodes(prefix: bytes) -> bool:
+    try:
+        prefix.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
