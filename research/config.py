@@ -30,6 +30,10 @@ class ConfigError(ResearchError, ValueError):
     """A config key, value or experiment name that cannot be used, with the fix in the message."""
 
 
+class MeshShapeError(ConfigError):
+    """A mesh that does not fit the devices or the model; the message names both and the fix."""
+
+
 class RunDirError(ResearchError, FileNotFoundError):
     """A run folder that is missing, is not a run, or holds no readable checkpoint."""
 
@@ -458,33 +462,34 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
             found.append(f"{section} is a {type(node).__name__}, expected {expected.__name__}")
         else:
             found += node.problems()
-    if not found:
-        found = _cross_section_problems(cfg)
-    if len(found) == 1:
-        raise ConfigError(f"{found[0]} (config of {cfg.name})")
-    if found:
-        listing = "\n  ".join(found)
-        raise ConfigError(f"{len(found)} problems in the config of {cfg.name}:\n  {listing}")
-    return cfg
-
-
-def _cross_section_problems(cfg: ExperimentConfig) -> list[str]:
-    """Sizes that must divide across sections: batch by accumulation, model dims by mesh axes."""
-    found = []
     batch, accum = cfg.train.batch_size, cfg.optim.grad_accum
-    if batch % accum:
+    if not found and batch % accum:
         found.append(
             f"train.batch_size={batch} is not a multiple of optim.grad_accum={accum}; the batch "
             f"is split into {accum} equal microbatches: use a multiple of {accum}"
         )
+    kind = ConfigError
+    if not found:
+        found, kind = _mesh_problems(cfg), MeshShapeError
+    if len(found) == 1:
+        raise kind(f"{found[0]} (config of {cfg.name})")
+    if found:
+        listing = "\n  ".join(found)
+        raise kind(f"{len(found)} problems in the config of {cfg.name}:\n  {listing}")
+    return cfg
+
+
+def _mesh_problems(cfg: ExperimentConfig) -> list[str]:
+    """Sizes that must divide over fixed mesh axes: the microbatch, and the model's dims."""
+    found = []
     mesh, model = cfg.mesh, cfg.model
-    batch_axes = (mesh.data, mesh.fsdp, mesh.expert)
+    micro = cfg.train.batch_size // cfg.optim.grad_accum
     ways = mesh.data * mesh.fsdp * mesh.expert
-    if not found and -1 not in batch_axes and (batch // accum) % ways:
+    if -1 not in (mesh.data, mesh.fsdp, mesh.expert) and micro % ways:
         found.append(
-            f"the microbatch of {batch // accum} sequences (train.batch_size / optim.grad_accum) "
-            f"does not split over mesh data x fsdp x expert = {ways} devices; use a "
-            f"train.batch_size that is a multiple of {ways * accum}"
+            f"the microbatch of {micro} sequences (train.batch_size / optim.grad_accum) "
+            f"does not divide over mesh data x fsdp x expert = {ways} devices; use a "
+            f"train.batch_size that is a multiple of {ways * cfg.optim.grad_accum}"
         )
     n_kv = model.n_kv_heads or model.n_heads
     hidden = model.mlp_hidden or 64 * -(-(8 * model.d_model // 3) // 64)

@@ -102,7 +102,7 @@ def test_validate_checks_sizes_across_sections():
 
     with pytest.raises(ConfigError, match="multiple of optim.grad_accum=5"):
         validate(apply_overrides(ExperimentConfig(), ["optim.grad_accum=5"]))
-    with pytest.raises(ConfigError, match="does not split over mesh data x fsdp x expert = 5"):
+    with pytest.raises(ConfigError, match="does not divide over mesh data x fsdp x expert = 5"):
         validate(apply_overrides(ExperimentConfig(), ["mesh.data=5"]))
     with pytest.raises(ConfigError, match="model.n_experts=6 does not divide over mesh.expert=4"):
         validate(
