@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from research.cli_types import non_negative_float, non_negative_int, positive_int, unit_fraction
 from research.config import ExperimentConfig, ResearchError, load_experiment
 from research.scaling.commands import add_scaling_commands
 
@@ -120,8 +121,19 @@ def cmd_info(args) -> None:
     print(f"{run.memory.summary()}; mesh {dict(run.mesh.shape)}")
 
 
+class UsageError(ResearchError):
+    """A command line argparse cannot parse: reported like every other mistake (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake raises UsageError (sub-commands inherit the class)."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="research",
         description="Train and study dense transformer language models in JAX.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -172,11 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir")
     p.add_argument("--prompt", default="\n")
-    p.add_argument("--max-tokens", type=int, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0, help="0: no top-k filtering")
-    p.add_argument("--top-p", type=float, default=0.95, help="1.0: no nucleus filtering")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--max-tokens", type=non_negative_int, default=300)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=0, help="0: no top-k filtering")
+    p.add_argument("--top-p", type=unit_fraction, default=0.95, help="1.0: no nucleus filtering")
+    p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
@@ -194,11 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from research import runtime
-
-    runtime.setup()
+    """Run a command; a mistake in the input (ResearchError) is one ``error: ...`` line on
+    stderr and exit status 2, never a traceback."""
     try:
+        args = build_parser().parse_args(argv)
+        from research import runtime
+
+        runtime.setup()
         args.func(args)
     except (ResearchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

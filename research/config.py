@@ -21,12 +21,85 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ResearchError(Exception):
-    """The project's own error: bad input or state, with the fix in the message. The CLI prints
-    it as ``error: ...`` and exits with status 2 instead of showing a traceback."""
+    """Any mistake in what the user asked for (config, data, run folder, command line), with the
+    fix in the message. ``research.cli.main`` prints it as ``error: ...`` and exits with status 2,
+    without a traceback; anything else escaping is a bug in the code, not in the input."""
 
 
 class ConfigError(ResearchError, ValueError):
     """A config key, value or experiment name that cannot be used, with the fix in the message."""
+
+
+class MeshShapeError(ConfigError):
+    """A mesh that does not fit the devices or the model; the message names both and the fix."""
+
+
+class RunDirError(ResearchError, FileNotFoundError):
+    """A run folder that is missing, is not a run, or holds no readable checkpoint."""
+
+
+# The values each enum-like string field accepts (the modules that use them check the same).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
+ROUTERS = ("softmax", "sigmoid")
+MOE_DISPATCHES = ("auto", "capacity", "dropless")
+REMAT_POLICIES = ("none", "full", "save-dots")
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", *PARAM_DTYPES)
+TOKENIZERS = ("char", "bpe")
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+class _Checks:
+    """Collects one config section's problems; each names the key, the bad value and the fix.
+
+    Comparisons are written as ``not (value >= low)`` so that NaN fails them too."""
+
+    def __init__(self, section: str, node: Any):
+        self.section, self.node, self.found = section, node, []
+
+    def _value(self, key: str) -> tuple[str, Any]:
+        return f"{self.section}.{key}", getattr(self.node, key)
+
+    def add(self, message: str) -> None:
+        self.found.append(message)
+
+    def one_of(self, key: str, options: tuple[str, ...]) -> None:
+        name, value = self._value(key)
+        if value not in options:
+            close = difflib.get_close_matches(str(value), options, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.add(f"{name}={value!r} is not one of {', '.join(options)}{hint}")
+
+    def at_least(self, key: str, low: float, meaning: str = "") -> None:
+        name, value = self._value(key)
+        if not value >= low:
+            self.add(f"{name}={value!r} must be >= {low}{meaning}")
+
+    def positive(self, key: str) -> None:
+        name, value = self._value(key)
+        if not value > 0:
+            self.add(f"{name}={value!r} must be positive")
+
+    def within(self, key: str, low: float, high: float, open_low=False, open_high=False) -> None:
+        name, value = self._value(key)
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below):
+            bounds = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            self.add(f"{name}={value!r} must be in {bounds}")
+
+    def types(self) -> None:
+        """Fields whose value is not of the declared type (an experiment file's typo)."""
+        hints = typing.get_type_hints(type(self.node))
+        for f in dataclasses.fields(self.node):
+            expected, value = hints[f.name], getattr(self.node, f.name)
+            ok = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}.get(expected)
+            flag = isinstance(value, bool) and expected is not bool  # True is an int too
+            if ok and (flag or not isinstance(value, ok)):
+                self.add(
+                    f"{self.section}.{f.name}={value!r} has type {type(value).__name__}, "
+                    f"expected {expected.__name__}"
+                )
 
 
 @dataclass(unsafe_hash=True)  # hashable: modules keep it as static graph metadata
@@ -121,6 +194,59 @@ class ModelConfig:
             self, n_kv_heads=n_kv, head_dim=head_dim, mlp_hidden=hidden, vocab_size=vocab, **moe
         )
 
+    def problems(self) -> list[str]:
+        """Every value this model cannot be built with (see ``validate``)."""
+        c = _Checks("model", self)
+        c.types()
+        if c.found:
+            return c.found
+        for key in ("d_model", "n_layers", "n_heads", "seq_len"):
+            c.positive(key)
+        zero_means = " (0: derive it)"
+        for key in ("vocab_size", "n_kv_heads", "head_dim", "mlp_hidden", "expert_hidden"):
+            c.at_least(key, 0, zero_means)
+        c.at_least("attention_window", 0, " (0: full causal attention)")
+        for key in ("rope_theta", "rope_scaling", "init_std", "norm_eps"):
+            c.positive(key)
+        c.within("dropout", 0.0, 1.0, open_high=True)
+        c.one_of("attention", ATTENTION_IMPLEMENTATIONS)
+        c.one_of("param_dtype", PARAM_DTYPES)
+        c.one_of("compute_dtype", COMPUTE_DTYPES)
+        c.one_of("remat", REMAT_POLICIES)
+        c.one_of("router", ROUTERS)
+        c.one_of("moe_dispatch", MOE_DISPATCHES)
+        c.at_least("n_experts", 0, " (0: a dense model)")
+        c.at_least("n_shared_experts", 0)
+        c.at_least("expert_granularity", 1)
+        c.at_least("moe_every", 1)
+        c.positive("capacity_factor")
+        for key in ("router_aux_loss", "router_z_loss", "aux_free_bias_rate"):
+            c.at_least(key, 0.0, " (0: off)")
+        if c.found:
+            return c.found  # the checks below divide by these sizes
+        n_kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % n_kv:
+            c.add(
+                f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={n_kv}; "
+                "grouped-query attention needs whole groups of query heads per KV head"
+            )
+        if not self.head_dim and self.d_model % self.n_heads:
+            c.add(
+                f"model.d_model={self.d_model} is not divisible by model.n_heads={self.n_heads}; "
+                "set model.head_dim explicitly or change one of them"
+            )
+        if self.n_experts and not 1 <= self.top_k <= self.n_experts:
+            c.add(
+                f"model.top_k={self.top_k} must be between 1 and model.n_experts={self.n_experts}"
+            )
+        if self.scan_layers and self.n_experts and self.n_layers % self.moe_every:
+            c.add(
+                f"model.n_layers={self.n_layers} is not a multiple of model.moe_every="
+                f"{self.moe_every}, which model.scan_layers needs (it scans over groups of "
+                "moe_every layers); change one of them or set model.scan_layers=false"
+            )
+        return c.found
+
     def is_moe_layer(self, index: int) -> bool:
         return self.n_experts > 0 and index % self.moe_every == self.moe_every - 1
 
@@ -137,6 +263,21 @@ class DataConfig:
     val_fraction: float = 0.1  # the last fraction of the text, as nanoGPT splits it
     doc_separator: str = "\n\n"  # documents for exact-duplicate removal
     cache_dir: str = ""  # "": $RESEARCH_CACHE or ~/.cache/research
+
+    def problems(self) -> list[str]:
+        c = _Checks("data", self)
+        c.types()
+        if c.found:
+            return c.found
+        if not self.corpus.strip():
+            c.add("data.corpus is empty: name a corpus (e.g. tinyshakespeare) or give a path")
+        c.one_of("tokenizer", TOKENIZERS)
+        if self.tokenizer == "bpe":
+            c.at_least("bpe_vocab_size", 257, " (the 256 byte tokens and <|endoftext|>)")
+        c.within("val_fraction", 0.0, 1.0, open_low=True, open_high=True)
+        if not self.doc_separator:
+            c.add('data.doc_separator is empty: documents need a separator, e.g. "\\n\\n"')
+        return c.found
 
 
 @dataclass
@@ -155,6 +296,24 @@ class OptimConfig:
     clip_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
 
+    def problems(self) -> list[str]:
+        c = _Checks("optim", self)
+        c.types()
+        if c.found:
+            return c.found
+        c.positive("lr")
+        c.one_of("schedule", SCHEDULES)
+        c.at_least("warmup_steps", 0)
+        c.within("min_lr_ratio", 0.0, 1.0)
+        c.within("decay_fraction", 0.0, 1.0)
+        c.within("b1", 0.0, 1.0, open_high=True)
+        c.within("b2", 0.0, 1.0, open_high=True)
+        c.at_least("eps", 0.0)
+        c.at_least("weight_decay", 0.0)
+        c.at_least("clip_norm", 0.0, " (0: no clipping)")
+        c.at_least("grad_accum", 1)
+        return c.found
+
 
 @dataclass
 class TrainConfig:
@@ -171,6 +330,22 @@ class TrainConfig:
     sample_tokens: int = 300  # printed at the end of training; 0 disables
     sample_prompt: str = "\n"
 
+    def problems(self) -> list[str]:
+        c = _Checks("train", self)
+        c.types()
+        if c.found:
+            return c.found
+        c.at_least("steps", 0)
+        c.at_least("batch_size", 1)
+        c.at_least("z_loss", 0.0, " (0: off)")
+        c.at_least("eval_every", 0, " (0: only at the end)")
+        c.at_least("eval_batches", 0, " (0: the whole validation split)")
+        c.at_least("checkpoint_every", 0, " (0: only at the end)")
+        c.at_least("keep_checkpoints", 1)
+        c.at_least("log_every", 1)
+        c.at_least("sample_tokens", 0, " (0: no sample)")
+        return c.found
+
 
 @dataclass
 class MeshConfig:
@@ -182,6 +357,25 @@ class MeshConfig:
     coordinator: str = ""  # host:port of process 0; "auto": let JAX detect it (Cloud TPU, SLURM)
     num_processes: int = 0  # 0: from $RESEARCH_NUM_PROCESSES or auto-detected
 
+    def problems(self) -> list[str]:
+        c = _Checks("mesh", self)
+        c.types()
+        if c.found:
+            return c.found
+        axes = ("data", "fsdp", "tensor", "expert")
+        for axis in axes:
+            size = getattr(self, axis)
+            if size != -1 and size < 1:
+                c.add(f"mesh.{axis}={size} must be -1 (all the devices left) or a size >= 1")
+        rest = [axis for axis in axes if getattr(self, axis) == -1]
+        if len(rest) > 1:
+            c.add(
+                f"only one mesh axis may be -1 (the rest), got {', '.join(rest)}; give the "
+                "others a size, e.g. --set mesh.data=1 --set mesh.fsdp=-1"
+            )
+        c.at_least("num_processes", 0, " (0: detect it)")
+        return c.found
+
 
 @dataclass
 class LogConfig:
@@ -189,6 +383,26 @@ class LogConfig:
     progress: bool = True
     peak_flops: float = 0.0  # per chip; 0: train/accounting.py's table, or on CPU measured once
     profile_steps: str = ""  # "A:B": a trace of steps A+1..B for TensorBoard's profile tab
+    # GiB per device the memory estimate must fit in; 0: the device's own limit where it reports
+    # one (GPU, TPU), no check on CPU (research/train/memory.py check_fits).
+    device_memory_gb: float = 0.0
+
+    def problems(self) -> list[str]:
+        c = _Checks("log", self)
+        c.types()
+        if c.found:
+            return c.found
+        c.at_least("peak_flops", 0.0, " (0: look it up or measure it)")
+        c.at_least("device_memory_gb", 0.0, " (0: ask the device)")
+        steps = self.profile_steps.split(":")
+        if self.profile_steps and not (
+            len(steps) == 2 and all(s.isdigit() for s in steps) and int(steps[0]) < int(steps[1])
+        ):
+            c.add(
+                f"log.profile_steps='{self.profile_steps}': use 'A:B' with whole steps A < B "
+                "(traces steps A+1..B), or '' for no trace"
+            )
+        return c.found
 
 
 @dataclass
@@ -202,6 +416,18 @@ class EnergyConfig:
     pue: float = 1.1  # data-centre overhead: facility energy / IT energy
     grid_kg_co2_per_kwh: float = 0.4  # set your grid's; BLOOM used 0.057, GPT-3's paper 0.429
     price_per_device_hour: float = 0.0  # USD; 0: the hardware table's indicative price
+
+    def problems(self) -> list[str]:
+        c = _Checks("energy", self)
+        c.types()
+        if c.found:
+            return c.found
+        c.at_least("device_power_w", 0.0, " (0: TDP x utilisation)")
+        c.within("utilisation", 0.0, 1.0, open_low=True)
+        c.at_least("pue", 1.0, " (facility energy / IT energy; 1.0: no overhead)")
+        c.at_least("grid_kg_co2_per_kwh", 0.0)
+        c.at_least("price_per_device_hour", 0.0, " (0: the hardware table's price)")
+        return c.found
 
 
 @dataclass
@@ -225,6 +451,93 @@ class ExperimentConfig:
     def from_dict(cls, data: dict[str, Any]) -> ExperimentConfig:
         return _from_dict(cls, data, prefix="")
 
+    def validate(self) -> ExperimentConfig:
+        """Raise one ConfigError listing every problem (see ``validate``); returns self."""
+        return validate(self)
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check a whole config before any work: enums, sizes, divisibility, mesh, energy figures.
+
+    Each section checks its own fields (``problems()``), then the sizes that span sections.
+    Every problem is reported at once, each naming the key, the bad value and the fix."""
+    if not isinstance(cfg, ExperimentConfig):
+        raise ConfigError(f"expected an ExperimentConfig, got {type(cfg).__name__}")
+    found = []
+    for section in ("model", "data", "optim", "train", "mesh", "log", "energy"):
+        node = getattr(cfg, section)
+        expected = typing.get_type_hints(ExperimentConfig)[section]
+        if not isinstance(node, expected):
+            found.append(f"{section} is a {type(node).__name__}, expected {expected.__name__}")
+        else:
+            found += node.problems()
+    batch, accum = cfg.train.batch_size, cfg.optim.grad_accum
+    if not found and batch % accum:
+        found.append(
+            f"train.batch_size={batch} is not a multiple of optim.grad_accum={accum}; the batch "
+            f"is split into {accum} equal microbatches: use a multiple of {accum}"
+        )
+    kind = ConfigError
+    if not found:
+        found, kind = _mesh_problems(cfg), MeshShapeError
+    if len(found) == 1:
+        raise kind(f"{found[0]} (config of {cfg.name})")
+    if found:
+        listing = "\n  ".join(found)
+        raise kind(f"{len(found)} problems in the config of {cfg.name}:\n  {listing}")
+    return cfg
+
+
+def _mesh_problems(cfg: ExperimentConfig) -> list[str]:
+    """Sizes that must divide over fixed mesh axes: the microbatch, and the model's dims."""
+    found = []
+    mesh, model = cfg.mesh, cfg.model
+    micro = cfg.train.batch_size // cfg.optim.grad_accum
+    ways = mesh.data * mesh.fsdp * mesh.expert
+    if -1 not in (mesh.data, mesh.fsdp, mesh.expert) and micro % ways:
+        found.append(
+            f"the microbatch of {micro} sequences (train.batch_size / optim.grad_accum) "
+            f"does not divide over mesh data x fsdp x expert = {ways} devices; use a "
+            f"train.batch_size that is a multiple of {ways * cfg.optim.grad_accum}"
+        )
+    n_kv = model.n_kv_heads or model.n_heads
+    hidden = model.mlp_hidden or 64 * -(-(8 * model.d_model // 3) // 64)
+    sizes = {"tensor": {"model.n_heads": model.n_heads, "model.n_kv_heads": n_kv}}
+    sizes["tensor"]["model.mlp_hidden"] = hidden
+    sizes["fsdp"] = {"model.d_model": model.d_model}
+    if model.n_experts:
+        sizes["expert"] = {"model.n_experts": model.n_experts * model.expert_granularity}
+    for axis, dims in sizes.items():
+        split = getattr(mesh, axis)
+        for key, dim in dims.items():
+            if split > 1 and dim % split:
+                found.append(
+                    f"{key}={dim} does not divide over mesh.{axis}={split}; change the "
+                    f"mesh or the model size"
+                )
+    return found
+
+
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The validated config saved in a run folder (``config.json``)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        what = "does not exist" if not Path(run_dir).exists() else "is not a run folder"
+        raise RunDirError(
+            f"{run_dir} {what} (no config.json); give the folder `research train` wrote, "
+            "e.g. runs/shakespeare_char"
+        )
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path} is not a readable config ({error}); restore it or train the run again"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a config object")
+    data.pop("run", None)  # run metadata (git SHA, command, versions) is a record, not config
+    return validate(ExperimentConfig.from_dict(data))
+
 
 def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
@@ -236,6 +549,8 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section '{prefix}{name}' is {value!r}, not a mapping")
             value = _from_dict(hints[name], value, prefix=f"{prefix}{name}.")
         kwargs[name] = value
     return cls(**kwargs)
@@ -341,7 +656,7 @@ def load_module(path: Path) -> types.ModuleType:
 
 
 def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an experiment file's config() and apply --set overrides."""
+    """Load an experiment file's config(), apply --set overrides and ``validate`` the result."""
     path = find_experiment(name_or_path)
     module = load_module(path)
     if not hasattr(module, "config"):
@@ -353,4 +668,4 @@ def load_experiment(name_or_path: str, overrides: list[str] | None = None) -> Ex
         )
     if config.name == "experiment":
         config.name = path.stem
-    return apply_overrides(config, overrides or [])
+    return validate(apply_overrides(config, overrides or []))

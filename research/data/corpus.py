@@ -14,11 +14,15 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from research.config import REPO_ROOT
+from research.config import REPO_ROOT, ResearchError
 
 
-class CorpusNotFoundError(FileNotFoundError):
-    pass
+class DataError(ResearchError, ValueError):
+    """A corpus, text file or tokenizer input that cannot be used, with the fix in the message."""
+
+
+class CorpusNotFoundError(DataError, FileNotFoundError):
+    """No corpus at the name or path given (or none of its files are text)."""
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def resolve_corpus(corpus: str, cache_dir: str = "") -> list[Path]:
             except OSError as error:
                 looked.append(f"{KNOWN_CORPORA[corpus].url} ({error})")
     if found is None:
+        looked = list(dict.fromkeys(looked))  # an absolute path is every candidate at once
         raise CorpusNotFoundError(
             f"Corpus '{corpus}' not found. Looked in: {'; '.join(looked)}. Fix: pass a path with "
             f"--set data.corpus=/path/to/text, set RESEARCH_DATA to a folder holding '{corpus}/', "
@@ -104,5 +109,35 @@ def resolve_corpus(corpus: str, cache_dir: str = "") -> list[Path]:
         )
     files = sorted(found.rglob("*.txt")) if found.is_dir() else [found]
     if not files:
-        raise CorpusNotFoundError(f"Corpus folder {found} holds no .txt files.")
+        raise CorpusNotFoundError(
+            f"Corpus folder {found} holds no .txt files; put the text in files ending in .txt "
+            "there, or point --set data.corpus at a text file."
+        )
     return files
+
+
+def read_text(files: list[Path], separator: str) -> str:
+    """The corpus' files as one UTF-8 string, joined by ``separator``.
+
+    A file that is not UTF-8 is named with the offset of its first bad byte (so it can be
+    found with ``head -c``), rather than a UnicodeDecodeError from deep in the pipeline."""
+    texts = []
+    for path in files:
+        raw = path.read_bytes()
+        try:
+            texts.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            bad = raw[error.start : error.start + 4]
+            raise DataError(
+                f"{path} is not UTF-8 text: byte offset {error.start} (bytes {bad.hex(' ')}) "
+                f"{error.reason}. Convert it (e.g. iconv -f latin1 -t utf-8) or move it out of "
+                "the corpus."
+            ) from None
+    text = separator.join(texts)
+    if not text.strip():
+        names = ", ".join(str(p) for p in files[:3]) + (", ..." if len(files) > 3 else "")
+        raise DataError(
+            f"The corpus is empty: no text in {names}. Add text to it or point "
+            "--set data.corpus at another corpus."
+        )
+    return text

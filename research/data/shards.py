@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from research.config import DataConfig
-from research.data.corpus import cache_root, resolve_corpus, sha256_file
+from research.config import ConfigError, DataConfig
+from research.data.corpus import DataError, cache_root, read_text, resolve_corpus, sha256_file
 from research.data.documents import dedup_train, split_documents
 from research.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 
@@ -46,10 +46,6 @@ class PreparedData:
         return info["bytes"] / info["tokens"]
 
 
-def _read_corpus(files: list[Path], separator: str) -> str:
-    return separator.join(f.read_text(encoding="utf-8") for f in files)
-
-
 def _cache_key(corpus_sha: str, cfg: DataConfig) -> str:
     settings = {
         "corpus_sha256": corpus_sha,
@@ -68,14 +64,28 @@ def _write_tokens(folder: Path, name: str, ids: np.ndarray, dtype: str) -> dict:
     return {"file": path.name, "dtype": dtype, "tokens": int(ids.size), "sha256": sha256_file(path)}
 
 
+def _check_splits(cfg: DataConfig, train_docs: list, val_docs: list, documents: int) -> None:
+    """Both splits must hold text after the split and dedup, or training has nothing to read."""
+    if not val_docs:
+        raise DataError(
+            f"corpus '{cfg.corpus}' leaves no validation text: its last data.val_fraction="
+            f"{cfg.val_fraction} is blank. Use a larger corpus or a larger data.val_fraction."
+        )
+    if not train_docs:
+        why = "is blank" if not documents else f"all {documents} documents repeat validation ones"
+        raise DataError(
+            f"corpus '{cfg.corpus}' leaves no training text after dedup ({why}). Use a larger "
+            "corpus, a smaller data.val_fraction, or another data.doc_separator."
+        )
+
+
 def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     """Prepare (or fetch from the cache) the token shards for a data config."""
-    if cfg.tokenizer not in ("char", "bpe"):
-        raise ValueError(f"data.tokenizer='{cfg.tokenizer}' is unknown; use 'char' or 'bpe'")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={cfg.val_fraction} must be between 0 and 1")
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError("; ".join(problems))
     say = print if verbose else (lambda *_: None)
-    text = _read_corpus(resolve_corpus(cfg.corpus, cfg.cache_dir), cfg.doc_separator)
+    text = read_text(resolve_corpus(cfg.corpus, cfg.cache_dir), cfg.doc_separator)
     corpus_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
     out = cache_root(cfg.cache_dir) / "prepared" / _cache_key(corpus_sha, cfg)
     if (out / "meta.json").exists():
@@ -85,6 +95,7 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     train_text, val_text = text[:split_at], text[split_at:]
     val_docs = split_documents(val_text, cfg.doc_separator)
     train_docs, report = dedup_train(split_documents(train_text, cfg.doc_separator), val_docs)
+    _check_splits(cfg, train_docs, val_docs, report.documents)
     say(
         f"prepare: {report.documents} train documents, dropped {report.duplicates_dropped} exact "
         f"duplicates and {report.val_overlap_dropped} that also occur in validation"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from research.data.corpus import DataError
+
 
 class CharTokenizer:
     kind = "char"
@@ -27,7 +29,10 @@ class CharTokenizer:
         try:
             return np.fromiter((self._index[c] for c in text), dtype=np.int32, count=len(text))
         except KeyError as error:
-            raise ValueError(f"character {error} is not in the tokenizer's vocabulary") from None
+            raise DataError(
+                f"character {error} is not in the tokenizer's vocabulary (the characters of the "
+                "training text); use only characters the corpus contains"
+            ) from None
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)

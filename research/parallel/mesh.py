@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from research.config import ConfigError, MeshConfig
+from research.config import MeshConfig, MeshShapeError
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -35,10 +35,6 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
 # Activations keep ``embed`` whole: FSDP splits the batch and gathers each layer's weights, and
 # tensor parallelism all-reduces a block's output, so the residual stream is never split on it.
 ACTIVATION_RULES = {**LOGICAL_RULES, "embed": None}
-
-
-class MeshShapeError(ConfigError):
-    """A mesh that does not fit the devices or the model; the message names both and the fix."""
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:

@@ -21,14 +21,15 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from research.config import ConfigError, DataConfig, ExperimentConfig, MeshConfig
+from research.config import ConfigError, DataConfig, ExperimentConfig, MeshConfig, validate
+from research.config import load_run_config as read_run_config
 from research.data.corpus import resolve_corpus
 from research.data.shards import PreparedData, prepare
 from research.models.accounting import ModelSize, count_params
 from research.parallel.distributed import initialize
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
 from research.train.checkpoint import Checkpointer
-from research.train.memory import MemoryReport, memory_report
+from research.train.memory import MemoryReport, check_fits, device_memory_bytes, memory_report
 from research.train.metrics import set_aside_events
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, param_shardings
@@ -107,16 +108,10 @@ def resolve_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, PreparedDat
 
 
 def load_run_config(run_dir: Path) -> ExperimentConfig:
-    """The config saved in a run directory, with the mesh reset to this machine's devices."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise ConfigError(
-            f"{run_dir} is not a run directory (no config.json); train one with `research train`"
-        )
-    saved = json.loads(path.read_text())
-    saved.pop("run", None)  # run metadata is a record, not config
-    cfg = ExperimentConfig.from_dict(saved)
-    cfg.mesh = MeshConfig()  # inference uses whatever devices are here, data-parallel
+    """The config saved in a run directory (validated), with the mesh reset to this machine's
+    devices: eval and generate run data-parallel on whatever is here."""
+    cfg = read_run_config(run_dir)
+    cfg.mesh = MeshConfig()
     cfg.train.run_dir = str(run_dir)
     return cfg
 
@@ -125,6 +120,7 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
     """Resolve, check and assemble ``cfg`` for ``purpose`` (train | eval | generate | info)."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
+    validate(cfg)  # every mistake in the config, before any work
     initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
     cfg, data = resolve_config(cfg)
     batch_size, accum = cfg.train.batch_size, cfg.optim.grad_accum
@@ -137,6 +133,7 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
         )
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     memory = memory_report(cfg.model, mesh, tx, batch_size // accum)
+    check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
     graphdef, _ = param_shardings(cfg.model, mesh)
     run = Run(
         config=cfg,

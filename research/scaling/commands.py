@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from research.cli_types import non_negative_int, positive_float, positive_int, unit_fraction
+
 FMT = argparse.RawDescriptionHelpFormatter
 
 
@@ -37,6 +39,7 @@ def _throughput(root: Path, mfu: float) -> tuple[float, str]:
 
 
 def cmd_sweep(args) -> None:
+    from research.config import validate
     from research.scaling.sweep import (
         load_sweep,
         manifest_lines,
@@ -47,6 +50,8 @@ def cmd_sweep(args) -> None:
 
     root = _sweep_root(args)
     runs = select(load_sweep(args.experiment, args.overrides), args.only)
+    for run in runs:  # every run's config, before the first one starts
+        validate(run.config)
     if args.manifest:
         lines = list(manifest_lines(runs, args.experiment, root, args.overrides))
         Path(args.manifest).write_text("\n".join(lines) + "\n")
@@ -92,17 +97,34 @@ def _print_plan(runs, root: Path, mfu: float, done: set[str]) -> None:
     )
 
 
-def results_rows(path: str) -> list[dict]:
+def results_rows(path: str, params: str = "active_params") -> list[dict]:
+    """The rows of a sweep's results (a folder or the file); a bad line is named with the fix."""
     from research.config import ConfigError
-    from research.scaling.sweep import RESULTS, read_results
+    from research.scaling.sweep import RESULTS
 
     target = Path(path)
     if target.is_dir():
-        rows = read_results(target)
-    elif target.is_file():
-        rows = [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
-    else:
-        rows = []
+        target = target / RESULTS
+    rows = []
+    if target.is_file():
+        for number, line in enumerate(target.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ConfigError(
+                    f"{target} line {number} is not JSON ({error.msg}); each line of "
+                    f"{RESULTS} is one run's row: fix or delete that line"
+                ) from None
+            needed = ("name", "flops", "tokens", "val_loss", params)
+            missing = [k for k in needed if k not in row] if isinstance(row, dict) else needed
+            if missing:
+                raise ConfigError(
+                    f"{target} line {number} is not a sweep result (missing {missing}); give "
+                    f"the {RESULTS} that `research sweep` writes"
+                )
+            rows.append(row)
     if not rows:
         raise ConfigError(
             f"no results in {path}: give a sweep folder or its {RESULTS} "
@@ -158,7 +180,7 @@ def cmd_fit(args) -> None:
     from research.scaling.fits import fit_all, load_runs
     from research.scaling.plots import save_all
 
-    rows = results_rows(args.results)
+    rows = results_rows(args.results, args.params)
     report = fit_all(rows, args.params, args.bootstrap, args.budget, args.seed)
     print_fit_report(report)
     target = Path(args.results)
@@ -243,7 +265,7 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
     p.add_argument("--manifest", metavar="FILE", help="write one command per run instead")
     p.add_argument("--only", metavar="NAMES", help="comma-separated run names to run")
     p.add_argument(
-        "--mfu", type=float, default=0.3, help="assumed MFU for --dry-run before any run finished"
+        "--mfu", type=unit_fraction, default=0.3, help="assumed MFU for --dry-run before any run"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_sweep)
@@ -262,8 +284,12 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
         choices=["active_params", "params", "non_embedding_params"],
         help="which parameter count is N (default: active, = total for dense models)",
     )
-    p.add_argument("--budget", type=float, help="FLOPs to predict at (default: 4x the largest run)")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (0: no CIs)")
+    p.add_argument(
+        "--budget", type=positive_float, help="FLOPs to predict at (default: 4x the largest run)"
+    )
+    p.add_argument(
+        "--bootstrap", type=non_negative_int, default=200, help="bootstrap resamples (0: no CIs)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="folder for fit.json and plots (default: RESULTS/fit)")
     p.add_argument("--format", default="png", choices=["png", "svg"])
@@ -282,8 +308,8 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
     p.add_argument("--params", type=float, help="parameters N")
     p.add_argument("--tokens", type=float, help="training tokens D")
     p.add_argument("--hardware", help="accelerator: H100, H200, A100, V100, L40S, L4, A10")
-    p.add_argument("--devices", type=int, default=1)
-    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation (6ND / peak)")
+    p.add_argument("--devices", type=positive_int, default=1)
+    p.add_argument("--mfu", type=unit_fraction, default=0.4, help="model FLOPs utilisation")
     p.add_argument("--power-fraction", type=float, default=1.0, help="mean draw / TDP")
     p.add_argument("--pue", type=float, default=1.1)
     p.add_argument("--grid", type=float, default=0.4, help="kg CO2eq per kWh")

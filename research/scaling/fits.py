@@ -34,6 +34,8 @@ from scipy.optimize import minimize
 from scipy.special import logsumexp, softmax
 from threadpoolctl import threadpool_limits
 
+from research.config import ResearchError
+
 HUBER_DELTA = 1e-3
 # Hoffmann et al. 2022, appendix D.2: the grid of initialisations for approach 3.
 CHINCHILLA_GRID = dict(
@@ -45,7 +47,7 @@ CHINCHILLA_GRID = dict(
 )
 
 
-class FitError(ValueError):
+class FitError(ResearchError, ValueError):
     """Too few or degenerate runs for a fit, with what is needed."""
 
 

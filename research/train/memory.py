@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from research.config import ModelConfig
+from research.config import ModelConfig, ResearchError
 from research.models.transformer import compute_dtype
 from research.parallel.mesh import data_parallel_size
 from research.train.shardings import abstract_params, optimizer_shardings
@@ -110,6 +110,46 @@ def memory_report(
         activation_bytes=activation_bytes(cfg, tokens, mesh.shape["tensor"]),
         devices=mesh.devices.size,
         remat=cfg.remat,
+    )
+
+
+class OutOfMemoryError(ResearchError):
+    """The per-device memory estimate exceeds what the device has: refused before allocating."""
+
+
+def device_memory_bytes(device, configured_gb: float = 0.0) -> int | None:
+    """Memory one device may use: ``configured_gb`` GiB when set (``log.device_memory_gb``),
+    else the device's own limit where it reports one (GPU, TPU), else None (CPU: no check)."""
+    if configured_gb > 0:
+        return int(configured_gb * 2**30)
+    if device.platform == "cpu":
+        return None
+    try:
+        stats = device.memory_stats()
+    except (RuntimeError, NotImplementedError):  # no statistics here: nothing to check against
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def check_fits(report: MemoryReport, device_memory: int | None) -> None:
+    """Refuse a run whose per-device estimate exceeds ``device_memory`` bytes (None: skip),
+    saying by how much and which settings shrink it, instead of an allocation that dies."""
+    if device_memory is None or report.total_bytes <= device_memory:
+        return
+    over = report.total_bytes - device_memory
+    knobs = []
+    if report.remat != "full":
+        knobs.append(f"--set model.remat=full (activations ~{_mib(report.activation_bytes)})")
+    knobs.append("a smaller train.batch_size, or a larger optim.grad_accum for the same batch")
+    knobs.append(
+        "a larger mesh.fsdp, over more devices (it shards params "
+        f"{_mib(report.params_bytes)} and optimizer {_mib(report.optimizer_bytes)} per device)"
+    )
+    raise OutOfMemoryError(
+        f"the run needs ~{_mib(report.total_bytes)} per device but the device has "
+        f"{_mib(device_memory)}: {_mib(over)} too much ({report.summary()}). What helps: "
+        + "; ".join(knobs)
     )
 
 
