@@ -2,12 +2,20 @@
 bootstrap resamples points, `research fit --csv` reads them with clear errors, and the saved
 figures are at print resolution with units on their axes."""
 
-import numpy as np
+import csv
+import json
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from research.config import ConfigError
 from research.scaling import fits
+from research.scaling.points import read_points, write_points
 
 # Hoffmann et al. 2022, approach 3: L(N, D) = E + A / N^alpha + B / D^beta.
 CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def law_points(count: int = 40, noise: float = 0.005, seed: int = 0):
@@ -54,3 +62,88 @@ def test_bootstrap_refit_reaches_the_minimum_of_a_full_grid_refit():
         (refit, _), _ = fits._minimise([theta], *args, fits.BOOTSTRAP_LBFGS)
         reference, _ = fits.fit_parametric(n[index], d[index], loss[index])
         assert refit <= fits._objective(reference, *args)[0] * (1 + 1e-3)
+
+
+def test_fit_csv_recovers_chinchilla_within_its_cis(tmp_path, capsys):
+    from research.cli import main as cli_main
+
+    n, d, loss = law_points()
+    path = tmp_path / "published.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Params", "D", "Loss", "source"])  # any case; extra columns ignored
+        writer.writerows([a, b, c, "synthetic"] for a, b, c in zip(n, d, loss, strict=True))
+    out = tmp_path / "fit"
+    args = ["fit", "--csv", str(path), "--bootstrap", "40", "--out", str(out), "--no-plots"]
+    assert cli_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "approach1 (envelope): not fitted" in printed
+    assert "approach2 (IsoFLOP parabolas): not fitted" in printed
+    assert "approach3 (parametric): E = " in printed
+    report = json.loads((out / "fit.json").read_text())
+    law = {}
+    for key, true in CHINCHILLA.items():
+        entry = report["approach3"]["params"][key]
+        low, high = entry["ci"]
+        assert low <= true <= high, (key, entry)
+        law[key] = entry["value"]
+    check_n = np.array([4e8, 2.8e9, 7e10])  # inside the points, and Chinchilla 70B / 1.4T
+    check_d = np.array([8e9, 6e10, 1.4e12])
+    predicted = fits.predict_loss(law, check_n, check_d)
+    np.testing.assert_allclose(
+        predicted, fits.predict_loss(CHINCHILLA, check_n, check_d), rtol=0.01
+    )
+
+
+def test_csv_compute_column_gives_tokens_by_6nd(tmp_path):
+    n, d, loss = law_points(count=6)
+    path = tmp_path / "c.csv"
+    path.write_text(
+        "N,FLOPS,val_loss\n"
+        + "".join(f"{a},{6 * a * b},{c}\n" for a, b, c in zip(n, d, loss, strict=True))
+    )
+    rows = read_points(path)
+    np.testing.assert_allclose([r["tokens"] for r in rows], d, rtol=1e-12)
+    np.testing.assert_allclose([r["flops"] for r in rows], 6 * n * d, rtol=1e-12)
+    assert [r["active_params"] for r in rows] == list(n)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("N,loss\n1e9,2.1\n", "missing column.*d or tokens"),
+        ("params,tokens\n1e9,2e10\n", "missing column.*loss or val_loss"),
+        (
+            "N,D,loss\n" + "1e9,2e10,2.1\n" * 5 + "1e9,2e10,n/a\n",
+            "line 7.*'loss'.*'n/a'.*not a number",
+        ),
+        ("N,D,loss\n" + "1e9,2e10,2.1\n" * 4 + "-1e9,2e10,2.1\n", "line 6.*positive"),
+        ("N,D,loss\n" + "1e9,2e10,2.1\n" * 4, "4 point.*at least 5"),
+    ],
+)
+def test_csv_errors_name_the_problem(tmp_path, text, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_points(path)
+
+
+def test_fit_command_usage_errors_exit_2(tmp_path, capsys):
+    from research.cli import main as cli_main
+
+    assert cli_main(["fit"]) == 2
+    assert "--csv" in capsys.readouterr().err
+    assert cli_main(["fit", "--csv", str(tmp_path / "none.csv")]) == 2
+    assert "no CSV file" in capsys.readouterr().err
+
+
+def test_example_csv_is_the_published_law(tmp_path):
+    """docs/scaling/chinchilla_points.csv: Hoffmann et al.'s law with 0.5% noise, nothing else."""
+    rows = read_points(REPO / "docs" / "scaling" / "chinchilla_points.csv")
+    n = np.array([r["active_params"] for r in rows])
+    d = np.array([r["tokens"] for r in rows])
+    loss = np.array([r["val_loss"] for r in rows])
+    assert len(rows) >= 20
+    np.testing.assert_allclose(loss, fits.predict_loss(CHINCHILLA, n, d), rtol=0.02)
+    again = read_points(write_points(tmp_path / "again.csv", n, d, loss))
+    np.testing.assert_allclose([r["val_loss"] for r in again], loss, rtol=1e-4)
