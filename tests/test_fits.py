@@ -147,3 +147,42 @@ def test_example_csv_is_the_published_law(tmp_path):
     np.testing.assert_allclose(loss, fits.predict_loss(CHINCHILLA, n, d), rtol=0.02)
     again = read_points(write_points(tmp_path / "again.csv", n, d, loss))
     np.testing.assert_allclose([r["val_loss"] for r in again], loss, rtol=1e-4)
+
+
+def test_saved_figures_are_print_resolution_with_units(tmp_path):
+    from PIL import Image
+    from test_scaling import synthetic_runs
+
+    from research.scaling import plots
+
+    runs = synthetic_runs()
+    found = {"approach2": fits.approach2(runs), "approach3": fits.approach3(runs)}
+    written = plots.save_all(runs, found, [], "active_params", tmp_path)
+    assert {p.stem for p in written} == {
+        "isoflop_curves",
+        "frontiers",
+        "approach3_contours",
+        "predicted_vs_observed",
+    }
+    for path in written:
+        assert min(Image.open(path).info["dpi"]) >= 150, path
+    plt = plots._pyplot()
+    fig, axes = plt.subplots(1, 5)
+    plots.isoflop_curves(axes[0], runs, found)
+    plots.frontiers(axes[1:3], runs, found, [], "active_params")
+    plots.contours(axes[3], runs, found, [], "active_params")
+    plots.predicted_vs_observed(axes[4], runs, found, [], "active_params")
+    labels = [(ax.get_xlabel(), ax.get_ylabel()) for ax in axes]
+    plt.close(fig)
+    assert labels[0] == ("parameters N", "final validation loss (nats/token)")
+    assert labels[1] == ("training compute C (FLOPs)", "N_opt (parameters)")
+    assert labels[2] == ("training compute C (FLOPs)", "D_opt (tokens)")
+    assert labels[3] == ("parameters N", "training tokens D")
+    assert all("nats/token" in label for label in labels[4])
+    budgets = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert budgets and all(t.endswith(" FLOPs") for t in budgets)
+    # Published points have no budgets: no IsoFLOP figure, the others still drawn.
+    points = fits.load_runs(point_rows(*law_points(12)))
+    law = {"approach3": fits.approach3(points)}
+    names = {p.stem for p in plots.save_all(points, law, [], "active_params", tmp_path / "p")}
+    assert names == {"frontiers", "approach3_contours", "predicted_vs_observed"}
