@@ -176,15 +176,37 @@ def print_fit_report(report: dict) -> None:
         print(text)
 
 
+def _fit_rows(args) -> tuple[list[dict], Path]:
+    """The rows to fit (a sweep's results, or --csv published points) and the output folder."""
+    from research.config import ConfigError
+    from research.scaling.points import read_points
+
+    if bool(args.results) == bool(args.csv):
+        raise ConfigError(
+            "give either a sweep folder (or its results.jsonl) or --csv FILE, e.g. "
+            "`research fit runs/isoflop_cpu` or `research fit --csv points.csv`"
+        )
+    if args.csv:
+        rows = read_points(args.csv, args.params)
+        out = Path("runs") / f"fit_{Path(args.csv).stem}"
+    else:
+        rows = results_rows(args.results, args.params)
+        target = Path(args.results)
+        out = (target if target.is_dir() else target.parent) / "fit"
+    return rows, Path(args.out) if args.out else out
+
+
 def cmd_fit(args) -> None:
-    from research.scaling.fits import fit_all, load_runs
+    from research.config import ConfigError
+    from research.scaling.fits import FitError, fit_all, load_runs
     from research.scaling.plots import save_all
 
-    rows = results_rows(args.results, args.params)
-    report = fit_all(rows, args.params, args.bootstrap, args.budget, args.seed)
+    rows, out = _fit_rows(args)
+    try:
+        report = fit_all(rows, args.params, args.bootstrap, args.budget, args.seed)
+    except FitError as error:
+        raise ConfigError(str(error)) from None
     print_fit_report(report)
-    target = Path(args.results)
-    out = Path(args.out) if args.out else (target if target.is_dir() else target.parent) / "fit"
     out.mkdir(parents=True, exist_ok=True)
     fits = report.pop("fits")
     plain = {name: {k: v for k, v in fit.items() if k != "envelope"} for name, fit in fits.items()}
@@ -275,9 +297,16 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
         help="Chinchilla approaches 1-3 with bootstrap CIs, predictions and plots",
         formatter_class=FMT,
         epilog="examples:\n  research fit runs/isoflop_cpu\n"
-        "  research fit runs/isoflop_cpu/results.jsonl --budget 1e15 --format svg",
+        "  research fit runs/isoflop_cpu/results.jsonl --budget 1e15 --format svg\n"
+        "  research fit --csv docs/scaling/chinchilla_points.csv   # published N, D, loss",
     )
-    p.add_argument("results", help="a sweep folder or its results.jsonl")
+    p.add_argument("results", nargs="?", help="a sweep folder or its results.jsonl")
+    p.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="published points instead: columns N, D (or C: D = C / 6N), loss (any case); "
+        "approach 3 only",
+    )
     p.add_argument(
         "--params",
         default="active_params",
@@ -291,7 +320,9 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
         "--bootstrap", type=non_negative_int, default=200, help="bootstrap resamples (0: no CIs)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="folder for fit.json and plots (default: RESULTS/fit)")
+    p.add_argument(
+        "--out", help="folder for fit.json and plots (default: RESULTS/fit, runs/fit_<csv name>)"
+    )
     p.add_argument("--format", default="png", choices=["png", "svg"])
     p.add_argument("--no-plots", action="store_true")
     p.set_defaults(func=cmd_fit)

@@ -17,7 +17,8 @@ C = 6 N D; larger where attention FLOPs are counted), so the optimal allocation 
     with G = (alpha A / (beta B))^(1 / (alpha + beta)).
 
 Confidence intervals are percentile bootstraps (95%) over runs: resampled with replacement
-(approach 2: within each budget).
+(approach 2: within each budget). Published points (N, D, loss: no budgets, no training curves)
+fit approach 3 only, and are resampled as points.
 """
 
 from __future__ import annotations
@@ -31,12 +32,17 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import logsumexp, softmax
+from scipy.special import logsumexp
 from threadpoolctl import threadpool_limits
 
 from research.config import ResearchError
 
 HUBER_DELTA = 1e-3
+# L-BFGS stopping rules for the bootstrap refits. They start at the full fit's optimum, where
+# scipy's defaults (relative ftol 2.2e-9, gradient 1e-5) stop after a few steps: the Huber sum is
+# ~1e-4 and its gradient ~1e-5 there, so the refits stayed near the start and the intervals came
+# out too narrow, with the point estimate at one end.
+BOOTSTRAP_LBFGS = {"ftol": 1e-12, "gtol": 1e-9}
 # Hoffmann et al. 2022, appendix D.2: the grid of initialisations for approach 3.
 CHINCHILLA_GRID = dict(
     alpha=np.arange(0.0, 2.01, 0.5),
@@ -104,9 +110,9 @@ def load_runs(
 
 def training_curve(row: dict, smooth: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """(FLOPs so far, train loss averaged over `smooth` logged steps) from a run's metrics."""
-    path = Path(row["run_dir"]) / "metrics.jsonl"
     points: dict[int, float] = {}
-    if path.exists():
+    path = Path(row["run_dir"]) / "metrics.jsonl" if row.get("run_dir") else None
+    if path is not None and path.exists():
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if "train/loss" in record:
@@ -146,7 +152,10 @@ def envelope(runs: Runs, points: int = 40, min_runs: int = 2) -> dict[str, np.nd
     """At log-spaced FLOP counts, the run with the lowest smoothed train loss there."""
     curves = [(c, loss) for c, loss in runs.curves if len(c) >= 2]
     if len(curves) < min_runs:
-        raise FitError("approach 1 needs training curves (metrics.jsonl) of two or more runs")
+        raise FitError(
+            "approach 1 needs training curves (a run's metrics.jsonl) of two or more runs; "
+            "points without curves (e.g. published N, D, loss) fit approach 3 only"
+        )
     low = max(min(c[0] for c, _ in curves), 1.0)
     high = max(c[-1] for c, _ in curves)
     grid = np.geomspace(low, high, points)
@@ -189,7 +198,12 @@ def approach1(runs: Runs) -> dict:
 
 def isoflop_vertices(runs: Runs, min_sizes: int = 3) -> list[dict]:
     """Per budget: parabolas of loss in log N and in log D, and their minima."""
-    budgets = sorted({b for b in runs.budget if np.isfinite(b)})
+    budgets = sorted({float(b) for b in runs.budget if np.isfinite(b)})
+    if not budgets:
+        raise FitError(
+            "approach 2 needs IsoFLOP budgets (runs grouped by compute budget, a `budget` per "
+            "row); these points have none, so only approach 3 fits them"
+        )
     vertices = []
     for budget in budgets:
         mask = runs.budget == budget
@@ -242,21 +256,22 @@ def approach2(runs: Runs) -> dict:
 
 
 def _objective(theta: np.ndarray, log_n, log_d, log_loss, delta: float):
+    """Huber loss of log L(N, D) against the log losses, and its gradient in theta."""
     a, b, e, alpha, beta = theta
     terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    pred = logsumexp(terms, axis=0)
-    r = pred - log_loss
+    top = terms.max(axis=0)
+    weights = np.exp(terms - top)  # one exp for both the log-sum-exp and its softmax
+    total = weights.sum(axis=0)
+    r = top + np.log(total) - log_loss
     small = np.abs(r) <= delta
     value = np.where(small, 0.5 * r**2, delta * (np.abs(r) - 0.5 * delta)).sum()
     dr = np.where(small, r, delta * np.sign(r))
-    w = softmax(terms, axis=0) * dr
-    grad = np.array(
-        [w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] * log_n).sum(), -(w[1] * log_d).sum()]
-    )
+    w = weights * (dr / total)
+    grad = np.array([w[0].sum(), w[1].sum(), w[2].sum(), -(w[0] @ log_n), -(w[1] @ log_d)])
     return value, grad
 
 
-def _minimise(starts, log_n, log_d, log_loss, delta):
+def _minimise(starts, log_n, log_d, log_loss, delta, options: dict | None = None):
     best = None
     solutions = []
     # Five unknowns: BLAS threads only add overhead, and stall when the cores are busy.
@@ -269,6 +284,7 @@ def _minimise(starts, log_n, log_d, log_loss, delta):
                 args=(log_n, log_d, log_loss, delta),
                 jac=True,
                 method="L-BFGS-B",
+                options=options,
             )
             if not np.isfinite(result.fun):
                 continue
@@ -366,35 +382,52 @@ def approach3(runs: Runs, delta: float = HUBER_DELTA, grid=None) -> dict:
 
 
 def _resample(runs: Runs, rng: np.random.Generator, by_budget: bool) -> Runs:
-    if not by_budget:
-        return runs.take(rng.integers(0, len(runs.n), len(runs.n)))
-    index = []
-    for budget in np.unique(runs.budget):
-        members = np.flatnonzero(runs.budget == budget)
-        index.extend(rng.choice(members, len(members)))
-    return runs.take(np.array(index))
+    """Runs drawn with replacement: over all of them, or (``by_budget``) within each IsoFLOP
+    budget, runs without a budget forming one more group, so that points with no budgets at
+    all (published N, D, loss) are resampled as points."""
+    groups = [np.arange(len(runs.n))]
+    if by_budget:
+        finite = np.isfinite(runs.budget)
+        groups = [np.flatnonzero(runs.budget == b) for b in np.unique(runs.budget[finite])]
+        if not finite.all():
+            groups.append(np.flatnonzero(~finite))
+    return runs.take(np.concatenate([rng.choice(group, len(group)) for group in groups]))
 
 
-def bootstrap(runs: Runs, samples: int = 200, seed: int = 0, delta: float = HUBER_DELTA) -> dict:
-    """Refits on resampled runs; approach 3 restarts from the full fit's local optima."""
+def bootstrap(
+    runs: Runs,
+    samples: int = 200,
+    seed: int = 0,
+    delta: float = HUBER_DELTA,
+    approaches: tuple[str, ...] = ("approach1", "approach2", "approach3"),
+) -> dict:
+    """Refits of ``approaches`` on resampled runs; approach 3 restarts from the full fit's local
+    optima. Leave out the approaches that cannot fit the full data: their resamples fail too."""
     rng = np.random.default_rng(seed)
-    draws: dict[str, list[dict]] = {"approach1": [], "approach2": [], "approach3": []}
-    full3 = approach3(runs, delta)
-    starts = [np.array(s) for s in full3["starts"][:3]]  # the best distinct optima
-    failed = {k: 0 for k in draws}
+    draws: dict[str, list[dict]] = {name: [] for name in approaches}
+    failed = {name: 0 for name in approaches}
+    if "approach3" in approaches:
+        full3 = approach3(runs, delta)
+        starts = [np.array(s) for s in full3["starts"][:3]]  # the best distinct optima
     for _ in range(samples):
-        for name, by_budget in (("approach1", False), ("approach2", True)):
+        for name, fn in (("approach1", approach1), ("approach2", approach2)):
+            if name not in approaches:
+                continue
             try:
-                fit = (approach1 if name == "approach1" else approach2)(
-                    _resample(runs, rng, by_budget)
-                )
-                draws[name].append(fit)
+                draws[name].append(fn(_resample(runs, rng, by_budget=name == "approach2")))
             except (FitError, np.linalg.LinAlgError):
                 failed[name] += 1
+        if "approach3" not in approaches:
+            continue
         sample = _resample(runs, rng, False)
         try:
             (_, theta), _ = _minimise(
-                starts, np.log(sample.n), np.log(sample.d), np.log(sample.loss), delta
+                starts,
+                np.log(sample.n),
+                np.log(sample.d),
+                np.log(sample.loss),
+                delta,
+                BOOTSTRAP_LBFGS,
             )
             law = law_from_theta(theta)
             law["a"] = law["beta"] / (law["alpha"] + law["beta"])
@@ -439,7 +472,11 @@ def fit_all(
             fits[name] = fn(runs)
         except FitError as error:
             report.setdefault("errors", {})[name] = str(error)
-    boot = bootstrap(runs, samples, seed) if samples else {"draws": {}, "failed": {}}
+    boot = (
+        bootstrap(runs, samples, seed, approaches=tuple(fits))
+        if samples and fits
+        else {"draws": {}, "failed": {}}
+    )
     keys = {
         "approach1": ("a", "b"),
         "approach2": ("a", "b"),

@@ -1,5 +1,6 @@
-"""Figures of a scaling study (matplotlib, PNG or SVG): IsoFLOP curves with their parabolas,
-N_opt(C) and D_opt(C) frontiers, approach-3 loss contours, predicted vs observed loss."""
+"""Figures of a scaling study (matplotlib, PNG at print resolution or SVG): IsoFLOP curves
+with their parabolas, N_opt(C) and D_opt(C) frontiers, approach-3 loss contours, predicted vs
+observed loss. Axes carry their units (parameters, tokens, FLOPs, nats/token)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from research.scaling.fits import Runs, optimal_allocation, predict_loss
+
+DPI = 200  # PNGs at print resolution (>= 150 dpi)
+PARAMS = "parameters N"
+TOKENS = "training tokens D"
+FLOPS = "training compute C (FLOPs)"
+LOSS = "loss (nats/token)"
 
 
 def _pyplot():
@@ -34,42 +41,55 @@ def isoflop_curves(ax, runs: Runs, fits: dict) -> None:
     vertices = {v["budget"]: v for v in fits.get("approach2", {}).get("vertices", [])}
     for color, budget in zip(colors, budgets, strict=True):
         mask = runs.budget == budget
-        ax.scatter(runs.n[mask], runs.loss[mask], color=color, label=f"C = {budget:.2g}")
+        ax.scatter(runs.n[mask], runs.loss[mask], color=color, label=f"C = {budget:.2g} FLOPs")
         if budget in vertices:
             v = vertices[budget]
             x = np.linspace(np.log(runs.n[mask].min()) - 0.3, np.log(runs.n[mask].max()) + 0.3)
             ax.plot(np.exp(x), np.polyval(v["parabola_n"], x), color=color, alpha=0.7)
             ax.plot(v["n_opt"], v["loss_opt"], "*", color=color, markersize=12, mec="k")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("IsoFLOP curves (approach 2 parabolas, * = N_opt)")
-    ax.legend(fontsize=8)
+    ax.set_xlabel(PARAMS)
+    ax.set_ylabel(f"final validation {LOSS}")
+    ax.set_title(
+        "IsoFLOP curves: one compute budget each\n(lines: approach 2 parabolas, * = N_opt)"
+    )
+    ax.legend(fontsize=8, title="budget")
 
 
 def frontiers(axes, runs: Runs, fits: dict, held: list[dict], params: str) -> None:
     c_line = np.geomspace(runs.c.min() / 2, max([runs.c.max(), *(r["flops"] for r in held)]) * 2)
-    for ax, key, label in ((axes[0], "n", "N_opt"), (axes[1], "d", "D_opt")):
+    labels = (
+        (axes[0], "n", "N_opt(C): best model size per budget", "N_opt (parameters)"),
+        (axes[1], "d", "D_opt(C): best token count per budget", "D_opt (tokens)"),
+    )
+    for ax, key, label, ylabel in labels:
         if "approach1" in fits:
             env, fit = fits["approach1"]["envelope"], fits["approach1"]
-            ax.scatter(env["flops"], env[key], s=8, color="C0", alpha=0.5, label="approach 1")
+            ax.scatter(
+                env["flops"], env[key], s=8, color="C0", alpha=0.5, label="approach 1: envelope"
+            )
             ax.plot(c_line, fit[f"k_{key}"] * c_line ** fit["a" if key == "n" else "b"], "C0-")
         if "approach2" in fits:
             fit = fits["approach2"]
             points = [(v["flops"], v[f"{key}_opt"]) for v in fit["vertices"]]
-            ax.scatter(*zip(*points, strict=True), color="C1", marker="s", label="approach 2")
+            ax.scatter(
+                *zip(*points, strict=True),
+                color="C1",
+                marker="s",
+                label="approach 2: IsoFLOP minima",
+            )
             ax.plot(c_line, fit[f"k_{key}"] * c_line ** fit["a" if key == "n" else "b"], "C1--")
         if "approach3" in fits:
             n, d = optimal_allocation(fits["approach3"], c_line, fits["approach3"]["kappa"])
-            ax.plot(c_line, n if key == "n" else d, "C2:", label="approach 3")
+            ax.plot(c_line, n if key == "n" else d, "C2:", label="approach 3: L(N, D) fit")
         if held:
             hn, hd, hc, _ = _holdout_points(held, params)
             ax.scatter(hc, hn if key == "n" else hd, color="r", marker="x", label="held-out run")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("training FLOPs C")
-        ax.set_ylabel(label)
-        ax.set_title(f"{label}(C)")
+        ax.set_xlabel(FLOPS)
+        ax.set_ylabel(ylabel)
+        ax.set_title(label)
         ax.legend(fontsize=8)
 
 
@@ -85,18 +105,18 @@ def contours(ax, runs: Runs, fits: dict, held: list[dict], params: str) -> None:
     ax.clabel(cs, fontsize=7, fmt="%.2f")
     c_line = np.geomspace((runs.c.min()) / 4, (runs.c.max()) * 16)
     n_opt, d_opt = optimal_allocation(law, c_line, law["kappa"])
-    ax.plot(n_opt, d_opt, "r-", label="efficient frontier")
-    ax.scatter(runs.n, runs.d, c="k", s=12, label="runs")
+    ax.plot(n_opt, d_opt, "r-", label="efficient frontier (best N, D per FLOPs)")
+    ax.scatter(runs.n, runs.d, c="k", s=12, label="fitted runs")
     if held:
         ax.scatter(hn, hd, color="r", marker="x", s=50, label="held-out run")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(n_grid[0], n_grid[-1])
     ax.set_ylim(d_grid[0], d_grid[-1])
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("tokens D")
-    ax.set_title("approach 3: L(N, D) contours")
-    ax.legend(fontsize=8)
+    ax.set_xlabel(PARAMS)
+    ax.set_ylabel(TOKENS)
+    ax.set_title("approach 3: contours of fitted L(N, D), nats/token")
+    ax.legend(fontsize=8, loc="lower left", framealpha=0.9)
 
 
 def predicted_vs_observed(ax, runs: Runs, fits: dict, held: list[dict], params: str) -> None:
@@ -112,9 +132,9 @@ def predicted_vs_observed(ax, runs: Runs, fits: dict, held: list[dict], params: 
     low, high = min(v.min() for v in values), max(v.max() for v in values)
     pad = 0.02 * (high - low)
     ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=0.8)
-    ax.set_xlabel("observed loss")
-    ax.set_ylabel("predicted loss (approach 3)")
-    ax.set_title("predicted vs observed")
+    ax.set_xlabel(f"observed {LOSS}")
+    ax.set_ylabel(f"approach 3 predicted {LOSS}")
+    ax.set_title("predicted vs observed (dashed: equal)")
     ax.legend(fontsize=8)
 
 
@@ -130,13 +150,14 @@ def save_all(
     def save(fig, name: str) -> None:
         path = out / f"{name}.{fmt}"
         fig.tight_layout()
-        fig.savefig(path, dpi=80)
+        fig.savefig(path, dpi=DPI)
         plt.close(fig)
         written.append(path)
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
-    isoflop_curves(ax, runs, fits)
-    save(fig, "isoflop_curves")
+    if np.isfinite(runs.budget).any():  # published points have no IsoFLOP budgets
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        isoflop_curves(ax, runs, fits)
+        save(fig, "isoflop_curves")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     frontiers(axes, runs, fits, held, params)
     save(fig, "frontiers")
