@@ -21,8 +21,8 @@ def _abstract_model(model_cfg: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
 def _shardings_of(abstract_state: nnx.State, mesh: Mesh) -> dict:
     def sharding_of(path, variable):
         name = "/".join(str(getattr(p, "key", p)) for p in path)
-        axes = variable.get_metadata().get("logical_axes") or (None,) * variable.value.ndim
-        return NamedSharding(mesh, logical_to_spec(axes, variable.value.shape, mesh, name))
+        axes = variable.get_metadata().get("logical_axes") or (None,) * len(variable.shape)
+        return NamedSharding(mesh, logical_to_spec(axes, variable.shape, mesh, name))
 
     shardings = jax.tree_util.tree_map_with_path(
         sharding_of, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable)

@@ -74,7 +74,7 @@ def make_train_step(
         metrics = {
             **tree_norms(params, updates),  # parameter and update norms, per module
             "loss": ce,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             **{f"moe/{k}": v for k, v in aux.items()},
         }
