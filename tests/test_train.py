@@ -270,3 +270,24 @@ def test_cli_prepare_reports_dedup(capsys):
     assert cli_main(["prepare", "tiny"]) == 0
     out = capsys.readouterr().out
     assert '"duplicates_dropped"' in out and '"sha256"' in out
+
+
+def test_eval_with_eval_batches_does_not_depend_on_the_device_count(tiny_config):
+    """The windows evaluated are fixed by the config; rows are padded up to a multiple of the
+    data-parallel size instead of shrunk to one (1, 2, 3 and 4 devices used to differ)."""
+    import jax
+
+    from research.config import MeshConfig
+    from research.infer.evaluate import Evaluator
+    from research.parallel.mesh import make_mesh
+    from research.run import resolve_config
+    from research.train.state import build_model
+
+    cfg, data = resolve_config(tiny_config("train.eval_batches=2", "train.batch_size=6"))
+    losses = []
+    for devices in (1, 2, 3, 4):
+        mesh = make_mesh(MeshConfig(data=devices), devices=jax.devices()[:devices])
+        graphdef, params = build_model(cfg.model, 0, mesh)
+        evaluate = Evaluator(graphdef, data, mesh, cfg.model.seq_len, 6, max_batches=2)
+        losses.append(evaluate(params)[0])
+    np.testing.assert_allclose(losses, losses[0], rtol=1e-6)

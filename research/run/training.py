@@ -60,7 +60,8 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     logger = MetricsLogger(run.run_dir, cfg.log.tensorboard)
     logger.text("config", f"```\n{cfg.to_json()}\n```")
     logger.run_info(info)
-    logger.hparams(flatten(cfg.to_dict()))
+    if run.step == 0:  # one HParams session per run, written when it starts
+        logger.hparams(flatten(cfg.to_dict()))
     progress = hooks.Progress()
     bar, advance = hooks.progress_bar(run, cfg.log.progress)
     peak = job_peak(cfg.log.peak_flops, list(run.mesh.devices.flat))  # chips (a CPU host: 1)
