@@ -1,6 +1,7 @@
 """Scaling-law tooling: accounting against hand counts, shape rule, the three Chinchilla fits on
 data drawn from a known law, the energy ledger's arithmetic, and forecasts of published runs."""
 
+import dataclasses
 import json
 import sys
 import time
@@ -64,6 +65,31 @@ def test_moe_active_params_count_router_and_top_k_experts():
     expert = 3 * 64 * 128
     assert s.total_params - d.total_params == 2 * (7 * expert + 64 * 8)
     assert s.active_params - d.active_params == 2 * (expert + 64 * 8)
+
+
+def test_attention_window_counts_min_w_context_keys_per_query():
+    """A sliding window of W counts min(W, context) keys per query; W >= context is the same
+    model as no window and counts the same. causal_exact counts the causal mask's pairs."""
+
+    def flops(window):
+        cfg = ModelConfig(vocab_size=64, d_model=64, n_layers=3, n_heads=4, seq_len=128)
+        return count_params(
+            dataclasses.replace(cfg, attention_window=window).resolved()
+        ).flops_per_token
+
+    per_key = 12 * 3 * 64  # 12 x layers x heads x head_dim
+    assert flops(0) - flops(32) == per_key * (128 - 32)
+    assert flops(128) == flops(500) == flops(0)
+    from research.scaling.accounting import attention_keys_per_query
+
+    for length, window in [(7, 0), (7, 3), (8, 1), (5, 5), (5, 9)]:
+        pairs = sum(
+            1
+            for i in range(length)
+            for j in range(length)
+            if j <= i and (not window or j > i - window)  # the rule of xla_attention
+        )
+        assert attention_keys_per_query(length, window, causal_exact=True) == pairs / length
 
 
 @pytest.mark.parametrize("target", [3e4, 2e5, 1e6, 2e7])
