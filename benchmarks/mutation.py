@@ -42,10 +42,14 @@ STEP = "research/train/step.py"
 
 # Test selections: (files, -k expression). Training tests are left out where faster ones
 # cover the same code; -x makes a killed mutant cheap, so a survivor pays the whole selection.
-MOE_TESTS = ("tests/test_moe.py", "not expert_parallel and not training_logs")
-ATTN_TESTS = ("tests/test_model.py tests/test_flash_attention.py", "not trains_the_same")
+DISPATCH = ("tests/test_moe.py", "capacity or first_choices or per_token or one_expert")
+ROUTER = ("tests/test_moe.py", "per_token or aux or gradients or gather")
+ATTN_TESTS = (
+    "tests/test_model.py tests/test_flash_attention.py",
+    "attention or causality or cache or (blockwise and matches)",
+)
 MASK_TESTS = ("tests/test_flash_attention.py", "blockwise or block_classes")
-KERNEL_TESTS = ("tests/test_flash_attention.py", "(triton or mosaic) and not lower")
+KERNEL_TESTS = ("tests/test_flash_attention.py", "mosaic and (matches or masked)")
 LOSS_TESTS = ("tests/test_losses.py", "")
 
 
@@ -63,60 +67,60 @@ MUTANTS = [
     Mutant("moe-priority-token-major", MOE,
            "position = _queue_position(by_rank, n)",
            "position = _queue_position(experts.reshape(-1), n).reshape(n_tokens, k).T.reshape(-1)",
-           MOE_TESTS),
+           DISPATCH),
     Mutant("moe-capacity-floor", MOE,
            "math.ceil(factor * n_tokens * top_k / n_experts)",
-           "math.floor(factor * n_tokens * top_k / n_experts)", MOE_TESTS),
+           "math.floor(factor * n_tokens * top_k / n_experts)", DISPATCH),
     Mutant("moe-capacity-ignores-top-k", MOE,
-           "factor * n_tokens * top_k / n_experts", "factor * n_tokens / n_experts", MOE_TESTS),
+           "factor * n_tokens * top_k / n_experts", "factor * n_tokens / n_experts", DISPATCH),
     Mutant("moe-capacity-keeps-one-extra", MOE,
-           "keep = position < capacity", "keep = position <= capacity", MOE_TESTS),
+           "keep = position < capacity", "keep = position <= capacity", DISPATCH),
     Mutant("moe-dropped-per-token-any", MOE,
            "dropped = jnp.mean(~keep, dtype=jnp.float32)",
-           "dropped = jnp.mean(~keep.reshape(k, n_tokens).all(0), dtype=jnp.float32)", MOE_TESTS),
+           "dropped = jnp.mean(~keep.reshape(k, n_tokens).all(0), dtype=jnp.float32)", DISPATCH),
     Mutant("moe-dropped-per-token-all", MOE,
            "dropped = jnp.mean(~keep, dtype=jnp.float32)",
-           "dropped = jnp.mean(~keep.reshape(k, n_tokens).any(0), dtype=jnp.float32)", MOE_TESTS),
+           "dropped = jnp.mean(~keep.reshape(k, n_tokens).any(0), dtype=jnp.float32)", DISPATCH),
     Mutant("moe-queue-position-from-one", MOE,
-           "(jnp.cumsum(one_hot, axis=0) - 1)", "jnp.cumsum(one_hot, axis=0)", MOE_TESTS),
+           "(jnp.cumsum(one_hot, axis=0) - 1)", "jnp.cumsum(one_hot, axis=0)", DISPATCH),
     Mutant("moe-slot-layout", MOE,
            "by_rank * capacity + position, n * capacity",
-           "position * n + by_rank, n * capacity", MOE_TESTS),
+           "position * n + by_rank, n * capacity", DISPATCH),
     Mutant("moe-capacity-combine-unweighted", MOE,
            'combined = jnp.einsum("ktd,tk->td", per_assignment, '
            "weights.astype(per_assignment.dtype))",
-           "combined = per_assignment.sum(0)", MOE_TESTS),
+           "combined = per_assignment.sum(0)", DISPATCH),
     Mutant("moe-dropless-no-block-padding", MOE,
-           "padded = (counts + block - 1) // block * block", "padded = counts", MOE_TESTS),
+           "padded = (counts + block - 1) // block * block", "padded = counts", ROUTER),
     Mutant("moe-ragged-unsorted", MOE,
            "order = jnp.argsort(flat, stable=True)", "order = jnp.arange(flat.shape[0])",
-           MOE_TESTS),
+           ROUTER),
     Mutant("moe-gather-grad-first-copy-only", MOE,
            "return padded[inverse].sum(axis=1), None, None",
-           "return padded[inverse][:, 0], None, None", MOE_TESTS),
+           "return padded[inverse][:, 0], None, None", ROUTER),
     # --- MoE: router and balancing ---
     Mutant("moe-no-renormalise", MOE,
            "weights = weights / jnp.sum(weights, axis=-1, keepdims=True)", "weights = weights",
-           MOE_TESTS),
+           ROUTER),
     Mutant("moe-bias-in-weights", MOE,
            "weights = jnp.take_along_axis(scores, experts, axis=-1)",
-           "weights = jnp.take_along_axis(biased, experts, axis=-1)", MOE_TESTS),
+           "weights = jnp.take_along_axis(biased, experts, axis=-1)", ROUTER),
     Mutant("moe-sigmoid-probs-unnormalised", MOE,
            "probs = scores / jnp.sum(scores, axis=-1, keepdims=True)", "probs = scores",
-           MOE_TESTS),
+           ROUTER),
     Mutant("moe-balance-loss-without-n", MOE,
            '"load_balance_loss": n * jnp.sum(load * importance)',
-           '"load_balance_loss": jnp.sum(load * importance)', MOE_TESTS),
+           '"load_balance_loss": jnp.sum(load * importance)', ROUTER),
     Mutant("moe-load-per-token", MOE,
-           "load = counts / jnp.sum(counts)", "load = counts / logits.shape[0]", MOE_TESTS),
+           "load = counts / jnp.sum(counts)", "load = counts / logits.shape[0]", ROUTER),
     Mutant("moe-z-loss-not-squared", MOE,
            "jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)",
-           "jnp.mean(jax.nn.logsumexp(logits, axis=-1))", MOE_TESTS),
+           "jnp.mean(jax.nn.logsumexp(logits, axis=-1))", ROUTER),
     Mutant("moe-entropy-sign", MOE,
-           "entropy = -jnp.mean(", "entropy = jnp.mean(", MOE_TESTS),
+           "entropy = -jnp.mean(", "entropy = jnp.mean(", ROUTER),
     Mutant("moe-bias-step-sign", MOE,
            "jnp.sign(jnp.mean(loads, axis=-1, keepdims=True) - loads)",
-           "jnp.sign(loads - jnp.mean(loads, axis=-1, keepdims=True))", MOE_TESTS),
+           "jnp.sign(loads - jnp.mean(loads, axis=-1, keepdims=True))", ROUTER),
     # --- attention: the xla reference ---
     Mutant("xla-causal-strict", ATTN,
            "visible &= kv_positions[None, :] <= q_positions[:, None]",
@@ -266,7 +270,9 @@ def main() -> int:
                 code, seconds, last = run_tests(tree, m.tests, args.timeout)
             finally:
                 target.write_text(original)
-            result = {0: "SURVIVED", 5: "no tests ran", 124: "timed out"}.get(code, "killed")
+            result = {0: "SURVIVED", 1: "killed", 5: "no tests ran", 124: "timed out"}.get(
+                code, f"error (exit {code})"
+            )
             rows.append((m, result))
             print(f"| {m.name} | {Path(m.path).name} | {result} | {seconds:.0f} |", flush=True)
     survivors = [m.name for m, result in rows if result != "killed"]
