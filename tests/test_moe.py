@@ -185,10 +185,12 @@ def test_aux_losses_are_minimal_for_uniform_routing():
     uniform = moe._aux(uniform_logits, jax.nn.softmax(uniform_logits), experts, 0.0)
     assert float(uniform["load_balance_loss"]) == pytest.approx(1.0)
     assert float(uniform["router_z_loss"]) == pytest.approx(0.0, abs=1e-10)
+    assert float(uniform["router_entropy"]) == pytest.approx(np.log(4), rel=1e-6)  # its maximum
     logits, probs, chosen, _ = moe.route(tokens * 5)
     skewed = moe._aux(logits, probs, chosen, 0.0)
     assert float(skewed["load_balance_loss"]) > 1.0
     assert float(skewed["router_z_loss"]) > 0.0
+    assert 0.0 < float(skewed["router_entropy"]) < np.log(4)
 
 
 def test_active_and_total_parameter_counts():
