@@ -42,7 +42,20 @@ STEP = "research/train/step.py"
 
 # Test selections: (files, -k expression). Training tests are left out where faster ones
 # cover the same code; -x makes a killed mutant cheap, so a survivor pays the whole selection.
-DISPATCH = ("tests/test_moe.py", "capacity or first_choices or per_token or one_expert")
+DISPATCH = (  # test ids run in the order given: the likeliest killers first
+    " ".join(
+        f"tests/test_moe.py::test_{name}"
+        for name in (
+            "capacity_dispatch_matches_first_choices_first_loop",
+            "first_choices_beat_earlier_tokens_second_choices",
+            "capacity_rounds_up_and_counts_every_choice",
+            "capacity_mode_drops_exactly_the_overflow",
+            "dispatch_matches_per_token_loop",
+            "one_expert_top1_dropless_equals_dense_swiglu",
+        )
+    ),
+    "",
+)
 ROUTER = ("tests/test_moe.py", "per_token or aux or gradients or gather")
 ATTN_TESTS = (
     "tests/test_model.py tests/test_flash_attention.py",
@@ -233,12 +246,15 @@ def run_tests(tree: Path, tests: tuple[str, str], timeout: float) -> tuple[int, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="run mutants whose name contains this")
+    parser.add_argument(
+        "--only", default="", help="comma-separated: run mutants whose name contains one of these"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per pytest run")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs")
     args = parser.parse_args()
-    mutants = [m for m in MUTANTS if args.only in m.name]
+    wanted = args.only.split(",")
+    mutants = [m for m in MUTANTS if any(part in m.name for part in wanted)]
     if not mutants:
         parser.error(f"--only {args.only!r} matches no mutant; see --list")
     if args.list:
