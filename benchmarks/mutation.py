@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -267,6 +268,7 @@ def main() -> int:
             sys.exit(f"mutant {m.name}: its text occurs {count} times in {m.path}, not once; "
                      "update it in benchmarks/mutation.py")  # fmt: skip
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # kill: still remove the copy
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         tree = Path(tmp)
         copy_tree(tree)

@@ -299,6 +299,22 @@ def test_aux_free_bias_updates_each_layer_of_a_stacked_model():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_router_weights_are_the_renormalised_top_k_scores(router):
+    """The per-token loops take their weights from route(): check route() itself, in numpy."""
+    moe = make_moe(n_experts=4, top_k=2, router=router)
+    x = jax.random.normal(jax.random.key(13), (1, 5, 16))
+    _, _, experts, weights = moe.route(x)
+    logits = np.asarray(x[0], np.float64) @ np.asarray(moe.router[...], np.float64)
+    scores = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    if router == "sigmoid":
+        scores = 1 / (1 + np.exp(-logits))
+    top = np.argsort(-scores, axis=-1)[:, :2]
+    np.testing.assert_array_equal(np.asarray(experts[0]), top)
+    picked = np.take_along_axis(scores, top, axis=-1)
+    np.testing.assert_allclose(weights[0], picked / picked.sum(-1, keepdims=True), rtol=1e-5)
+
+
 def test_aux_free_bias_changes_selection_not_weights():
     moe = make_moe(n_experts=4, top_k=1, router="sigmoid", router_renormalize=False)
     x = jax.random.normal(jax.random.key(9), (1, 6, 16))
