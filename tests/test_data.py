@@ -108,6 +108,33 @@ def test_processes_read_disjoint_windows():
     assert not starts[0] & starts[1]
 
 
+def test_global_batches_do_not_depend_on_the_process_count():
+    """35 windows, global batches of 6: epochs end mid-batch. Over 3 epochs, the union of every
+    global step's rows from 2 or 3 processes is the 1-process batch."""
+    tokens = np.arange(40, dtype=np.uint16)  # seq_len 4: 35 windows
+    steps = 18  # 108 windows: past the end of the third epoch
+
+    def global_batches(process_count):
+        local = 6 // process_count
+        iterators = [
+            iter(
+                train_dataset(
+                    tokens, 4, local, seed=1, process_index=p, process_count=process_count
+                )
+            )
+            for p in range(process_count)
+        ]
+        return [np.concatenate([next(it) for it in iterators]) for _ in range(steps)]
+
+    single = global_batches(1)
+    starts = np.concatenate(single)[:, 0]
+    for epoch in range(3):  # each epoch is a permutation of all windows
+        assert sorted(starts[35 * epoch : 35 * (epoch + 1)].tolist()) == list(range(35))
+    for process_count in (2, 3):
+        for step, (a, b) in enumerate(zip(single, global_batches(process_count), strict=True)):
+            assert sorted(a[:, 0].tolist()) == sorted(b[:, 0].tolist()), (process_count, step)
+
+
 def test_eval_batches_cover_the_split_once():
     tokens = np.arange(103, dtype=np.uint16)
     seen, rows_total = [], 0

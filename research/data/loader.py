@@ -1,8 +1,10 @@
 """Grain input pipelines over token shards.
 
 Training draws random windows (like nanoGPT's random offsets, but as a seeded permutation, so the
-order is reproducible) and shards them by process. The iterator's state is a small dict saved in
-every checkpoint, so a resumed run sees exactly the batches it would have seen.
+order is reproducible) and shards them by process. The global order is a function of the seed
+and the epoch only (each epoch its own permutation); each process reads its rows of every
+global batch, so any process count sees the same global batches. The iterator's state is a small
+dict saved in every checkpoint, so a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -39,12 +41,17 @@ def train_dataset(
     process_index: int = 0,
     process_count: int = 1,
 ) -> grain.IterDataset:
-    """Endless, seeded batches [batch_size, seq_len + 1] for this process."""
-    ds = grain.MapDataset.source(TokenWindows(tokens, seq_len)).shuffle(seed=seed)
-    ds = ds[process_index::process_count].repeat(None)
-    return ds.batch(batch_size, drop_remainder=True).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
-    )
+    """Endless, seeded batches [batch_size, seq_len + 1] for this process.
+
+    The windows form one endless stream (epoch e is the permutation grain derives from seed + e);
+    global step g is the stream's next process_count x batch_size windows, and this process
+    reads rows process_index x batch_size onwards of it. Slicing the windows per process before
+    repeating would make the order after the first epoch depend on process_count whenever the
+    windows do not divide evenly.
+    """
+    ds = grain.MapDataset.source(TokenWindows(tokens, seq_len)).shuffle(seed=seed).repeat(None)
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
+    return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
 
 
 def eval_batches(
