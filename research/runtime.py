@@ -10,8 +10,8 @@ def configure_cpu_devices() -> None:
     """Make each CPU core its own XLA device, unless XLA_FLAGS already sets a count.
 
     XLA's CPU runtime splits one program's small ops poorly over cores; one device per core,
-    data-parallel, trains the quickstart model about 1.4x faster on a 2-core machine
-    (benchmarks/train_throughput.py). Override the count with RESEARCH_CPU_DEVICES.
+    data-parallel, trains small models faster (measured in benchmarks/train_throughput.py,
+    figures in the README). Override the count with RESEARCH_CPU_DEVICES.
     """
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:

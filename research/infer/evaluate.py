@@ -48,8 +48,8 @@ class Evaluator:
         # The windows evaluated depend on the config alone, never on the device count: the rows
         # are padded up to a multiple of the data-parallel size instead.
         self.rows = max(micro_batch, EVAL_TOKENS_PER_BATCH // seq_len)
-        dp = data_parallel_size(mesh)
-        self.padded_rows = -(-self.rows // dp) * dp
+        batch_shards = data_parallel_size(mesh)
+        self.padded_rows = -(-self.rows // batch_shards) * batch_shards
         self.step = jax.jit(on_mesh(make_eval_step(graphdef), mesh))
 
     def __call__(self, params) -> tuple[float, float]:

@@ -20,9 +20,8 @@ from research.models.layers import apply_rope, param
 from research.parallel.mesh import per_shard
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
-# From this length on, auto takes blockwise over xla off GPU: measured faster from 256 on (0.85x
-# the step time at 512, 0.41x at 1k) and linear in memory; see benchmarks/attention.py --cpu.
-# Shorter contexts (the quickstart's 64) keep the reference, measured there.
+# From this length on, auto takes blockwise over xla off GPU: faster there and linear in memory
+# (benchmarks/attention.py --cpu; figures in the README). Shorter contexts keep the reference.
 BLOCKWISE_MIN_SEQ = 512
 
 

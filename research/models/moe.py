@@ -104,16 +104,16 @@ class MoE(nnx.Module):
             weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
         return logits, probs, experts, weights
 
-    def __call__(self, x: jax.Array, groups: int = 1) -> tuple[jax.Array, dict]:
+    def __call__(self, x: jax.Array, batch_shards: int = 1) -> tuple[jax.Array, dict]:
         """x [B, T, d]. Capacity mode routes each sequence as its own group (capacity is per
         sequence), so dispatch stays on the device that holds it and results do not depend on
-        how the batch is sharded. Dropless is exact for any grouping: ``groups`` (the number of
-        batch shards) keeps each shard's dispatch local while blocks stay large."""
+        how the batch is sharded. Dropless is exact for any grouping: ``batch_shards`` (how many
+        ways the batch is split) keeps each shard's dispatch local while blocks stay large."""
         logits, probs, experts, weights = self.route(x)
         if resolve_dispatch(self.dispatch) == "dropless":
             batch, length, d = x.shape
             if jax.default_backend() == "cpu":
-                grouped = lambda a: a.reshape(groups, -1, a.shape[-1])  # noqa: E731
+                grouped = lambda a: a.reshape(batch_shards, -1, a.shape[-1])  # noqa: E731
                 out = jax.vmap(self._dropless_blocked)(*map(grouped, (x, experts, weights)))
             else:  # ragged_dot has no batching rule: one global group
                 flat = lambda a: a.reshape(batch * length, a.shape[-1])  # noqa: E731

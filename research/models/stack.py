@@ -10,10 +10,9 @@
   ``stack_layers`` / ``unstack_layers`` convert between the two (checkpoints, comparisons).
   With MoE every ``moe_every``-th layer differs, so there are ``moe_every`` stacks
   (``stacked_blocks/j`` holds layers j, j + moe_every, ...), the scan runs over groups of
-  ``moe_every`` layers and unrolls inside a group. Stacking once at init, not inside every
-  step, is what makes it pay on CPU (benchmarks/parallel_memory.py, one run): the 16-layer
-  train step compiles in 2.8 s scanned against 4.7 s unrolled, 32 layers in 3.5 s against
-  9.3 s. Stacking inside every step, as this module did before, took 11.6 s against 5.3 s.
+  ``moe_every`` layers and unrolls inside a group. The parameters are stacked once at init,
+  not inside every step, so the scan saves compile time instead of adding copies (compile
+  times: benchmarks/parallel_memory.py and the README).
 """
 
 from __future__ import annotations
@@ -102,12 +101,12 @@ def unstack_layers(params: dict) -> dict:
     return {**rest, "blocks": dict(sorted(blocks.items()))}
 
 
-def block_function(block: nnx.Module, remat: str, moe_groups: int) -> Callable:
+def block_function(block: nnx.Module, remat: str, batch_shards: int) -> Callable:
     """A pure function (block state, x, positions, rope, key) -> (x, router stats or None)."""
     graphdef = nnx.graphdef(block)
 
     def apply(state, x, positions, rope, key):
-        x, _, aux = nnx.merge(graphdef, state)(x, positions, rope, None, key, moe_groups)
+        x, _, aux = nnx.merge(graphdef, state)(x, positions, rope, None, key, batch_shards)
         return constrain(x, BOUNDARY_AXES), aux
 
     if remat == "none":
@@ -122,14 +121,14 @@ def run_blocks(
     positions: jax.Array,
     rope,
     dropout_key,
-    moe_groups: int,
+    batch_shards: int,
 ) -> tuple[jax.Array, list[dict]]:
     """x through every block; returns x and the MoE router statistics in layer order.
 
     ``blocks``: the model's blocks, or with ``cfg.scan_layers`` its ``moe_every`` stacks."""
     x = constrain(x, BOUNDARY_AXES)
     period = layer_period(cfg)
-    functions = [block_function(blocks[j], cfg.remat, moe_groups) for j in range(period)]
+    functions = [block_function(blocks[j], cfg.remat, batch_shards) for j in range(period)]
 
     def key_for(layer):
         return None if dropout_key is None else jax.random.fold_in(dropout_key, layer)

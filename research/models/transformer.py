@@ -39,13 +39,13 @@ class Block(nnx.Module):
             self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.init_std, out_std, pdt, rngs)
         self.dropout = cfg.dropout
 
-    def __call__(self, x, positions, rope, cache=None, dropout_key=None, moe_groups: int = 1):
+    def __call__(self, x, positions, rope, cache=None, dropout_key=None, batch_shards: int = 1):
         """Returns (x, updated cache, MoE router statistics or None)."""
         attn_out, cache = self.attn(self.attn_norm(x), positions, rope, cache)
         x = x + _dropout(attn_out, self.dropout, dropout_key, 0)
         aux = None
         if self.is_moe:
-            mlp_out, aux = self.mlp(self.mlp_norm(x), moe_groups)
+            mlp_out, aux = self.mlp(self.mlp_norm(x), batch_shards)
         else:
             mlp_out = self.mlp(self.mlp_norm(x))
         x = x + _dropout(mlp_out, self.dropout, dropout_key, 1)
@@ -89,10 +89,10 @@ class Transformer(nnx.Module):
         logits, new_caches, _ = self.forward(tokens, positions, caches, dropout_key)
         return logits if caches is None else (logits, new_caches)
 
-    def forward(self, tokens, positions=None, caches=None, dropout_key=None, moe_groups: int = 1):
+    def forward(self, tokens, positions=None, caches=None, dropout_key=None, batch_shards: int = 1):
         """(logits, caches, aux); aux holds MoE router statistics (empty for a dense model):
         losses averaged over the MoE layers and ``expert_load`` as [moe layers, experts].
-        ``moe_groups``: how many shards the batch is split over (keeps MoE dispatch local)."""
+        ``batch_shards``: how many shards the batch is split over (keeps MoE dispatch local)."""
         cfg = self.cfg
         dtype = compute_dtype(cfg.compute_dtype)
         if positions is None:
@@ -103,12 +103,12 @@ class Transformer(nnx.Module):
         new_caches, router_stats = [], []
         if caches is None:  # training and scoring: remat and scan-over-layers apply here
             blocks = self.stacked_blocks if cfg.scan_layers else self.blocks
-            x, router_stats = run_blocks(blocks, cfg, x, positions, rope, dropout_key, moe_groups)
+            x, router_stats = run_blocks(blocks, cfg, x, positions, rope, dropout_key, batch_shards)
         else:
             for i in range(cfg.n_layers):
                 block = layer_of(self.stacked_blocks, i) if cfg.scan_layers else self.blocks[i]
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-                x, cache, aux = block(x, positions, rope, caches[i], key, moe_groups)
+                x, cache, aux = block(x, positions, rope, caches[i], key, batch_shards)
                 new_caches.append(cache)
                 if aux is not None:
                     router_stats.append(aux)

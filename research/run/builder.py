@@ -125,11 +125,12 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
     cfg, data = resolve_config(cfg)
     batch_size, accum = cfg.train.batch_size, cfg.optim.grad_accum
     mesh = make_mesh(cfg.mesh, batch_size=batch_size // accum)
-    dp = data_parallel_size(mesh)
-    if batch_size % (accum * dp):
+    batch_shards = data_parallel_size(mesh)
+    if batch_size % (accum * batch_shards):
         raise ConfigError(
             f"train.batch_size={batch_size} must divide into optim.grad_accum={accum} microbatches "
-            f"split over {dp} data-parallel devices; use a multiple of {accum * dp}"
+            f"split over {batch_shards} data-parallel devices; use a multiple of "
+            f"{accum * batch_shards}"
         )
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     memory = memory_report(cfg.model, mesh, tx, batch_size // accum)

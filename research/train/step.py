@@ -32,7 +32,7 @@ def make_train_step(
         logits, _, aux = model.forward(
             micro_batch[:, :-1],
             dropout_key=key if model_cfg.dropout else None,
-            moe_groups=batch_shards,
+            batch_shards=batch_shards,
         )
         loss, ce = cross_entropy(logits, micro_batch[:, 1:], z_loss)
         if aux:
