@@ -27,6 +27,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -151,17 +152,16 @@ def cpu_child(impl: str, seq: int, steps: int) -> None:
     import numpy as np
 
     from research.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig
-    from research.parallel.mesh import batch_sharding, make_mesh
-    from research.train.state import init_train_state
-    from research.train.step import make_train_step
+    from research.parallel.mesh import batch_sharding
+    from research.run import build_run
 
     model = ModelConfig(vocab_size=256, d_model=128, n_layers=2, n_heads=2, seq_len=seq,
                         attention=impl).resolved()  # fmt: skip
-    cfg = ExperimentConfig(model=model, optim=OptimConfig(warmup_steps=1),
-                           train=TrainConfig(steps=100, batch_size=1))  # fmt: skip
-    mesh = make_mesh(cfg.mesh, batch_size=1)
-    graphdef, state, tx, schedule = init_train_state(cfg, mesh)
-    step = jax.jit(make_train_step(graphdef, tx, schedule, model, 0.0), donate_argnums=0)
+    with tempfile.TemporaryDirectory() as run_dir:  # the Run builder's state and jitted step
+        train = TrainConfig(steps=100, batch_size=1, run_dir=run_dir)
+        cfg = ExperimentConfig(model=model, optim=OptimConfig(warmup_steps=1), train=train)
+        run = build_run(cfg, "train")
+    mesh, state, step = run.mesh, run.state, run.train_step
     tokens = np.random.default_rng(0).integers(0, 256, (1, 1, seq + 1)).astype(np.int32)
     data = jax.device_put(tokens, batch_sharding(mesh, 1))
     start = time.perf_counter()

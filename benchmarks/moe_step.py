@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,28 +27,21 @@ import numpy as np  # noqa: E402
 
 from research.config import ExperimentConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from research.models.accounting import count_params  # noqa: E402
-from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh  # noqa: E402
+from research.parallel.mesh import batch_sharding  # noqa: E402
+from research.run import build_run  # noqa: E402
 from research.train.accounting import job_peak, measure_matmul_peak  # noqa: E402
-from research.train.state import init_train_state  # noqa: E402
-from research.train.step import make_train_step  # noqa: E402
 
 
 def step_time(model_cfg: ModelConfig, batch: int, steps: int, repeats: int) -> float:
     """Median seconds per train step (compile excluded), one step in flight as the trainer."""
-    cfg = ExperimentConfig(
-        model=model_cfg,
-        optim=OptimConfig(warmup_steps=10),
-        train=TrainConfig(steps=1000, batch_size=batch),
-    )
-    mesh = make_mesh(cfg.mesh, batch_size=batch)
-    graphdef, state, tx, schedule = init_train_state(cfg, mesh)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = jax.jit(
-        make_train_step(graphdef, tx, schedule, model_cfg, 0.0, data_parallel_size(mesh)),
-        in_shardings=(shardings, batch_sharding(mesh, 1)),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
+    with tempfile.TemporaryDirectory() as run_dir:  # the Run builder's state and jitted step
+        cfg = ExperimentConfig(
+            model=model_cfg,
+            optim=OptimConfig(warmup_steps=10),
+            train=TrainConfig(steps=1000, batch_size=batch, run_dir=run_dir),
+        )
+        run = build_run(cfg, "train")
+    mesh, state, step = run.mesh, run.state, run.train_step
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, model_cfg.vocab_size, (1, batch, model_cfg.seq_len + 1))
     data = jax.device_put(tokens.astype(np.int32), batch_sharding(mesh, 1))
