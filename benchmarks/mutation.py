@@ -38,8 +38,10 @@ COPIED = ("research", "tests", "experiments", "pyproject.toml", "setup.cfg")
 MOE = "research/models/moe.py"
 ATTN = "research/models/attention.py"
 COMMON = "research/kernels/flash_attention/common.py"
-STEPS = "research/kernels/flash_attention/steps.py"
+TILES = "research/kernels/flash_attention/tiles.py"
 STEP = "research/train/step.py"
+LOSS = "research/models/loss.py"
+EVAL = "research/infer/evaluate.py"
 
 # Test selections: (files, -k expression). Training tests are left out where faster ones
 # cover the same code; -x makes a killed mutant cheap, so a survivor pays the whole selection.
@@ -184,22 +186,22 @@ MUTANTS = [
            "full &= q_smin == k_smin", MASK_TESTS),
     Mutant("flash-full-with-padding", COMMON,
            "full = k_raw >= 0", "full = k_raw >= -1", MASK_TESTS),
-    Mutant("flash-kernel-masked-weights-kept", STEPS,
+    Mutant("flash-kernel-masked-weights-kept", TILES,
            "    if ok is not None:  # a row with nothing visible yet has m_new = MASK: keep its "
            "weights 0\n        w = jnp.where(ok, w, 0.0)\n", "", KERNEL_TESTS),
-    Mutant("flash-kernel-empty-rows-divide", STEPS,
+    Mutant("flash-kernel-empty-rows-divide", TILES,
            "safe = jnp.where(denom > 0, denom, 1.0)", "safe = denom", KERNEL_TESTS),
-    Mutant("flash-kernel-no-rescale", STEPS,
+    Mutant("flash-kernel-no-rescale", TILES,
            "acc = acc * alpha + dot_nn", "acc = acc + dot_nn", KERNEL_TESTS),
     # --- losses and the train/eval steps ---
     Mutant("loss-targets-not-shifted", STEP,
            "cross_entropy(logits, micro_batch[:, 1:], z_loss)",
            "cross_entropy(logits, micro_batch[:, :-1], z_loss)", LOSS_TESTS),
-    Mutant("loss-z-loss-not-squared", STEP,
+    Mutant("loss-z-loss-not-squared", LOSS,
            "z_loss * jnp.mean(log_z**2)", "z_loss * jnp.mean(log_z)", LOSS_TESTS),
-    Mutant("loss-z-loss-dropped", STEP,
+    Mutant("loss-z-loss-dropped", LOSS,
            "return ce + z_loss * jnp.mean(log_z**2), ce", "return ce, ce", LOSS_TESTS),
-    Mutant("loss-z-loss-in-reported-ce", STEP,
+    Mutant("loss-z-loss-in-reported-ce", LOSS,
            "return ce + z_loss * jnp.mean(log_z**2), ce",
            "ce = ce + z_loss * jnp.mean(log_z**2)\n    return ce, ce", LOSS_TESTS),
     Mutant("loss-balance-coefficient-swapped", STEP,
@@ -208,10 +210,10 @@ MUTANTS = [
     Mutant("loss-accumulation-sums-grads", STEP,
            "grads, ce, aux = jax.tree.map(lambda x: x / accum, (grads, ce, aux))",
            "ce, aux = jax.tree.map(lambda x: x / accum, (ce, aux))", LOSS_TESTS),
-    Mutant("eval-counts-padding-row", STEP,
+    Mutant("eval-counts-padding-row", EVAL,
            "valid = (jnp.arange(batch.shape[0]) < rows)[:, None]",
            "valid = (jnp.arange(batch.shape[0]) <= rows)[:, None]", LOSS_TESTS),
-    Mutant("eval-token-count-off-by-one", STEP,
+    Mutant("eval-token-count-off-by-one", EVAL,
            "valid.sum() * (batch.shape[1] - 1)", "valid.sum() * batch.shape[1]", LOSS_TESTS),
 ]  # fmt: skip
 

@@ -10,8 +10,10 @@ import pytest
 from flax import nnx
 
 from research.config import ModelConfig
+from research.infer.evaluate import make_eval_step
 from research.models import Transformer
-from research.train.step import cross_entropy, make_eval_step, make_train_step
+from research.models.loss import cross_entropy
+from research.train.step import make_train_step
 
 VOCAB, LENGTH = 11, 6
 
