@@ -246,11 +246,11 @@ def test_nvml_power_is_sampled_in_a_thread_and_integrated(monkeypatch):
 
 def test_training_on_an_unknown_chip_reports_no_mfu(tiny_config, monkeypatch):
     """(The peak a known chip uses is checked in test_train's TensorBoard and ledger test.)"""
-    from research.train import trainer
+    from research.run import training
 
     unknown = Peak(None, 1, "unknown:Imaginary Accelerator")
-    monkeypatch.setattr(trainer, "job_peak", lambda configured, mesh: unknown)
-    result = trainer.train(tiny_config("train.steps=3", "train.sample_tokens=0"))
+    monkeypatch.setattr(training, "job_peak", lambda configured, devices: unknown)
+    result = training.train(tiny_config("train.steps=3", "train.sample_tokens=0"))
     assert math.isnan(result.mfu)
     logged = read_metrics(result.run_dir)
     assert "perf/mfu" not in logged[3] and "perf/tokens_per_second" in logged[3]

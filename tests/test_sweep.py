@@ -89,8 +89,9 @@ def test_interrupted_sweep_resumes_exactly_and_skips_finished_runs(tmp_path, mon
     assert total["runs"] == 2 and total["energy_kwh"] == pytest.approx(
         sum(x["energy_kwh"] for x in ledgers)
     )
-    # The killed call never reached its ledger update: the ledger holds what finished calls ran.
-    assert ledgers[0]["tokens"] == 20 * 8 * 32 and ledgers[1]["tokens"] == 40 * 8 * 32
+    # The killed call's steps up to its durable step-20 checkpoint are in the ledger once; the
+    # resumed call added the other 20.
+    assert ledgers[0]["tokens"] == 40 * 8 * 32 and ledgers[1]["tokens"] == 40 * 8 * 32
 
     changed = sweep_mod.load_sweep(str(write_sweep(tmp_path, wide=48)), ["log.progress=false"])
     with pytest.raises(ConfigError, match="different config"):

@@ -57,7 +57,8 @@ class LogScalars:
     def __call__(self, trainer: Trainer) -> None:
         metrics = trainer.host_metrics()
         steps, seconds = trainer.step - self._last[0], trainer.clock.seconds - self._last[1]
-        if self._last[0] == 0:  # the first step compiled: its time is not on the clock
+        first = self._last[0] == 0
+        if first:  # the first step compiled: its time is not on the clock
             steps = trainer.step - trainer.start_step - 1
         self._last = (trainer.step, trainer.clock.seconds)
         p = self.progress

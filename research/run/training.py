@@ -15,7 +15,7 @@ import jax
 from research.config import ExperimentConfig
 from research.data.loader import train_dataset
 from research.infer.sampling import sample_text
-from research.parallel.distributed import gather_to_host
+from research.parallel.distributed import gather_to_host, initialize
 from research.parallel.mesh import batch_sharding
 from research.run import hooks
 from research.run.builder import Run, build_run
@@ -44,50 +44,18 @@ class TrainResult:
 
 def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     """Train (or resume) the experiment; returns the final metrics and a sample of text."""
+    initialize(cfg.mesh)  # multi-process runs join up before anything touches a device
     meter = PowerMeter(cfg.energy)  # NVML samples or a TDP estimate, for ledger.json
     run = build_run(cfg, "train", resume=resume)
-    cfg, train_cfg = run.config, run.config.train
-    info = run_metadata(dict(run.mesh.shape))  # git SHA, command, versions, devices, mesh
-    if jax.process_index() == 0:
-        saved = {**cfg.to_dict(), "run": info}  # load_run_config reads the config part back
-        (run.run_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
-        (run.run_dir / "memory.json").write_text(json.dumps(run.memory.to_dict(), indent=2))
-        if run.step == 0:
-            print(_model_line(run))
-        print(run.memory.summary())
-    batches = _batches(run)
-    trainer = Trainer(run.train_step, run.state, batches, run.step, train_cfg.steps)
-    logger = MetricsLogger(run.run_dir, cfg.log.tensorboard)
-    logger.text("config", f"```\n{cfg.to_json()}\n```")
-    logger.run_info(info)
-    if run.step == 0:  # one HParams session per run, written when it starts
-        logger.hparams(flatten(cfg.to_dict()))
-    progress = hooks.Progress()
-    bar, advance = hooks.progress_bar(run, cfg.log.progress)
-    peak = job_peak(cfg.log.peak_flops, list(run.mesh.devices.flat))  # chips (a CPU host: 1)
-    logger.text("perf/peak_flops", peak.describe())  # the MFU denominator, once per call
-    if peak.total:
-        logger.scalars(run.step, {"perf/peak_flops": peak.total})
+    logger = MetricsLogger(run.run_dir, run.config.log.tensorboard)
+    peak = job_peak(run.config.log.peak_flops, list(run.mesh.devices.flat))  # a CPU host: 1 chip
+    _record_start(run, logger, peak)
     ledger = _Ledger(run, meter, peak)
     run.checkpointer.on_durable = ledger.add_durable  # the ledger counts only durable work
-
-    if _is_multi_device_cpu(run):
-        trainer.add_hook(hooks.bounded_queue(), every=1, training=True)
-    trainer.add_hook(hooks.poll_checkpoint(run), every=1, training=True)
-    trainer.add_hook(hooks.nan_guard(run), every=(train_cfg.log_every, train_cfg.checkpoint_every))
-    trainer.add_hook(
-        hooks.LogScalars(run, logger, peak, progress, bar),
-        every=train_cfg.log_every,
-        training=True,
-        name="log",
-    )
-    evaluate, evaluator = hooks.evaluate_hook(run, logger, progress, bar)
-    trainer.add_hook(evaluate, every=train_cfg.eval_every)
-    trainer.add_hook(hooks.save_checkpoint(run, batches), every=train_cfg.checkpoint_every)
-    if cfg.log.profile_steps:
-        trainer.add_hook(hooks.profiler(run, cfg.log.profile_steps), every=1, training=True)
-    trainer.add_hook(advance, every=1, training=True)
-
+    batches = _batches(run)
+    trainer = Trainer(run.train_step, run.state, batches, run.step, run.config.train.steps)
+    progress = hooks.Progress()
+    bar, evaluator = _add_standard_hooks(trainer, run, batches, logger, peak, progress)
     try:
         try:
             trainer.run()
@@ -100,7 +68,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         reading = meter.stop()  # on every process: it ends the NVML sampling thread
     totals = ledger.add(0, reading)  # time after the last durable save (sampling, closing)
     logger.scalars(trainer.step, {"perf/compile_seconds": trainer.compile_seconds})
-    sample = _sample(run, trainer.state["params"]) if train_cfg.sample_tokens else ""
+    sample = _sample(run, trainer.state["params"]) if run.config.train.sample_tokens else ""
     logger.close()
     steps_run = trainer.step - run.step
     if progress.val_loss is None and steps_run == 0 and run.step:  # already complete
@@ -118,6 +86,45 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         steps_run=steps_run,
         compile_seconds=trainer.compile_seconds,
     )
+
+
+def _record_start(run: Run, logger: MetricsLogger, peak: Peak) -> None:
+    """config.json (with the run's metadata), memory.json, the console lines and the run's
+    TensorBoard texts, HParams and the peak FLOP/s MFU is measured against."""
+    cfg = run.config
+    info = run_metadata(dict(run.mesh.shape))  # git SHA, command, versions, devices, mesh
+    if jax.process_index() == 0:
+        saved = {**cfg.to_dict(), "run": info}  # load_run_config reads the config part back
+        (run.run_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
+        (run.run_dir / "memory.json").write_text(json.dumps(run.memory.to_dict(), indent=2))
+        if run.step == 0:
+            print(_model_line(run))
+        print(run.memory.summary())
+    logger.text("config", f"```\n{cfg.to_json()}\n```")
+    logger.run_info(info)
+    if run.step == 0:  # one HParams session per run, written when it starts
+        logger.hparams(flatten(cfg.to_dict()))
+    logger.text("perf/peak_flops", peak.describe())  # the MFU denominator, once per call
+
+
+def _add_standard_hooks(trainer: Trainer, run: Run, batches, logger, peak, progress):
+    """Register the standard hooks in the order they run after a step; returns the progress
+    bar and the evaluator (the caller closes the one and may reuse the other)."""
+    train_cfg = run.config.train
+    bar, advance = hooks.progress_bar(run, run.config.log.progress)
+    if _is_multi_device_cpu(run):
+        trainer.add_hook(hooks.bounded_queue(), every=1, training=True)
+    trainer.add_hook(hooks.poll_checkpoint(run), every=1, training=True)
+    trainer.add_hook(hooks.nan_guard(run), every=(train_cfg.log_every, train_cfg.checkpoint_every))
+    log = hooks.LogScalars(run, logger, peak, progress, bar)
+    trainer.add_hook(log, every=train_cfg.log_every, training=True, name="log")
+    evaluate, evaluator = hooks.evaluate_hook(run, logger, progress, bar)
+    trainer.add_hook(evaluate, every=train_cfg.eval_every)
+    trainer.add_hook(hooks.save_checkpoint(run, batches), every=train_cfg.checkpoint_every)
+    if run.config.log.profile_steps:
+        trainer.add_hook(hooks.profiler(run, run.config.log.profile_steps), every=1, training=True)
+    trainer.add_hook(advance, every=1, training=True)
+    return bar, evaluator
 
 
 def _batches(run: Run):
