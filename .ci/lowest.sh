@@ -18,12 +18,12 @@ python3 -m venv --clear "$venv"
 
 # The checkout's tests import the checkout's code (the same code that was installed above).
 set +e
-PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q -p no:cacheprovider --runslow \
   tests/test_versions.py tests/test_config.py tests/test_data.py \
   tests/test_model.py::test_attention_matches_naive_reference \
   tests/test_model.py::test_tiny_model_overfits_a_fixed_batch \
   tests/test_train.py::test_sharded_run_matches_single_device \
-  tests/test_train.py::test_corrupt_newest_checkpoint_falls_back_to_previous \
+  tests/test_checkpoint.py \
   tests/test_train.py::test_tensorboard_events_and_ledger \
   tests/test_scaling.py::test_fit_and_forecast_commands
 status=$?

@@ -1,18 +1,24 @@
 """Shared fixtures. Eight fake CPU devices for sharding tests; set before JAX starts."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
-os.environ.setdefault("RESEARCH_COMPILE_CACHE", "")
+# One compilation cache for the session (and the CLI subprocesses it starts): the many tiny
+# runs compile the same programs, and a cache hit skips XLA's compile, most of a tiny run's time.
+os.environ.setdefault("RESEARCH_COMPILE_CACHE", tempfile.mkdtemp(prefix="research-test-xla-"))
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from research import runtime  # noqa: E402
 from research.config import load_experiment  # noqa: E402
+
+runtime.enable_compilation_cache()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -185,6 +185,8 @@ def test_kernels_lower_for_their_backend(kernel, platform):
     assert text.count(marker) == 3  # forward, dq, dkv
 
 
+# The kernels are checked against the reference op by op above; this whole run is slow.
+@pytest.mark.slow
 def test_model_trains_the_same_as_xla_with_pallas(tiny_config, tmp_path):
     """Under tensor=2 x data=4 (the kernel per device), scanned layers and a sliding window."""
     common_overrides = ("train.steps=3", "train.log_every=1", "train.sample_tokens=0",

@@ -13,7 +13,7 @@ from research.config import ConfigError, MeshConfig, ModelConfig, load_experimen
 from research.models import Transformer
 from research.models.stack import stack_layers, unstack_layers
 from research.parallel.mesh import MeshShapeError, make_mesh
-from research.run import train
+from research.run import resolve_config, train
 from research.train.state import init_train_state
 
 # vocab 128: the character vocabulary (65) does not split over tensor-parallel devices; 4 KV
@@ -36,7 +36,7 @@ MOE = ("model.n_experts=4", "model.top_k=2", "model.moe_every=2")
 def run(tmp_path_factory, *overrides):
     cfg = load_experiment("tiny", [*COMMON, *overrides])
     cfg.train.run_dir = str(tmp_path_factory.mktemp("run"))
-    return cfg, train(cfg)
+    return resolve_config(cfg)[0], train(cfg)  # train never changes the caller's config
 
 
 def losses(result) -> list[float]:

@@ -93,6 +93,8 @@ def _corrupt(step_dir: Path) -> None:
             path.write_bytes(b"\x00garbage" * 7)
 
 
+# End to end through train(); test_checkpoint.py covers each corruption case in seconds.
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
     cfg = tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1")
     first = train(cfg)
@@ -235,6 +237,8 @@ def test_generate_is_seeded(tiny_config, capsys):
     assert np.unique(list(outs[0])).size > 3
 
 
+# test_losses.py checks accumulated gradients against a hand-written loss in less time.
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tiny_config, tmp_path):
     common = (
         "train.steps=4",
@@ -285,7 +289,7 @@ def test_eval_with_eval_batches_does_not_depend_on_the_device_count(tiny_config)
 
     cfg, data = resolve_config(tiny_config("train.eval_batches=2", "train.batch_size=6"))
     losses = []
-    for devices in (1, 2, 3, 4):
+    for devices in (1, 3):  # 3 rows of 8 do not divide: the case that used to differ
         mesh = make_mesh(MeshConfig(data=devices), devices=jax.devices()[:devices])
         graphdef, params = build_model(cfg.model, 0, mesh)
         evaluate = Evaluator(graphdef, data, mesh, cfg.model.seq_len, 6, max_batches=2)

@@ -9,6 +9,7 @@ import textwrap
 import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +48,8 @@ _TRAIN_WITH_FILTERS = textwrap.dedent(
 )
 
 
+# The suite already errors on our deprecations (pyproject); .ci/lowest.sh runs this one.
+@pytest.mark.slow
 def test_a_tiny_training_run_calls_no_deprecated_api(tmp_path):
     """In a fresh interpreter, since a process warns once per call site and jit traces once: a
     warning raised while importing or tracing in an earlier test would not be raised again."""
