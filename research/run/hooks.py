@@ -77,11 +77,19 @@ class LogScalars:
                     **({"perf/mfu": p.mfu} if self.peak.total else {}),
                 }
             )
+        if first and self.peak.total:  # the MFU denominator, once per call
+            scalars["perf/peak_flops"] = self.peak.total
         scalars.update(_router_scalars(metrics))
-        self.logger.scalars(trainer.step, scalars)
-        if "moe/expert_load" in metrics:
-            self.logger.histogram(
-                trainer.step, "moe/expert_load", metrics["moe/expert_load"].mean(0)
+        scalars.update({k: float(v) for k, v in metrics.items() if k.startswith("norms/")})
+        tokens = trainer.step * self.run.tokens_per_step
+        self.logger.scalars(trainer.step, scalars, tokens=tokens)
+        if "moe/expert_load" in metrics:  # the heat map costs a plot: at eval cadence only
+            every = self.run.config.train.eval_every
+            self.logger.expert_load(
+                trainer.step,
+                metrics["moe/expert_load"],
+                self.run.config.model.moe_layers,
+                image=trainer.is_last or bool(every and trainer.step % every == 0),
             )
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{p.train_loss:.4f}", tok_s=f"{p.tokens_per_second:,.0f}")
