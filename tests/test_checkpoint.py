@@ -116,8 +116,9 @@ def test_params_only_restore_reads_no_optimizer_state(tmp_path):
 
 
 def _fail_commit(monkeypatch, fail_on: int) -> None:
-    """Orbax's final write of the ``fail_on``-th save raises ENOSPC, in its background thread."""
-    from orbax.checkpoint._src.path import async_path
+    """Orbax's final write of the ``fail_on``-th save raises ENOSPC, in its background thread.
+    (A private orbax module: where it is missing, the real full-disk test below still runs.)"""
+    async_path = pytest.importorskip("orbax.checkpoint._src.path.async_path")
 
     original, count = async_path.write_text, {"commits": 0}
 
@@ -214,7 +215,7 @@ def test_full_disk_surfaces_before_the_next_checkpoint(tmp_path, capsys):
         ledger = json.loads((run_dir / "ledger.json").read_text())
         assert ledger["tokens"] == durable * 8 * 32
     finally:
-        subprocess.run(["umount", str(mountpoint)], check=False)
+        subprocess.run(["umount", "--lazy", str(mountpoint)], check=False)
 
 
 def test_is_corruption_classification(tmp_path):
