@@ -244,6 +244,7 @@ def test_nvml_power_is_sampled_in_a_thread_and_integrated(monkeypatch):
 # ------------------------------------------------------------------------------- trainer
 
 
+@pytest.mark.slow  # a whole run; the selection itself is tested above in milliseconds
 def test_training_on_an_unknown_chip_reports_no_mfu(tiny_config, monkeypatch):
     """(The peak a known chip uses is checked in test_train's TensorBoard and ledger test.)"""
     from research.run import training
