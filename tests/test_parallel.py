@@ -110,7 +110,7 @@ SHARDED = {
     [
         # data=8 alone: tests/test_train.py::test_sharded_run_matches_single_device
         "fsdp8",
-        "tp2_dp4_scan_remat",
+        pytest.param("tp2_dp4_scan_remat", marks=pytest.mark.slow),
         pytest.param("fsdp2_tp2_dp2_savedots", marks=pytest.mark.slow),
         # Expert parallelism alone is tested in test_moe.py; this combination costs two runs.
         pytest.param("moe_ep2_tp2_fsdp2_scan", marks=pytest.mark.slow),
