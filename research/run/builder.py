@@ -38,7 +38,15 @@ from research.train.step import make_train_step
 
 PURPOSES = ("train", "eval", "generate", "info")
 # Config sections that define what a run computes: changing them under an existing run is an error.
-_IDENTITY_KEYS = ("model", "data", "optim", "train.batch_size", "train.seed", "train.z_loss")
+_IDENTITY_KEYS = (
+    "model",
+    "data",
+    "optim",
+    "train.batch_size",
+    "train.seed",
+    "train.z_loss",
+    "post",
+)
 
 
 @dataclass
@@ -168,6 +176,13 @@ def _assemble_training(run: Run, resume: bool) -> None:
         if restored is not None:
             run.step, run.state, run.data_state = restored.step, restored.state, restored.data_state
             print(f"resumed {run.run_dir} from step {run.step}")
+    objective = None
+    if cfg.post.mode:  # post-training: another start and objective, the same step and loop
+        from research.post import setup as post
+
+        if run.step == 0 and cfg.post.init_from:
+            run.state["params"] = post.start_params(run)
+        objective = post.objective(run)
     shardings = jax.tree.map(lambda x: x.sharding, run.state)
     step_fn = make_train_step(
         run.graphdef,
@@ -176,6 +191,7 @@ def _assemble_training(run: Run, resume: bool) -> None:
         cfg.model,
         cfg.train.z_loss,
         data_parallel_size(run.mesh),
+        objective,
     )
     run.train_step = jax.jit(
         on_mesh(step_fn, run.mesh),
