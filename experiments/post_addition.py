@@ -84,8 +84,123 @@ def stage(name: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
     )
 
 
-if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
-    from experiments.post_pipeline import main
+def teacher_and_students() -> dict[str, ExperimentConfig]:
+    """Distillation: a teacher 4x the student's parameters (d_model 128 vs 64), and the student
+    trained on the same tokens with hard labels only or with the teacher's logits mixed in."""
+    cfg = config()
+    teacher = dataclasses.replace(
+        cfg,
+        name="post_addition_teacher",
+        model=dataclasses.replace(cfg.model, d_model=128),
+        train=dataclasses.replace(cfg.train, run_dir=str(RUNS / "teacher"), steps=2000),
+    )
+    student = dataclasses.replace(
+        cfg,
+        train=dataclasses.replace(cfg.train, steps=600, eval_batches=0, eval_every=200),
+        post=dataclasses.replace(cfg.post, eval_data=""),
+    )
+    hard = dataclasses.replace(
+        student,
+        name="post_addition_student_hard",
+        train=dataclasses.replace(student.train, run_dir=str(RUNS / "student_hard")),
+    )
+    distilled = dataclasses.replace(
+        student,
+        name="post_addition_student_distilled",
+        train=dataclasses.replace(student.train, run_dir=str(RUNS / "student_distilled")),
+        post=dataclasses.replace(
+            student.post,
+            mode="distill",
+            teacher=teacher.train.run_dir,
+            distill_temperature=2.0,
+            distill_alpha=0.5,
+        ),
+    )
+    return {"teacher": teacher, "student_hard": hard, "student_distilled": distilled}
 
+
+def _accuracy(run_dir: str) -> float:
+    from research.post.data import load_problems
+    from research.post.evaluate import task_accuracy
+    from research.run import build_run, load_run_config
+
+    run = build_run(load_run_config(Path(run_dir)), "eval")
+    problems = load_problems(str(DATA / "heldout.jsonl"), run.config.post.task_digits)
+    return task_accuracy(
+        run.graphdef, run.state["params"], run.data.tokenizer(), problems, 5, batch=250
+    )
+
+
+def _ledger(run_dir: str) -> dict:
+    import json
+
+    ledger = json.loads((Path(run_dir) / "ledger.json").read_text())
+    return {k: ledger.get(k) for k in ("wall_seconds", "energy_kwh", "tokens", "energy_method")}
+
+
+def main(argv: list[str]) -> None:
+    """Every stage in order (each resumes or is skipped if already complete), then the table,
+    docs/post/results.json and the plots."""
+    import json
+
+    from research import runtime
+    from research.post.task import write_task
+    from research.run import train
+
+    runtime.setup()
+    if not (DATA / "heldout.jsonl").exists():
+        write_task(DATA)
+    stages = {"pretrain": config(), **{n: stage(n) for n in ("sft", "dpo", "grpo")}}
+    results = {}
+    for name, cfg in stages.items():
+        result = train(cfg)
+        results[name] = {
+            "task_accuracy": _accuracy(cfg.train.run_dir),
+            "val_loss": result.val_loss,
+            **_ledger(cfg.train.run_dir),
+        }
+        print(f"{name}: {results[name]}")
+    for name, cfg in teacher_and_students().items():
+        result = train(cfg)
+        results[name] = {"val_loss": result.val_loss, **_ledger(cfg.train.run_dir)}
+        print(f"{name}: {results[name]}")
+    out = ROOT / "docs" / "post"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    _plot(results, out)
+
+
+def _plot(results: dict, out: Path) -> None:
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = ["pretrain", "sft", "dpo", "grpo"]
+    accuracy = [100 * results[n]["task_accuracy"] for n in names]
+    axes[0].bar(["base", "SFT", "SFT+DPO", "SFT+GRPO"], accuracy, color="C0")
+    for i, a in enumerate(accuracy):
+        axes[0].text(i, a + 1, f"{a:.1f}%", ha="center")
+    axes[0].set_ylabel("exact-match accuracy, 500 held-out sums (%)")
+    axes[0].set_ylim(0, 105)
+    axes[0].set_title("task accuracy after each stage")
+    for name, label in (("student_hard", "hard labels"), ("student_distilled", "distilled")):
+        rows = [
+            json.loads(line)
+            for line in (RUNS / name / "metrics.jsonl").read_text().splitlines()
+            if "val/loss" in line
+        ]
+        axes[1].plot([r["step"] for r in rows], [r["val/loss"] for r in rows], "o-", label=label)
+    axes[1].set_xlabel("step (same tokens for both)")
+    axes[1].set_ylabel("held-out loss (nats/token)")
+    axes[1].set_title("student of 1/4 the teacher's size")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out / "pipeline.png", dpi=150)
+
+
+if __name__ == "__main__":
     main(sys.argv[1:])

@@ -455,6 +455,7 @@ class PostConfig:
     preference_loss: str = "dpo"  # dpo | ipo | simpo
     beta: float = 0.1  # DPO/IPO/SimPO strength
     simpo_gamma: float = 0.5  # SimPO's target margin
+    rpo_alpha: float = 0.0  # > 0: add this x the chosen responses' per-token NLL (RPO)
     group_size: int = 8  # GRPO: samples per prompt
     clip_eps: float = 0.2  # GRPO: ratio clipping
     kl_coef: float = 0.04  # GRPO: weight of the KL to the reference (the init_from model)
@@ -476,7 +477,7 @@ class PostConfig:
         c.at_least("group_size", 2, " (GRPO compares samples within a group)")
         c.within("clip_eps", 0.0, 1.0, open_low=True, open_high=True)
         c.within("distill_alpha", 0.0, 1.0)
-        for key in ("kl_coef", "simpo_gamma", "eval_problems"):
+        for key in ("kl_coef", "simpo_gamma", "eval_problems", "rpo_alpha"):
             c.at_least(key, 0)
         for key in ("task_digits", "max_new_tokens"):
             c.positive(key)

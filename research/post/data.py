@@ -184,8 +184,13 @@ class GroupSamples:
 
 
 def load_problems(path: str, digits: int):
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    if not rows or not all("a" in r and "b" in r for r in rows):
+    if not Path(path).is_file():
+        raise ConfigError(f"{path} does not exist; write the task with `research post-data`")
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is not JSON lines ({error})") from None
+    if not rows or not all(isinstance(r, dict) and "a" in r and "b" in r for r in rows):
         raise ConfigError(
             f"{path}: problems are JSON lines with 'a' and 'b' (research/post/task.py writes them)"
         )

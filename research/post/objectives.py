@@ -16,8 +16,10 @@ def _post(metrics: dict) -> dict:
     return {f"post/{k}": v for k, v in metrics.items()}
 
 
-def preference_objective(kind: str, beta: float, simpo_gamma: float):
-    """DPO / IPO / SimPO on a batch of pairs with precomputed reference log-probs."""
+def preference_objective(kind: str, beta: float, simpo_gamma: float, rpo_alpha: float = 0.0):
+    """DPO / IPO / SimPO on a batch of pairs with precomputed reference log-probs.
+    ``rpo_alpha`` > 0 adds the chosen responses' mean per-token NLL (RPO, Pang et al. 2024):
+    plain DPO can lower the chosen answers' likelihood along with the rejected ones'."""
 
     def objective(model, batch, key):
         both = jnp.concatenate([batch["chosen"], batch["rejected"]])
@@ -36,6 +38,9 @@ def preference_objective(kind: str, beta: float, simpo_gamma: float):
             lengths[n:],
             simpo_gamma,
         )
+        metrics["chosen_nll"] = -jnp.mean(logprobs[:n] / lengths[:n])
+        if rpo_alpha:
+            loss = loss + rpo_alpha * metrics["chosen_nll"]
         return loss, {"loss": loss, **_post(metrics)}
 
     return objective

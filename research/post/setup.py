@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from research.config import ConfigError
+from research.post import chat
 from research.post import data as post_data
 from research.post.init import check_compatible, load_params
 from research.post.objectives import distill_objective, grpo_objective, preference_objective
@@ -14,6 +15,23 @@ from research.train.shardings import abstract_params, param_shardings
 from research.train.state import abstract_like
 
 REFERENCE_FILE = "reference_logprobs.npz"
+
+
+def check_inputs(cfg) -> None:
+    """Read and check every post-training input before anything is allocated: the data file
+    (conversations, pairs or problems), the held-out problems and the runs it starts from."""
+    post = cfg.post
+    if post.mode == "sft":
+        chat.load_conversations(post.data)
+    elif post.mode == "dpo":
+        chat.load_pairs(post.data)
+    elif post.mode == "grpo":
+        post_data.load_problems(post.data, post.task_digits)
+    if post.eval_data:
+        post_data.load_problems(post.eval_data, post.task_digits)
+    for what, other in (("post.init_from", post.init_from), ("post.teacher", post.teacher)):
+        if other:
+            check_compatible(cfg, other, what)
 
 
 def start_params(run):
@@ -25,7 +43,9 @@ def objective(run):
     """The train step's objective for post.mode (None: the standard next-token loss)."""
     post = run.config.post
     if post.mode == "dpo":
-        return preference_objective(post.preference_loss, post.beta, post.simpo_gamma)
+        return preference_objective(
+            post.preference_loss, post.beta, post.simpo_gamma, post.rpo_alpha
+        )
     if post.mode == "grpo":
         return grpo_objective(post.clip_eps, post.kl_coef)
     if post.mode == "distill":

@@ -165,6 +165,10 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
 
 def _assemble_training(run: Run, resume: bool) -> None:
     cfg = run.config
+    if cfg.post.mode or cfg.post.eval_data:  # its data and starting runs, before any work
+        from research.post.setup import check_inputs
+
+        check_inputs(cfg)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run.run_dir, cfg.to_dict())
     if not resume:
