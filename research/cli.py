@@ -8,9 +8,9 @@ import math
 import sys
 from pathlib import Path
 
+from research.cli_post import add_post_commands
 from research.cli_types import non_negative_float, non_negative_int, positive_int, unit_fraction
 from research.config import ExperimentConfig, ResearchError, load_experiment
-from research.post.commands import add_post_commands
 from research.scaling.commands import add_scaling_commands
 
 DEFAULT_EXPERIMENT = "shakespeare_char"
