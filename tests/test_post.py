@@ -294,3 +294,19 @@ def test_cli_bad_chat_data_is_one_error_line(task, tmp_path, capsys, pretrained)
     )
     assert status == 2
     assert "bad.jsonl:1: the conversation has no assistant turn" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
+    """Runs saved before the post section (or any newer key) read it as its default, so they
+    resume; a real change of an identity key is still refused."""
+    from research.config import ExperimentConfig
+    from research.run.builder import _check_same_run
+
+    cfg = ExperimentConfig().to_dict()
+    old = json.loads(json.dumps(cfg))
+    del old["post"], old["model"]["qk_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _check_same_run(tmp_path, cfg)
+    cfg["post"]["mode"] = "sft"
+    with pytest.raises(ConfigError, match=r"post.mode: None -> 'sft'"):
+        _check_same_run(tmp_path, cfg)

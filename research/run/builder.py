@@ -232,10 +232,12 @@ def _check_same_run(run_dir: Path, cfg_dict: dict) -> None:
     if not saved_path.exists():
         return
     old, new = _flatten(json.loads(saved_path.read_text())), _flatten(cfg_dict)
+    # A key added to the config since the run was saved reads as its default there.
+    defaults = _flatten(ExperimentConfig().to_dict())
     changed = [
         k
         for k in sorted(set(old) | set(new))
-        if k.startswith(_IDENTITY_KEYS) and old.get(k) != new.get(k)
+        if k.startswith(_IDENTITY_KEYS) and old.get(k, defaults.get(k)) != new.get(k)
     ]
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])
