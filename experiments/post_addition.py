@@ -135,6 +135,27 @@ def _accuracy(run_dir: str) -> float:
     )
 
 
+def _finished_val_loss(cfg: ExperimentConfig) -> float | None:
+    """The final val loss of a stage that already ran to the end, else None. A finished stage
+    is not called again: each call of a complete run adds its evaluation time to its ledger."""
+    import json
+
+    path = Path(cfg.train.run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if '"val/loss"' in line]
+    last = [r for r in rows if r["step"] == cfg.train.steps]
+    return last[-1]["val/loss"] if last else None
+
+
+def _run(cfg: ExperimentConfig) -> float | None:
+    from research.run import train
+
+    cfg.log.progress = False
+    done = _finished_val_loss(cfg)
+    return done if done is not None else train(cfg).val_loss
+
+
 def _ledger(run_dir: str) -> dict:
     import json
 
@@ -149,7 +170,6 @@ def main(argv: list[str]) -> None:
 
     from research import runtime
     from research.post.task import write_task
-    from research.run import train
 
     runtime.setup()
     if not (DATA / "heldout.jsonl").exists():
@@ -157,18 +177,15 @@ def main(argv: list[str]) -> None:
     stages = {"pretrain": config(), **{n: stage(n) for n in ("sft", "sft_more", "dpo", "grpo")}}
     results = {}
     for name, cfg in stages.items():
-        cfg.log.progress = False
-        result = train(cfg)
+        val_loss = _run(cfg)
         results[name] = {
             "task_accuracy": _accuracy(cfg.train.run_dir),
-            "val_loss": result.val_loss,
+            "val_loss": val_loss,
             **_ledger(cfg.train.run_dir),
         }
         print(f"{name}: {results[name]}")
     for name, cfg in teacher_and_students().items():
-        cfg.log.progress = False
-        result = train(cfg)
-        results[name] = {"val_loss": result.val_loss, **_ledger(cfg.train.run_dir)}
+        results[name] = {"val_loss": _run(cfg), **_ledger(cfg.train.run_dir)}
         print(f"{name}: {results[name]}")
     out = ROOT / "docs" / "post"
     out.mkdir(parents=True, exist_ok=True)
