@@ -91,36 +91,43 @@ def stage(name: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
     )
 
 
-def teacher_and_students() -> dict[str, ExperimentConfig]:
+def teacher_and_students(seeds: tuple[int, ...] = (0, 1)) -> dict[str, ExperimentConfig]:
     """Distillation: the pretrained model (d_model 64) teaches a student of 1/4 its
-    non-embedding parameters (d_model 32), trained on the same tokens with hard labels only
-    or with the teacher's logits (forward KL at temperature 2, half and half)."""
+    non-embedding parameters (d_model 32), trained on the same tokens as the teacher (1500
+    steps) with hard labels only or with the teacher's logits (forward KL at temperature 2,
+    half and half); two seeds each, since a student's loss drops when it starts to get the
+    sums right, which happens at a different step in each run."""
     cfg = config()
-    student = dataclasses.replace(
-        cfg,
-        # 26.8k non-embedding parameters, 1/4 of the teacher's 106.8k (SwiGLU 96 wide).
-        model=dataclasses.replace(cfg.model, d_model=32, mlp_hidden=96),
-        train=dataclasses.replace(cfg.train, steps=600, eval_batches=0, eval_every=100),
-        post=dataclasses.replace(cfg.post, eval_data=""),
-    )
-    hard = dataclasses.replace(
-        student,
-        name="post_addition_student_hard",
-        train=dataclasses.replace(student.train, run_dir=str(RUNS / "student_hard")),
-    )
-    distilled = dataclasses.replace(
-        student,
-        name="post_addition_student_distilled",
-        train=dataclasses.replace(student.train, run_dir=str(RUNS / "student_distilled")),
-        post=dataclasses.replace(
-            student.post,
-            mode="distill",
-            teacher=cfg.train.run_dir,
-            distill_temperature=2.0,
-            distill_alpha=0.5,
-        ),
-    )
-    return {"student_hard": hard, "student_distilled": distilled}
+    runs = {}
+    for seed in seeds:
+        student = dataclasses.replace(
+            cfg,
+            # 26.8k non-embedding parameters, 1/4 of the teacher's 106.8k (SwiGLU 96 wide).
+            model=dataclasses.replace(cfg.model, d_model=32, mlp_hidden=96),
+            train=dataclasses.replace(cfg.train, seed=seed, eval_batches=0, eval_every=250),
+            post=dataclasses.replace(cfg.post, eval_data=""),
+        )
+        tail = f"_seed{seed}"
+        runs[f"student_hard{tail}"] = dataclasses.replace(
+            student,
+            name=f"post_addition_student_hard{tail}",
+            train=dataclasses.replace(student.train, run_dir=str(RUNS / f"student_hard{tail}")),
+        )
+        runs[f"student_distilled{tail}"] = dataclasses.replace(
+            student,
+            name=f"post_addition_student_distilled{tail}",
+            train=dataclasses.replace(
+                student.train, run_dir=str(RUNS / f"student_distilled{tail}")
+            ),
+            post=dataclasses.replace(
+                student.post,
+                mode="distill",
+                teacher=cfg.train.run_dir,
+                distill_temperature=2.0,
+                distill_alpha=0.5,
+            ),
+        )
+    return runs
 
 
 def _accuracy(run_dir: str) -> float:
@@ -206,18 +213,22 @@ def _plot(results: dict, out: Path) -> None:
     accuracy = [100 * results[n]["task_accuracy"] for n in names]
     labels = ["base", "SFT", "SFT +200\n(control)", "SFT +DPO\n(+RPO)", "SFT +GRPO"]
     axes[0].bar(labels, accuracy, color=["C7", "C0", "C7", "C1", "C2"])
+    axes[0].tick_params(axis="x", labelsize=8)
     for i, a in enumerate(accuracy):
         axes[0].text(i, a + 1, f"{a:.1f}%", ha="center")
     axes[0].set_ylabel("exact-match accuracy, 500 held-out sums (%)")
     axes[0].set_ylim(0, 105)
     axes[0].set_title("task accuracy after each stage")
-    for name, label in (("student_hard", "hard labels"), ("student_distilled", "distilled")):
-        rows = [
-            json.loads(line)
-            for line in (RUNS / name / "metrics.jsonl").read_text().splitlines()
-            if "val/loss" in line
-        ]
-        axes[1].plot([r["step"] for r in rows], [r["val/loss"] for r in rows], "o-", label=label)
+    for seed, style in ((0, "o-"), (1, "s--")):
+        for kind, color in (("hard", "C0"), ("distilled", "C1")):
+            name = f"student_{kind}_seed{seed}"
+            rows = [
+                json.loads(line)
+                for line in (RUNS / name / "metrics.jsonl").read_text().splitlines()
+                if "val/loss" in line
+            ]
+            steps, losses = [r["step"] for r in rows], [r["val/loss"] for r in rows]
+            axes[1].plot(steps, losses, style, color=color, label=f"{kind}, seed {seed}")
     axes[1].set_xlabel("step (same tokens for both)")
     axes[1].set_ylabel("held-out loss (nats/token)")
     axes[1].set_title("student of 1/4 the teacher's size")
