@@ -78,6 +78,15 @@ def stage(name: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
             **after_sft,
         )
         train, optim = dataclasses.replace(train, steps=200), tuned
+    elif name == "reward":  # a reward model from the SFT model: Bradley-Terry on the pairs
+        post = dataclasses.replace(
+            post,
+            mode="reward",
+            data=str(DATA / "pairs.jsonl"),
+            eval_data=str(DATA / "heldout_pairs.jsonl"),
+            **after_sft,
+        )
+        train, optim = dataclasses.replace(train, steps=300), dataclasses.replace(tuned, lr=3e-4)
     elif name == "grpo":
         post = dataclasses.replace(
             post, mode="grpo", data=str(DATA / "problems.jsonl"), **after_sft
@@ -155,6 +164,15 @@ def _finished_val_loss(cfg: ExperimentConfig) -> float | None:
     return last[-1]["val/loss"] if last else None
 
 
+def _logged(cfg: ExperimentConfig, tag: str) -> list:
+    """(step, value) of every row of ``tag`` in the stage's metrics.jsonl."""
+    import json
+
+    path = Path(cfg.train.run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if f'"{tag}"' in line]
+    return [(r["step"], r[tag]) for r in rows]
+
+
 def _run(cfg: ExperimentConfig) -> float | None:
     from research.run import train
 
@@ -179,8 +197,8 @@ def main(argv: list[str]) -> None:
     from research.post.task import write_task
 
     runtime.setup()
-    if not (DATA / "heldout.jsonl").exists():
-        write_task(DATA)
+    if not (DATA / "heldout_pairs.jsonl").exists():
+        write_task(DATA)  # the same seed writes the same files
     stages = {"pretrain": config(), **{n: stage(n) for n in ("sft", "sft_more", "dpo", "grpo")}}
     results = {}
     for name, cfg in stages.items():
@@ -191,6 +209,13 @@ def main(argv: list[str]) -> None:
             **_ledger(cfg.train.run_dir),
         }
         print(f"{name}: {results[name]}")
+    reward = stage("reward")
+    _run(reward)
+    results["reward"] = {
+        "heldout_pair_accuracy": _logged(reward, "post/heldout_pair_accuracy"),
+        **_ledger(reward.train.run_dir),
+    }
+    print(f"reward: {results['reward']}")
     for name, cfg in teacher_and_students().items():
         results[name] = {"val_loss": _run(cfg), **_ledger(cfg.train.run_dir)}
         print(f"{name}: {results[name]}")

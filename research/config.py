@@ -48,7 +48,7 @@ COMPUTE_DTYPES = ("auto", *PARAM_DTYPES)
 TOKENIZERS = ("char", "bpe")
 MLP_ACTIVATIONS = ("swiglu", "relu2")
 SCHEDULES = ("cosine", "wsd", "constant")
-POST_MODES = ("", "sft", "dpo", "grpo", "distill")
+POST_MODES = ("", "sft", "reward", "dpo", "grpo", "distill")
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
 
 
@@ -446,10 +446,12 @@ class EnergyConfig:
 class PostConfig:
     """Post-training (research/post/): what this run optimises instead of next-token loss."""
 
-    mode: str = ""  # "": pretraining; sft | dpo | grpo | distill
+    mode: str = ""  # "": pretraining; sft | reward | dpo | grpo | distill
     init_from: str = ""  # a run folder whose newest parameters start this run (params only)
-    data: str = ""  # sft: chat JSONL; dpo: preference pairs JSONL; grpo: problems JSONL
-    eval_data: str = ""  # held-out problems JSONL: task accuracy at eval time ("" : none)
+    data: str = ""  # sft: chat JSONL; reward, dpo: preference pairs JSONL; grpo: problems JSONL
+    # Held-out problems JSONL: task accuracy at eval time (reward: held-out pairs, pair
+    # accuracy); "": none.
+    eval_data: str = ""
     eval_problems: int = 200  # how many of them (greedy answers)
     task_digits: int = 2  # the addition task's operand width (research/post/task.py)
     preference_loss: str = "dpo"  # dpo | ipo | simpo
@@ -481,7 +483,7 @@ class PostConfig:
             c.at_least(key, 0)
         for key in ("task_digits", "max_new_tokens"):
             c.positive(key)
-        if self.mode in ("sft", "dpo", "grpo") and not self.data:
+        if self.mode in ("sft", "reward", "dpo", "grpo") and not self.data:
             c.add(
                 f"post.mode={self.mode} needs post.data (a JSONL file; see research/post/task.py)"
             )

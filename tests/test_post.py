@@ -310,3 +310,41 @@ def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
     cfg["post"]["mode"] = "sft"
     with pytest.raises(ConfigError, match=r"post.mode: None -> 'sft'"):
         _check_same_run(tmp_path, cfg)
+
+
+def test_reward_model_step_is_bradley_terry_on_the_response_scores(task, pretrained, tmp_path):
+    """The first step's loss against a slow reference: each pair of the first batch scored one
+    sequence at a time (the logit of token 0 after the response's last token), then
+    -log sigmoid(r_chosen - r_rejected) averaged by hand."""
+    from flax import nnx
+
+    from research.run import build_run
+
+    cfg = base_config(
+        task, tmp_path / "rm", mode="reward", data=str(task["pairs"]), init_from=str(pretrained)
+    )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
+    train(cfg)
+    logged = read_metrics(tmp_path / "rm")[1]
+    run = build_run(cfg, "info")
+    rows = post_data.pair_rows(str(task["pairs"]), run.data.tokenizer(), cfg.model.seq_len)
+    picked = post_data.RowBatches(rows, cfg.train.batch_size, 1, cfg.train.seed, run.mesh)
+    from research.post.init import load_params
+    from research.train.shardings import abstract_params
+
+    params = load_params(run.config, str(pretrained), abstract_params(run.config.model, run.mesh))
+    model = nnx.merge(run.graphdef, params)
+
+    def score(tokens, mask):
+        last = int(np.flatnonzero(mask)[-1])  # the closing newline
+        return float(model(tokens[None, :last])[0, last - 1, 0])
+
+    losses, right = [], 0
+    for i in picked.indices(0):
+        margin = score(rows["chosen"][i], rows["chosen_mask"][i]) - score(
+            rows["rejected"][i], rows["rejected_mask"][i]
+        )
+        losses.append(np.log1p(np.exp(-margin)))
+        right += margin > 0
+    assert logged["train/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    assert logged["post/rewards/accuracy"] == pytest.approx(right / len(losses))

@@ -108,6 +108,23 @@ def reference_logprobs(graphdef, params, rows: dict[str, np.ndarray], batch: int
     return out
 
 
+def pair_accuracy(graphdef, params, rows: dict[str, np.ndarray], batch: int = 256) -> float:
+    """Fraction of pairs whose chosen response the reward model scores higher."""
+    from research.post.objectives import response_rewards
+
+    @jax.jit
+    def score(params, tokens, mask):
+        return response_rewards(nnx.merge(graphdef, params), tokens, mask)
+
+    right = 0
+    for i in range(0, len(rows["chosen"]), batch):
+        part = {k: v[i : i + batch] for k, v in rows.items()}
+        r_c = score(params, part["chosen"], part["chosen_mask"])
+        r_r = score(params, part["rejected"], part["rejected_mask"])
+        right += int(np.sum(np.asarray(r_c) > np.asarray(r_r)))
+    return right / len(rows["chosen"])
+
+
 class GroupSamples:
     """GRPO batches: each step, batch_size / group_size problems, each answered group_size
     times by the current policy (``bind`` gives the trainer whose state is sampled)."""

@@ -46,6 +46,28 @@ def preference_objective(kind: str, beta: float, simpo_gamma: float, rpo_alpha: 
     return objective
 
 
+def response_rewards(model, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """The reward model's scalar per sequence [B]: the logit of token 0 where the model has
+    read the whole response (the position of its last token before the closing one). The LM
+    head's row for token 0 is the scalar head's weights; the whole transformer trains."""
+    logits = model(tokens[:, :-1])
+    last = jnp.max(jnp.arange(mask.shape[-1]) * (mask > 0), axis=-1) - 1
+    return jnp.take_along_axis(logits[..., 0], last[:, None], axis=-1)[:, 0]
+
+
+def reward_objective():
+    """Bradley-Terry on pairs: -log sigmoid(r(chosen) - r(rejected))."""
+
+    def objective(model, batch, key):
+        r_c = response_rewards(model, batch["chosen"], batch["chosen_mask"])
+        r_r = response_rewards(model, batch["rejected"], batch["rejected_mask"])
+        loss, accuracy = losses.bradley_terry_loss(r_c, r_r)
+        metrics = {"rewards/accuracy": accuracy, "rewards/margin": jnp.mean(r_c - r_r)}
+        return loss, {"loss": loss, **_post(metrics)}
+
+    return objective
+
+
 def grpo_objective(clip_eps: float, kl_coef: float):
     """GRPO on sampled completions: one update per batch of samples (on-policy), so the old
     policy is the current one with its gradient stopped (ratio 1, clipping inactive at the

@@ -10,7 +10,12 @@ from research.config import ConfigError
 from research.post import chat
 from research.post import data as post_data
 from research.post.init import check_compatible, load_params
-from research.post.objectives import distill_objective, grpo_objective, preference_objective
+from research.post.objectives import (
+    distill_objective,
+    grpo_objective,
+    preference_objective,
+    reward_objective,
+)
 from research.train.shardings import abstract_params, param_shardings
 from research.train.state import abstract_like
 
@@ -23,11 +28,13 @@ def check_inputs(cfg) -> None:
     post = cfg.post
     if post.mode == "sft":
         chat.load_conversations(post.data)
-    elif post.mode == "dpo":
+    elif post.mode in ("reward", "dpo"):
         chat.load_pairs(post.data)
     elif post.mode == "grpo":
         post_data.load_problems(post.data, post.task_digits)
-    if post.eval_data:
+    if post.eval_data and post.mode == "reward":
+        chat.load_pairs(post.eval_data)
+    elif post.eval_data:
         post_data.load_problems(post.eval_data, post.task_digits)
     for what, other in (("post.init_from", post.init_from), ("post.teacher", post.teacher)):
         if other:
@@ -42,6 +49,8 @@ def start_params(run):
 def objective(run):
     """The train step's objective for post.mode (None: the standard next-token loss)."""
     post = run.config.post
+    if post.mode == "reward":
+        return reward_objective()
     if post.mode == "dpo":
         return preference_objective(
             post.preference_loss, post.beta, post.simpo_gamma, post.rpo_alpha
@@ -76,9 +85,10 @@ def batches(run):
     if post.mode == "sft":
         rows = post_data.sft_rows(post.data, tokenizer, seq)
         source = post_data.RowBatches(rows, cfg.train.batch_size, accum, cfg.train.seed, run.mesh)
-    elif post.mode == "dpo":
+    elif post.mode in ("reward", "dpo"):
         rows = post_data.pair_rows(post.data, tokenizer, seq)
-        rows.update(_reference(run, rows))
+        if post.mode == "dpo":
+            rows.update(_reference(run, rows))
         source = post_data.RowBatches(rows, cfg.train.batch_size, accum, cfg.train.seed, run.mesh)
     elif post.mode == "grpo":
         problems = post_data.load_problems(post.data, post.task_digits)
@@ -108,10 +118,13 @@ def _reference(run, rows) -> dict[str, np.ndarray]:
 
 
 def task_accuracy_hook(run, logger, bar=None):
-    """Greedy accuracy on post.eval_data's first post.eval_problems problems."""
+    """Greedy accuracy on post.eval_data's first post.eval_problems problems (a reward
+    model: its pair accuracy on post.eval_data's held-out pairs)."""
     from research.post.evaluate import task_accuracy
 
     post = run.config.post
+    if post.mode == "reward":
+        return _pair_accuracy_hook(run, logger, bar)
     problems = post_data.load_problems(post.eval_data, post.task_digits)[: post.eval_problems]
     tokenizer = run.data.tokenizer()
 
@@ -121,6 +134,21 @@ def task_accuracy_hook(run, logger, bar=None):
         )
         logger.scalars(trainer.step, {"post/task_accuracy": accuracy})
         line = f"step {trainer.step}: task accuracy {accuracy:.3f} on {len(problems)} problems"
+        bar.write(line) if bar is not None else print(line)
+
+    return evaluate
+
+
+def _pair_accuracy_hook(run, logger, bar=None):
+    rows = post_data.pair_rows(
+        run.config.post.eval_data, run.data.tokenizer(), run.config.model.seq_len
+    )
+
+    def evaluate(trainer) -> None:
+        accuracy = post_data.pair_accuracy(run.graphdef, trainer.state["params"], rows)
+        logger.scalars(trainer.step, {"post/heldout_pair_accuracy": accuracy})
+        pairs = len(rows["chosen"])
+        line = f"step {trainer.step}: held-out pair accuracy {accuracy:.3f} ({pairs} pairs)"
         bar.write(line) if bar is not None else print(line)
 
     return evaluate

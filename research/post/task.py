@@ -8,7 +8,8 @@
 - ``pairs.jsonl``: preference pairs, the correct answer vs a plausible wrong one (off by one
   to ten, or a digit changed);
 - ``problems.jsonl``: training problems without answers (GRPO's prompts);
-- ``heldout.jsonl``: problems that appear in none of the files above.
+- ``heldout.jsonl``: problems that appear in none of the files above, and
+  ``heldout_pairs.jsonl``: preference pairs on them (the reward model's held-out accuracy).
 
 Operands are zero-padded, so every prompt has the same length and a batch samples together.
 """
@@ -103,6 +104,10 @@ def write_task(
             for p in pick(n_pairs)
         ],
         "problems": [{"a": p.a, "b": p.b} for p in pick(n_pairs)],
+        "heldout_pairs": [
+            {"prompt": p.messages(), "chosen": p.answer, "rejected": wrong_answer(p, rng)}
+            for p in heldout
+        ],
         "heldout": [{"a": p.a, "b": p.b, "messages": p.messages(p.answer)} for p in heldout],
     }
     for name, lines in rows.items():
