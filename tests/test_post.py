@@ -190,6 +190,7 @@ def losses_of(run_dir):
         "sft",
         pytest.param("dpo", marks=pytest.mark.slow),
         pytest.param("grpo", marks=pytest.mark.slow),
+        pytest.param("reward", marks=pytest.mark.slow),
     ],
 )
 def test_each_mode_resumes_after_an_interruption_with_the_same_losses(
@@ -198,6 +199,7 @@ def test_each_mode_resumes_after_an_interruption_with_the_same_losses(
     settings = {
         "sft": dict(data=str(task["sft"]), init_from=str(pretrained)),
         "dpo": dict(data=str(task["pairs"]), init_from=str(sft_run)),
+        "reward": dict(data=str(task["pairs"]), init_from=str(sft_run)),
         "grpo": dict(data=str(task["problems"]), init_from=str(sft_run), group_size=4),
     }[mode]
     if mode == "sft":  # the fixture's run is this mode's uninterrupted run
