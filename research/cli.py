@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 
+from research.cli_post import add_post_commands
 from research.cli_types import non_negative_float, non_negative_int, positive_int, unit_fraction
 from research.config import ExperimentConfig, ResearchError, load_experiment
 from research.scaling.commands import add_scaling_commands
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     add_scaling_commands(sub, _add_experiment_args)  # sweep | fit | forecast
+    add_post_commands(sub)  # post-data | post-eval (post-training runs are `research train`)
     return parser
 
 

@@ -48,6 +48,8 @@ COMPUTE_DTYPES = ("auto", *PARAM_DTYPES)
 TOKENIZERS = ("char", "bpe")
 MLP_ACTIVATIONS = ("swiglu", "relu2")
 SCHEDULES = ("cosine", "wsd", "constant")
+POST_MODES = ("", "sft", "reward", "dpo", "grpo", "distill")
+PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
 
 
 class _Checks:
@@ -441,6 +443,61 @@ class EnergyConfig:
 
 
 @dataclass
+class PostConfig:
+    """Post-training (research/post/): what this run optimises instead of next-token loss."""
+
+    mode: str = ""  # "": pretraining; sft | reward | dpo | grpo | distill
+    init_from: str = ""  # a run folder whose newest parameters start this run (params only)
+    data: str = ""  # sft: chat JSONL; reward, dpo: preference pairs JSONL; grpo: problems JSONL
+    # Held-out problems JSONL: task accuracy at eval time (reward: held-out pairs, pair
+    # accuracy); "": none.
+    eval_data: str = ""
+    eval_problems: int = 200  # how many of them (greedy answers)
+    task_digits: int = 2  # the addition task's operand width (research/post/task.py)
+    preference_loss: str = "dpo"  # dpo | ipo | simpo
+    beta: float = 0.1  # DPO/IPO/SimPO strength
+    simpo_gamma: float = 0.5  # SimPO's target margin
+    rpo_alpha: float = 0.0  # > 0: add this x the chosen responses' per-token NLL (RPO)
+    group_size: int = 8  # GRPO: samples per prompt
+    clip_eps: float = 0.2  # GRPO: ratio clipping
+    kl_coef: float = 0.04  # GRPO: weight of the KL to the reference (the init_from model)
+    temperature: float = 1.0  # GRPO: sampling temperature
+    max_new_tokens: int = 5  # GRPO and eval: answer length limit
+    teacher: str = ""  # distill: the teacher's run folder (same tokenizer)
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5  # weight of the teacher's KL; 1 - alpha: the hard-label loss
+
+    def problems(self) -> list[str]:
+        c = _Checks("post", self)
+        c.types()
+        if c.found:
+            return c.found
+        c.one_of("mode", POST_MODES)
+        c.one_of("preference_loss", PREFERENCE_LOSSES)
+        for key in ("beta", "temperature", "distill_temperature"):
+            c.positive(key)
+        c.at_least("group_size", 2, " (GRPO compares samples within a group)")
+        c.within("clip_eps", 0.0, 1.0, open_low=True, open_high=True)
+        c.within("distill_alpha", 0.0, 1.0)
+        for key in ("kl_coef", "simpo_gamma", "eval_problems", "rpo_alpha"):
+            c.at_least(key, 0)
+        for key in ("task_digits", "max_new_tokens"):
+            c.positive(key)
+        if self.mode in ("sft", "reward", "dpo", "grpo") and not self.data:
+            c.add(
+                f"post.mode={self.mode} needs post.data (a JSONL file; see research/post/task.py)"
+            )
+        if self.mode in ("dpo", "grpo") and not self.init_from:
+            c.add(
+                f"post.mode={self.mode} needs post.init_from (the SFT run it starts from and "
+                "keeps as its reference)"
+            )
+        if self.mode == "distill" and not self.teacher:
+            c.add("post.mode=distill needs post.teacher (the teacher's run folder)")
+        return c.found
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -450,6 +507,7 @@ class ExperimentConfig:
     mesh: MeshConfig = field(default_factory=MeshConfig)
     log: LogConfig = field(default_factory=LogConfig)
     energy: EnergyConfig = field(default_factory=EnergyConfig)
+    post: PostConfig = field(default_factory=PostConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -474,7 +532,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     if not isinstance(cfg, ExperimentConfig):
         raise ConfigError(f"expected an ExperimentConfig, got {type(cfg).__name__}")
     found = []
-    for section in ("model", "data", "optim", "train", "mesh", "log", "energy"):
+    for section in ("model", "data", "optim", "train", "mesh", "log", "energy", "post"):
         node = getattr(cfg, section)
         expected = typing.get_type_hints(ExperimentConfig)[section]
         if not isinstance(node, expected):

@@ -36,10 +36,14 @@ def packed_targets(batch) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.A
     """(inputs, targets, input segment ids, target weights) of a batch of sequences [..., T+1].
 
     A batch is a token array, or a dict of ``tokens`` and ``segment_ids`` (packed documents,
-    segment 0 = padding): then a target counts only when it continues its input's document."""
+    segment 0 = padding): then a target counts only when it continues its input's document.
+    An optional ``loss_mask`` (same shape, 0/1) keeps only the targets it marks (SFT: the
+    assistant's tokens)."""
     if not isinstance(batch, dict):
         return batch[..., :-1], batch[..., 1:], None, None
     tokens, segments = batch["tokens"], batch["segment_ids"]
     inputs_seg, targets_seg = segments[..., :-1], segments[..., 1:]
     weights = (inputs_seg == targets_seg) & (targets_seg > 0)
+    if "loss_mask" in batch:
+        weights = weights & (batch["loss_mask"][..., 1:] > 0)
     return tokens[..., :-1], tokens[..., 1:], inputs_seg, weights

@@ -38,7 +38,15 @@ from research.train.step import make_train_step
 
 PURPOSES = ("train", "eval", "generate", "info")
 # Config sections that define what a run computes: changing them under an existing run is an error.
-_IDENTITY_KEYS = ("model", "data", "optim", "train.batch_size", "train.seed", "train.z_loss")
+_IDENTITY_KEYS = (
+    "model",
+    "data",
+    "optim",
+    "train.batch_size",
+    "train.seed",
+    "train.z_loss",
+    "post",
+)
 
 
 @dataclass
@@ -157,6 +165,10 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
 
 def _assemble_training(run: Run, resume: bool) -> None:
     cfg = run.config
+    if cfg.post.mode or cfg.post.eval_data:  # its data and starting runs, before any work
+        from research.post.setup import check_inputs
+
+        check_inputs(cfg)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run.run_dir, cfg.to_dict())
     if not resume:
@@ -168,6 +180,13 @@ def _assemble_training(run: Run, resume: bool) -> None:
         if restored is not None:
             run.step, run.state, run.data_state = restored.step, restored.state, restored.data_state
             print(f"resumed {run.run_dir} from step {run.step}")
+    objective = None
+    if cfg.post.mode:  # post-training: another start and objective, the same step and loop
+        from research.post import setup as post
+
+        if run.step == 0 and cfg.post.init_from:
+            run.state["params"] = post.start_params(run)
+        objective = post.objective(run)
     shardings = jax.tree.map(lambda x: x.sharding, run.state)
     step_fn = make_train_step(
         run.graphdef,
@@ -176,6 +195,7 @@ def _assemble_training(run: Run, resume: bool) -> None:
         cfg.model,
         cfg.train.z_loss,
         data_parallel_size(run.mesh),
+        objective,
     )
     run.train_step = jax.jit(
         on_mesh(step_fn, run.mesh),
@@ -212,10 +232,12 @@ def _check_same_run(run_dir: Path, cfg_dict: dict) -> None:
     if not saved_path.exists():
         return
     old, new = _flatten(json.loads(saved_path.read_text())), _flatten(cfg_dict)
+    # A key added to the config since the run was saved reads as its default there.
+    defaults = _flatten(ExperimentConfig().to_dict())
     changed = [
         k
         for k in sorted(set(old) | set(new))
-        if k.startswith(_IDENTITY_KEYS) and old.get(k) != new.get(k)
+        if k.startswith(_IDENTITY_KEYS) and old.get(k, defaults.get(k)) != new.get(k)
     ]
     if changed:
         details = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:6])

@@ -81,6 +81,7 @@ class LogScalars:
             scalars["perf/peak_flops"] = self.peak.total
         scalars.update(_router_scalars(metrics))
         scalars.update({k: float(v) for k, v in metrics.items() if k.startswith("norms/")})
+        scalars.update({k: float(v) for k, v in metrics.items() if k.startswith("post/")})
         tokens = trainer.step * self.run.tokens_per_step
         self.logger.scalars(trainer.step, scalars, tokens=tokens)
         if "moe/expert_load" in metrics:  # the heat map costs a plot: at eval cadence only

@@ -54,8 +54,14 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     run.checkpointer.on_durable = ledger.add_durable  # the ledger counts only durable work
     batches = _batches(run)
     trainer = Trainer(run.train_step, run.state, batches, run.step, run.config.train.steps)
+    if hasattr(batches, "bind"):  # GRPO samples from the current policy
+        batches.bind(trainer)
     progress = hooks.Progress()
     bar, evaluator = _add_standard_hooks(trainer, run, batches, logger, peak, progress)
+    if run.config.post.eval_data:
+        from research.post.setup import task_accuracy_hook
+
+        trainer.add_hook(task_accuracy_hook(run, logger, bar), every=run.config.train.eval_every)
     try:
         try:
             trainer.run()
@@ -130,6 +136,11 @@ def _add_standard_hooks(trainer: Trainer, run: Run, batches, logger, peak, progr
 def _batches(run: Run):
     """This process' batches, reshaped to [accum, micro_batch, seq + 1] global arrays."""
     cfg, processes = run.config, jax.process_count()
+    if cfg.post.mode:
+        from research.post.setup import batches
+
+        if (post_batches := batches(run)) is not None:
+            return post_batches
     dataset = train_dataset(
         run.data.tokens("train"),
         cfg.model.seq_len,

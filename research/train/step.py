@@ -21,16 +21,22 @@ def make_train_step(
     model_cfg,
     z_loss: float,
     batch_shards: int = 1,
+    objective=None,
 ):
     """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics).
 
     The batch is a token array or a dict of ``tokens`` and ``segment_ids`` (packed documents:
     see ``packed_targets``). ``batch_shards``: how many ways the batch is sharded (MoE dispatch
-    runs per shard)."""
+    runs per shard). ``objective(model, micro_batch, key) -> (loss, metrics with "loss")``
+    replaces the language-modelling loss (post-training: DPO, GRPO, distillation); its metrics
+    are averaged over microbatches and logged beside the standard ones."""
     moe_layers = model_cfg.moe_layers
 
     def loss_fn(params, micro_batch, key):
         model = nnx.merge(graphdef, params)
+        if objective is not None:
+            loss, extra = objective(model, micro_batch, key)
+            return loss, (extra.pop("loss"), {}, extra)
         inputs, targets, segment_ids, weights = packed_targets(micro_batch)
         logits, _, aux = model.forward(
             inputs,
@@ -45,7 +51,7 @@ def make_train_step(
                 + model_cfg.router_aux_loss * aux["load_balance_loss"]
                 + model_cfg.router_z_loss * aux["router_z_loss"]
             )
-        return loss, (ce, aux)
+        return loss, (ce, aux, {})
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -54,7 +60,7 @@ def make_train_step(
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
         if accum == 1:  # skip the scan: it costs compile time and nothing else here
-            (_, (ce, aux)), grads = grad_fn(state["params"], first, step_key)
+            (_, (ce, aux, extra)), grads = grad_fn(state["params"], first, step_key)
         else:
 
             def micro(carry, inputs):
@@ -68,8 +74,8 @@ def make_train_step(
                 grad_fn, state["params"], first, step_key
             )
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, stats_shape))
-            (grads, (ce, aux)), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
-            grads, ce, aux = jax.tree.map(lambda x: x / accum, (grads, ce, aux))
+            (grads, (ce, aux, extra)), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
+            grads, ce, aux, extra = jax.tree.map(lambda x: x / accum, (grads, ce, aux, extra))
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         if aux and model_cfg.aux_free_bias_rate:
@@ -82,6 +88,7 @@ def make_train_step(
             "grad_norm": optax.tree.norm(grads),
             "lr": schedule(state["step"]),
             **{f"moe/{k}": v for k, v in aux.items()},
+            **extra,
         }
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
         return new_state, metrics

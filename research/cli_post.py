@@ -1,0 +1,63 @@
+"""`research post-data | post-eval`: make the CPU task's data, measure a run's task accuracy.
+
+Post-training itself is `research train EXPERIMENT --set post.mode=sft|dpo|grpo|distill ...`:
+the same command, run folders, checkpoints, TensorBoard metrics and ledger as pretraining.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from research.cli_types import positive_int
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+
+def cmd_post_data(args) -> None:
+    from research.post.task import write_task
+
+    for name, path in write_task(Path(args.out), args.digits, seed=args.seed).items():
+        print(f"{name}: {path}")
+
+
+def cmd_post_eval(args) -> None:
+    from research.post.data import load_problems
+    from research.post.evaluate import task_accuracy
+    from research.run import build_run, load_run_config
+
+    run = build_run(load_run_config(Path(args.run_dir)), "eval")
+    post = run.config.post
+    problems = load_problems(args.problems, post.task_digits)[: args.limit or None]
+    accuracy = task_accuracy(
+        run.graphdef, run.state["params"], run.data.tokenizer(), problems, post.max_new_tokens
+    )
+    print(json.dumps({"step": run.step, "problems": len(problems), "accuracy": accuracy}))
+
+
+def add_post_commands(sub) -> None:
+    p = sub.add_parser(
+        "post-data",
+        help="write the addition task: pretraining text, chat demonstrations, preference "
+        "pairs, RL problems, held-out problems",
+        formatter_class=FMT,
+        epilog="example:\n  research post-data --out data/post/addition --digits 2\n"
+        "  research train post_addition --set post.mode=sft --set post.data=... (see README)",
+    )
+    p.add_argument("--out", default="data/post/addition")
+    p.add_argument("--digits", type=positive_int, default=2, help="operand width")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_post_data)
+
+    p = sub.add_parser(
+        "post-eval",
+        help="exact-match accuracy of a run's greedy answers to held-out problems",
+        formatter_class=FMT,
+        epilog="example:\n  research post-eval runs/post_addition/sft "
+        "--problems data/post/addition/heldout.jsonl",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--problems", required=True, help="JSONL of problems ('a', 'b' per line)")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N")
+    p.set_defaults(func=cmd_post_eval)

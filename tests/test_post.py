@@ -1,0 +1,352 @@
+"""Post-training through the standard Run builder and loop (research/post/): chat encoding and
+packing against a slow per-example reference, assistant-only masking, each mode resuming after an
+interruption with the losses of an uninterrupted run, DPO starting exactly at its reference,
+distillation at alpha 0 being plain training, and bad inputs as clear errors."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from research.cli import main
+from research.config import ConfigError, validate
+from research.data.tokenizer import CharTokenizer
+from research.models.loss import packed_targets
+from research.post import chat
+from research.post import data as post_data
+from research.post.task import Problem, reward, write_task
+from research.run import train
+from tests.conftest import read_metrics
+
+TOKENIZER = CharTokenizer.train("User: Assistant:System\n0123456789+= abc")
+
+
+def test_encode_masks_only_the_assistants_tokens():
+    messages = [
+        {"role": "system", "content": "abc"},
+        {"role": "user", "content": "12+3"},
+        {"role": "assistant", "content": "15"},
+    ]
+    ids, mask = chat.encode(TOKENIZER, messages)
+    text = TOKENIZER.decode(ids)
+    assert text == "System: abc\nUser: 12+3\nAssistant: 15\n"
+    trained = "".join(c for c, m in zip(text, mask, strict=True) if m)
+    assert trained == "15\n"  # the answer and its closing newline, nothing of the prompt
+    assert text.endswith(chat.render_prompt(messages[:2])[-len("Assistant: ") :] + "15\n")
+
+
+def test_packing_keeps_each_example_whole_and_marked():
+    examples = [
+        chat.encode(
+            TOKENIZER, [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        )
+        for u, a in [("1+1", "2"), ("12+30", "42"), ("9+9", "18"), ("0+0", "0")]
+    ]
+    packed = chat.pack(examples, 40)
+    # Reference: read every row's segments back and compare with the examples in order.
+    found = []
+    for tokens, segments, mask in zip(
+        *(packed[k] for k in ("tokens", "segment_ids", "loss_mask")), strict=True
+    ):
+        for s in range(1, segments.max() + 1):
+            where = segments == s
+            assert np.all(np.diff(np.flatnonzero(where)) == 1)  # contiguous
+            found.append((tokens[where], mask[where]))
+        assert np.all(tokens[segments == 0] == 0) and np.all(mask[segments == 0] == 0)
+    assert len(found) == len(examples)
+    for (ids, mask), (want_ids, want_mask) in zip(found, examples, strict=True):
+        np.testing.assert_array_equal(ids, want_ids)
+        np.testing.assert_array_equal(mask, want_mask)
+    with pytest.raises(chat.ChatDataError, match="longer than a packed row"):
+        chat.pack(examples, 10)
+
+
+def test_prompt_tokens_and_other_documents_never_count():
+    tokens = np.arange(10)[None]
+    segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]])
+    mask = np.array([[0, 0, 1, 1, 0, 0, 0, 1, 0, 0]])
+    *_, weights = packed_targets({"tokens": tokens, "segment_ids": segments, "loss_mask": mask})
+    # Target t+1 counts when it is an assistant token of the same document as input t.
+    np.testing.assert_array_equal(np.asarray(weights[0]), [0, 1, 1, 0, 0, 0, 1, 0, 0])
+
+
+def test_a_conversation_without_an_assistant_turn_is_an_error(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "1+1"},
+                    {"role": "assistant", "content": "2"},
+                ]
+            }
+        )
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "2+2"}]})
+        + "\n"
+    )
+    with pytest.raises(chat.ChatDataError, match=r"bad.jsonl:2: the conversation has no assistant"):
+        chat.load_conversations(path)
+
+
+def test_a_pair_with_identical_responses_is_an_error(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    prompt = [{"role": "user", "content": "1+1"}]
+    path.write_text(json.dumps({"prompt": prompt, "chosen": "2", "rejected": "2"}) + "\n")
+    with pytest.raises(
+        chat.ChatDataError, match=r"pairs.jsonl:1: chosen and rejected .* identical"
+    ):
+        chat.load_pairs(path)
+
+
+def test_reward_is_exact_match_up_to_the_newline():
+    problem = Problem(47, 85, 2)
+    assert problem.question == "47+85" and problem.answer == "132"
+    assert reward("132\n99", problem) == 1.0
+    assert reward("133\n", problem) == 0.0
+    assert reward("1320", problem) == 0.0
+
+
+# ---- whole runs ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    out = tmp_path_factory.mktemp("task")
+    return write_task(out, digits=1, n_corpus=1500, n_sft=200, n_pairs=200, n_heldout=20)
+
+
+def base_config(task, run_dir, **post):
+    import sys
+
+    sys.path.insert(0, "experiments")
+    import post_addition
+
+    cfg = post_addition.config()
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, d_model=32, n_layers=1),
+        data=dataclasses.replace(cfg.data, corpus=str(task["corpus"])),
+        optim=dataclasses.replace(cfg.optim, warmup_steps=2, schedule="constant"),
+        train=dataclasses.replace(
+            cfg.train,
+            steps=6,
+            batch_size=8,
+            eval_every=0,
+            eval_batches=2,
+            checkpoint_every=3,
+            log_every=1,
+            run_dir=str(run_dir),
+        ),
+        # A given peak: measuring the CPU's would take seconds and is not what is tested.
+        log=dataclasses.replace(cfg.log, progress=False, tensorboard=False, peak_flops=1e11),
+        post=dataclasses.replace(cfg.post, eval_data="", max_new_tokens=3, **post),
+    )
+    return validate(cfg)
+
+
+@pytest.fixture(scope="module")
+def pretrained(task, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrain"
+    train(base_config(task, run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def sft_run(task, pretrained):
+    run_dir = pretrained.parent / "sft"
+    train(base_config(task, run_dir, mode="sft", data=str(task["sft"]), init_from=str(pretrained)))
+    return run_dir
+
+
+class Interrupted(Exception):
+    pass
+
+
+def interrupt_after(monkeypatch, cls, batches: int):
+    """The run dies while fetching batch ``batches + 1`` (past the step-3 checkpoint)."""
+    original = cls.__next__
+
+    def dying(self):
+        if self.position >= batches:
+            raise Interrupted
+        return original(self)
+
+    monkeypatch.setattr(cls, "__next__", dying)
+
+
+def losses_of(run_dir):
+    return {
+        step: row["train/loss"]
+        for step, row in read_metrics(run_dir).items()
+        if "train/loss" in row
+    }
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "sft",
+        pytest.param("dpo", marks=pytest.mark.slow),
+        pytest.param("grpo", marks=pytest.mark.slow),
+        pytest.param("reward", marks=pytest.mark.slow),
+    ],
+)
+def test_each_mode_resumes_after_an_interruption_with_the_same_losses(
+    mode, task, pretrained, sft_run, tmp_path, monkeypatch
+):
+    settings = {
+        "sft": dict(data=str(task["sft"]), init_from=str(pretrained)),
+        "dpo": dict(data=str(task["pairs"]), init_from=str(sft_run)),
+        "reward": dict(data=str(task["pairs"]), init_from=str(sft_run)),
+        "grpo": dict(data=str(task["problems"]), init_from=str(sft_run), group_size=4),
+    }[mode]
+    if mode == "sft":  # the fixture's run is this mode's uninterrupted run
+        straight = sft_run
+    else:
+        straight = tmp_path / "straight"
+        train(base_config(task, straight, mode=mode, **settings))
+    cut = base_config(task, tmp_path / "cut", mode=mode, **settings)
+    cls = post_data.GroupSamples if mode == "grpo" else post_data.RowBatches
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, cls, 4)
+        with pytest.raises(Interrupted):
+            train(cut)
+    assert max(losses_of(tmp_path / "cut")) == 4
+    train(cut)
+    want, got = losses_of(straight), losses_of(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose(
+        [got[s] for s in range(1, 7)], [want[s] for s in range(1, 7)], rtol=1e-5
+    )
+
+
+def test_dpo_starts_at_its_reference_and_grpo_rewards_its_samples(task, sft_run, tmp_path):
+    """Fast twin of the slow resume tests: two steps of each. DPO's policy starts as the
+    reference (the SFT run), so the first step has no margin and loss log 2; GRPO logs the
+    reward of its samples and the KL to its reference."""
+    dpo = base_config(
+        task, tmp_path / "dpo", mode="dpo", data=str(task["pairs"]), init_from=str(sft_run)
+    )
+    train(dataclasses.replace(dpo, train=dataclasses.replace(dpo.train, steps=2)))
+    first = read_metrics(tmp_path / "dpo")[1]
+    assert abs(first["post/rewards/margin"]) < 1e-4 and abs(first["post/kl"]) < 1e-4
+    assert first["train/loss"] == pytest.approx(np.log(2), abs=1e-4)
+    grpo = base_config(
+        task,
+        tmp_path / "grpo",
+        mode="grpo",
+        data=str(task["problems"]),
+        init_from=str(sft_run),
+        group_size=4,
+        temperature=2.0,
+    )
+    train(dataclasses.replace(grpo, train=dataclasses.replace(grpo.train, steps=2)))
+    rows = read_metrics(tmp_path / "grpo")
+    assert 0.0 <= rows[1]["post/reward"] <= 1.0
+    assert rows[1]["post/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its reference
+
+
+def test_distillation_at_alpha_0_is_training_on_hard_labels(task, pretrained, tmp_path):
+    """With no weight on the teacher, distillation is the standard loss: the same losses as
+    the pretraining fixture's run, which has this config without post.mode."""
+    distilled = base_config(
+        task, tmp_path / "alpha0", mode="distill", teacher=str(pretrained), distill_alpha=0.0
+    )
+    train(distilled)
+    want, got = losses_of(pretrained), losses_of(tmp_path / "alpha0")
+    assert sorted(got) == sorted(want)
+    np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(task, tmp_path):
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    other = base_config(task, teacher)
+    other.model.vocab_size = 128
+    (teacher / "config.json").write_text(other.to_json())
+    cfg = base_config(task, tmp_path / "student", mode="distill", teacher=str(teacher))
+    with pytest.raises(ConfigError, match="vocabulary of 128 tokens, this student 96"):
+        train(cfg)
+
+
+def test_cli_bad_chat_data_is_one_error_line(task, tmp_path, capsys, pretrained):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "1+1"}]}) + "\n")
+    status = main(
+        [
+            "train",
+            "post_addition",
+            "--set",
+            f"data.corpus={task['corpus']}",
+            "--set",
+            "model.d_model=32",
+            "--set",
+            "model.n_layers=1",
+            "--set",
+            f"train.run_dir={tmp_path / 'run'}",
+            "--set",
+            "post.mode=sft",
+            "--set",
+            f"post.data={bad}",
+            "--set",
+            f"post.init_from={pretrained}",
+        ]
+    )
+    assert status == 2
+    assert "bad.jsonl:1: the conversation has no assistant turn" in capsys.readouterr().err
+
+
+def test_a_run_saved_before_a_config_key_existed_still_resumes(tmp_path):
+    """Runs saved before the post section (or any newer key) read it as its default, so they
+    resume; a real change of an identity key is still refused."""
+    from research.config import ExperimentConfig
+    from research.run.builder import _check_same_run
+
+    cfg = ExperimentConfig().to_dict()
+    old = json.loads(json.dumps(cfg))
+    del old["post"], old["model"]["qk_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _check_same_run(tmp_path, cfg)
+    cfg["post"]["mode"] = "sft"
+    with pytest.raises(ConfigError, match=r"post.mode: None -> 'sft'"):
+        _check_same_run(tmp_path, cfg)
+
+
+def test_reward_model_step_is_bradley_terry_on_the_response_scores(task, pretrained, tmp_path):
+    """The first step's loss against a slow reference: each pair of the first batch scored one
+    sequence at a time (the logit of token 0 after the response's last token), then
+    -log sigmoid(r_chosen - r_rejected) averaged by hand."""
+    from flax import nnx
+
+    from research.run import build_run
+
+    cfg = base_config(
+        task, tmp_path / "rm", mode="reward", data=str(task["pairs"]), init_from=str(pretrained)
+    )
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=1))
+    train(cfg)
+    logged = read_metrics(tmp_path / "rm")[1]
+    run = build_run(cfg, "info")
+    rows = post_data.pair_rows(str(task["pairs"]), run.data.tokenizer(), cfg.model.seq_len)
+    picked = post_data.RowBatches(rows, cfg.train.batch_size, 1, cfg.train.seed, run.mesh)
+    from research.post.init import load_params
+    from research.train.shardings import abstract_params
+
+    params = load_params(run.config, str(pretrained), abstract_params(run.config.model, run.mesh))
+    model = nnx.merge(run.graphdef, params)
+
+    def score(tokens, mask):
+        last = int(np.flatnonzero(mask)[-1])  # the closing newline
+        return float(model(tokens[None, :last])[0, last - 1, 0])
+
+    losses, right = [], 0
+    for i in picked.indices(0):
+        margin = score(rows["chosen"][i], rows["chosen_mask"][i]) - score(
+            rows["rejected"][i], rows["rejected_mask"][i]
+        )
+        losses.append(np.log1p(np.exp(-margin)))
+        right += margin > 0
+    assert logged["train/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
+    assert logged["post/rewards/accuracy"] == pytest.approx(right / len(losses))
