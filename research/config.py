@@ -46,6 +46,7 @@ REMAT_POLICIES = ("none", "full", "save-dots")
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", *PARAM_DTYPES)
 TOKENIZERS = ("char", "bpe")
+MLP_ACTIVATIONS = ("swiglu", "relu2")
 SCHEDULES = ("cosine", "wsd", "constant")
 
 
@@ -110,12 +111,16 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 0  # 0: same as n_heads (multi-head); fewer: grouped-query attention
     head_dim: int = 0  # 0: d_model // n_heads
-    mlp_hidden: int = 0  # 0: SwiGLU default, 8/3 * d_model rounded up to a multiple of 64
+    mlp_hidden: int = 0  # 0: 8/3 * d_model (swiglu) or 4 * d_model (relu2), a multiple of 64
+    mlp_activation: str = "swiglu"  # swiglu | relu2 (relu(x)^2, ungated: modded-nanogpt's MLP)
     seq_len: int = 64
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     rope_scaling: float = 1.0  # > 1: linear position interpolation for contexts longer than trained
     norm_eps: float = 1e-6
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, OLMo2)
+    logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0: off
     dropout: float = 0.0
     init_std: float = 0.02
     attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas
@@ -146,7 +151,10 @@ class ModelConfig:
         """A copy with every 0 ("derive it") replaced by its derived value."""
         n_kv = self.n_kv_heads or self.n_heads
         head_dim = self.head_dim or self.d_model // self.n_heads
-        hidden = self.mlp_hidden or 64 * -(-(8 * self.d_model // 3) // 64)
+        default_hidden = (
+            4 * self.d_model if self.mlp_activation == "relu2" else 8 * self.d_model // 3
+        )
+        hidden = self.mlp_hidden or 64 * -(-default_hidden // 64)
         vocab = self.vocab_size or (vocab_size or 0)
         if self.n_heads % n_kv:
             raise ConfigError(
@@ -210,6 +218,8 @@ class ModelConfig:
             c.positive(key)
         c.within("dropout", 0.0, 1.0, open_high=True)
         c.one_of("attention", ATTENTION_IMPLEMENTATIONS)
+        c.one_of("mlp_activation", MLP_ACTIVATIONS)
+        c.at_least("logit_softcap", 0.0, " (0: off)")
         c.one_of("param_dtype", PARAM_DTYPES)
         c.one_of("compute_dtype", COMPUTE_DTYPES)
         c.one_of("remat", REMAT_POLICIES)

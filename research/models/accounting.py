@@ -28,7 +28,8 @@ def count_params(cfg: ModelConfig) -> ModelSize:
     """
     d, hd, h, kv = cfg.d_model, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
-    dense_mlp = 3 * d * cfg.mlp_hidden
+    attn_extra = (h + 2 * kv) * hd * cfg.qkv_bias + 2 * hd * cfg.qk_norm  # not matmul weights
+    dense_mlp = (2 if cfg.mlp_activation == "relu2" else 3) * d * cfg.mlp_hidden
     total_mlp = active_mlp = 0
     for layer in range(cfg.n_layers):
         if cfg.is_moe_layer(layer):
@@ -40,7 +41,7 @@ def count_params(cfg: ModelConfig) -> ModelSize:
         else:
             total_mlp += dense_mlp
             active_mlp += dense_mlp
-    norms = cfg.n_layers * 2 * d + d
+    norms = cfg.n_layers * (2 * d + attn_extra) + d
     embedding = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     non_embedding = cfg.n_layers * attn + total_mlp + norms + head

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.kernels.flash_attention import blockwise_attention, flash_attention
-from research.models.layers import apply_rope, param
+from research.models.layers import RMSNorm, apply_rope, param
 from research.parallel.mesh import per_shard
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
@@ -141,6 +141,14 @@ class Attention(nnx.Module):
         self.wk = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
         self.wv = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
         self.wo = param(rngs, (h, hd, d), ("heads", None, "embed"), out_std, param_dtype)
+        if cfg.qkv_bias:
+            zeros = jnp.zeros
+            self.bq = nnx.Param(zeros((h, hd), param_dtype), logical_axes=("heads", None))
+            self.bk = nnx.Param(zeros((kv, hd), param_dtype), logical_axes=("kv", None))
+            self.bv = nnx.Param(zeros((kv, hd), param_dtype), logical_axes=("kv", None))
+        if cfg.qk_norm:  # one scale over head_dim, shared by the heads
+            self.q_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, axis_name=None)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps, param_dtype, axis_name=None)
 
     def __call__(self, x, positions, rope, cache=None, segment_ids=None):
         """x [B,T,d], positions [T], segment_ids [B,T] (packed documents) or None. With a KV
@@ -150,6 +158,12 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        if hasattr(self, "bq"):
+            q = q + self.bq[...].astype(dtype)
+            k = k + self.bk[...].astype(dtype)
+            v = v + self.bv[...].astype(dtype)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:

@@ -1,4 +1,4 @@
-"""Building blocks: parameters with logical axes, RMSNorm, rotary embeddings, SwiGLU MLP."""
+"""Building blocks: parameters with logical axes, RMSNorm, rotary embeddings, the MLPs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float, dtype
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, param_dtype):
+    def __init__(self, dim: int, eps: float, param_dtype, axis_name: str | None = "embed"):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(axis_name,))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Statistics in float32 whatever the compute dtype: bf16 variance loses the small terms.
@@ -47,6 +47,39 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos = jnp.concatenate([cos, cos], axis=-1)[..., None, :]  # broadcast over heads
     sin = jnp.concatenate([sin, sin], axis=-1)[..., None, :]
     return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """Each token's position within its document, [B, T] int32: packed sequences restart RoPE
+    positions at every segment boundary, so a document sees the positions it would alone."""
+    index = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+        axis=-1,
+    )
+    first = jax.lax.cummax(jnp.where(starts, index, 0), axis=segment_ids.ndim - 1)
+    return index - first
+
+
+def make_mlp(cfg, std: float, out_std: float, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
+    """The dense MLP that ``cfg.mlp_activation`` names."""
+    if cfg.mlp_activation == "relu2":
+        return ReluSquared(cfg.d_model, cfg.mlp_hidden, std, out_std, param_dtype, rngs)
+    return SwiGLU(cfg.d_model, cfg.mlp_hidden, std, out_std, param_dtype, rngs)
+
+
+class ReluSquared(nnx.Module):
+    """out = W_down relu(x W_up)^2: ungated, one matrix fewer than SwiGLU for the same width
+    (Primer, So et al. 2021; the MLP of the modded-nanogpt speedruns)."""
+
+    def __init__(self, d_model: int, hidden: int, std: float, out_std: float, param_dtype, rngs):
+        self.w_up = param(rngs, (d_model, hidden), ("embed", "mlp"), std, param_dtype)
+        self.w_down = param(rngs, (hidden, d_model), ("mlp", "embed"), out_std, param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype = x.dtype
+        up = jax.nn.relu(jnp.einsum("btd,dh->bth", x, self.w_up[...].astype(dtype)))
+        return jnp.einsum("bth,hd->btd", up * up, self.w_down[...].astype(dtype))
 
 
 class SwiGLU(nnx.Module):

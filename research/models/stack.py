@@ -102,11 +102,13 @@ def unstack_layers(params: dict) -> dict:
 
 
 def block_function(block: nnx.Module, remat: str, batch_shards: int) -> Callable:
-    """A pure function (block state, x, positions, rope, key) -> (x, router stats or None)."""
+    """A pure function (block state, x, positions, rope, key, segment ids) -> (x, router stats
+    or None)."""
     graphdef = nnx.graphdef(block)
 
-    def apply(state, x, positions, rope, key):
-        x, _, aux = nnx.merge(graphdef, state)(x, positions, rope, None, key, batch_shards)
+    def apply(state, x, positions, rope, key, segment_ids):
+        block = nnx.merge(graphdef, state)
+        x, _, aux = block(x, positions, rope, None, key, batch_shards, segment_ids)
         return constrain(x, BOUNDARY_AXES), aux
 
     if remat == "none":
@@ -122,6 +124,7 @@ def run_blocks(
     rope,
     dropout_key,
     batch_shards: int,
+    segment_ids: jax.Array | None = None,
 ) -> tuple[jax.Array, list[dict]]:
     """x through every block; returns x and the MoE router statistics in layer order.
 
@@ -136,7 +139,8 @@ def run_blocks(
     if not cfg.scan_layers:
         stats = []
         for i, block in enumerate(blocks):
-            x, aux = functions[i % period](nnx.state(block), x, positions, rope, key_for(i))
+            state = nnx.state(block)
+            x, aux = functions[i % period](state, x, positions, rope, key_for(i), segment_ids)
             if aux is not None:
                 stats.append(aux)
         return x, stats
@@ -148,7 +152,8 @@ def run_blocks(
         states, group = inputs
         auxes = []
         for j in range(period):
-            x, aux = functions[j](states[j], x, positions, rope, key_for(group * period + j))
+            key = key_for(group * period + j)
+            x, aux = functions[j](states[j], x, positions, rope, key, segment_ids)
             auxes.append(aux)
         return x, auxes
 

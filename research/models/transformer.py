@@ -1,6 +1,6 @@
 """The decoder-only transformer: embeddings, pre-norm residual blocks, final norm, f32 logits.
 
-Readable top to bottom: Block = x + Attn(RMSNorm(x)); x + SwiGLU(RMSNorm(x)).
+Readable top to bottom: Block = x + Attn(RMSNorm(x)); x + MLP(RMSNorm(x)) (SwiGLU or ReLU^2).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from flax import nnx
 
 from research.config import ModelConfig
 from research.models.attention import Attention, init_kv_cache
-from research.models.layers import RMSNorm, SwiGLU, param, rope_tables
+from research.models.layers import RMSNorm, document_positions, make_mlp, param, rope_tables
 from research.models.moe import MoE
 from research.models.stack import layer_of, layer_period, run_blocks, stack_modules
 
@@ -36,12 +36,14 @@ class Block(nnx.Module):
         if self.is_moe:
             self.mlp = MoE(cfg, cfg.init_std, out_std, pdt, rngs)
         else:
-            self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden, cfg.init_std, out_std, pdt, rngs)
+            self.mlp = make_mlp(cfg, cfg.init_std, out_std, pdt, rngs)
         self.dropout = cfg.dropout
 
-    def __call__(self, x, positions, rope, cache=None, dropout_key=None, batch_shards: int = 1):
+    def __call__(
+        self, x, positions, rope, cache=None, dropout_key=None, batch_shards=1, segment_ids=None
+    ):
         """Returns (x, updated cache, MoE router statistics or None)."""
-        attn_out, cache = self.attn(self.attn_norm(x), positions, rope, cache)
+        attn_out, cache = self.attn(self.attn_norm(x), positions, rope, cache, segment_ids)
         x = x + _dropout(attn_out, self.dropout, dropout_key, 0)
         aux = None
         if self.is_moe:
@@ -83,28 +85,51 @@ class Transformer(nnx.Module):
             )
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, caches=None, dropout_key=None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        caches=None,
+        dropout_key=None,
+        segment_ids: jax.Array | None = None,
     ):
         """tokens [B, T] -> float32 logits [B, T, vocab] (and the updated KV caches if given)."""
-        logits, new_caches, _ = self.forward(tokens, positions, caches, dropout_key)
+        logits, new_caches, _ = self.forward(
+            tokens, positions, caches, dropout_key, segment_ids=segment_ids
+        )
         return logits if caches is None else (logits, new_caches)
 
-    def forward(self, tokens, positions=None, caches=None, dropout_key=None, batch_shards: int = 1):
+    def forward(
+        self,
+        tokens,
+        positions=None,
+        caches=None,
+        dropout_key=None,
+        batch_shards: int = 1,
+        segment_ids=None,
+    ):
         """(logits, caches, aux); aux holds MoE router statistics (empty for a dense model):
         losses averaged over the MoE layers and ``expert_load`` as [moe layers, experts].
-        ``batch_shards``: how many shards the batch is split over (keeps MoE dispatch local)."""
+        ``batch_shards``: how many shards the batch is split over (keeps MoE dispatch local).
+        ``segment_ids`` [B, T] (packed documents, no KV cache): attention stays within a
+        segment and RoPE positions restart at each one, so each document is computed exactly
+        as it would be alone."""
         cfg = self.cfg
         dtype = compute_dtype(cfg.compute_dtype)
         if positions is None:
             positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)
         embed = self.embed[...]
         x = embed[tokens].astype(dtype)
-        rope = rope_tables(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        rope_positions = positions if segment_ids is None else document_positions(segment_ids)
+        rope = rope_tables(rope_positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         new_caches, router_stats = [], []
         if caches is None:  # training and scoring: remat and scan-over-layers apply here
             blocks = self.stacked_blocks if cfg.scan_layers else self.blocks
-            x, router_stats = run_blocks(blocks, cfg, x, positions, rope, dropout_key, batch_shards)
+            x, router_stats = run_blocks(
+                blocks, cfg, x, positions, rope, dropout_key, batch_shards, segment_ids
+            )
         else:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training/scoring, not a KV cache")
             for i in range(cfg.n_layers):
                 block = layer_of(self.stacked_blocks, i) if cfg.scan_layers else self.blocks[i]
                 key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
@@ -117,6 +142,8 @@ class Transformer(nnx.Module):
         logits = jnp.einsum(
             "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
+        if cfg.logit_softcap:  # bounded logits: no single token's logit runs away early on
+            logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         return logits, new_caches, _merge_router_stats(router_stats)
 
     def init_caches(self, batch: int, width: int, dtype=None) -> list[dict]:

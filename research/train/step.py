@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from research.models.loss import cross_entropy
+from research.models.loss import cross_entropy, packed_targets
 from research.models.moe import update_router_biases
 from research.train.norms import tree_norms
 
@@ -24,17 +24,21 @@ def make_train_step(
 ):
     """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics).
 
-    ``batch_shards``: how many ways the batch is sharded (MoE dispatch runs per shard)."""
+    The batch is a token array or a dict of ``tokens`` and ``segment_ids`` (packed documents:
+    see ``packed_targets``). ``batch_shards``: how many ways the batch is sharded (MoE dispatch
+    runs per shard)."""
     moe_layers = model_cfg.moe_layers
 
     def loss_fn(params, micro_batch, key):
         model = nnx.merge(graphdef, params)
+        inputs, targets, segment_ids, weights = packed_targets(micro_batch)
         logits, _, aux = model.forward(
-            micro_batch[:, :-1],
+            inputs,
             dropout_key=key if model_cfg.dropout else None,
             batch_shards=batch_shards,
+            segment_ids=segment_ids,
         )
-        loss, ce = cross_entropy(logits, micro_batch[:, 1:], z_loss)
+        loss, ce = cross_entropy(logits, targets, z_loss, weights)
         if aux:
             loss = (
                 loss
@@ -47,9 +51,10 @@ def make_train_step(
 
     def train_step(state: dict[str, Any], batch: jax.Array):
         step_key = jax.random.fold_in(state["rng"], state["step"])
-        accum = batch.shape[0]
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        first = jax.tree.map(lambda x: x[0], batch)
         if accum == 1:  # skip the scan: it costs compile time and nothing else here
-            (_, (ce, aux)), grads = grad_fn(state["params"], batch[0], step_key)
+            (_, (ce, aux)), grads = grad_fn(state["params"], first, step_key)
         else:
 
             def micro(carry, inputs):
@@ -60,7 +65,7 @@ def make_train_step(
                 return jax.tree.map(jnp.add, carry, (g, stats)), None
 
             (_, stats_shape), grads_shape = jax.eval_shape(
-                grad_fn, state["params"], batch[0], step_key
+                grad_fn, state["params"], first, step_key
             )
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, stats_shape))
             (grads, (ce, aux)), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
