@@ -182,9 +182,11 @@ class ShardWriter:
 
     def _reset(self):
         self.ids, self.lengths, self.digests, self.sigs, self.tokens = [], [], [], [], 0
+        self.bytes = 0
 
-    def add(self, ids: np.ndarray, digest: bytes, signature: np.ndarray | None) -> bool:
-        """Append one document; True when that closed a shard."""
+    def add(self, ids: np.ndarray, digest: bytes, signature, nbytes: int) -> bool:
+        """Append one document (``nbytes`` of UTF-8 text); True when that closed a shard."""
+        self.bytes += nbytes
         self.ids.append(ids)
         self.lengths.append(len(ids))
         self.digests.append(np.frombuffer(digest, np.uint8))
@@ -199,7 +201,12 @@ class ShardWriter:
         if not self.ids:
             return
         name = f"{self.prefix}-{len(self.shards):05d}"
-        info = {"file": f"{name}.npy", "tokens": self.tokens, "docs": len(self.ids)}
+        info = {
+            "file": f"{name}.npy",
+            "tokens": self.tokens,
+            "docs": len(self.ids),
+            "bytes": self.bytes,  # of UTF-8 text: bits per byte compares tokenizers
+        }
         if self.write:
             offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
             _atomic_save(self.folder / f"{name}.idx.npy", offsets)
@@ -381,6 +388,7 @@ def _run_split(
         j = 0  # index among the batch's tokenized documents
         for text, digest in batch:
             consumed += 1
+            nbytes = len(text.encode("utf-8")) if text is not None else 0
             if text is None:  # an exact duplicate, dropped before tokenizing
                 continue
             sig = None if sigs is None else sigs[j]
@@ -389,7 +397,7 @@ def _run_split(
                 continue
             dedup.add(digest, sig)
             pieces = [[bos]] * (bos is not None) + [doc] + [[eos]] * (eos is not None)
-            if writer.add(np.concatenate(pieces) if len(pieces) > 1 else doc, digest, sig):
+            if writer.add(np.concatenate(pieces) if len(pieces) > 1 else doc, digest, sig, nbytes):
                 journal(split, consumed)
         nbytes = sum(len(text) for text, _ in batch if text is not None)
         progress.advance(nbytes, len(batch), int(lengths.sum()))
@@ -424,16 +432,18 @@ def part_name(part: int, num_parts: int) -> str:
     return f"part-{part:05d}-of-{num_parts:05d}"
 
 
-def prepared_folder(cfg: DataConfig) -> tuple[Path, list[Source], list[tuple[int, str]]]:
-    """Where a streaming prepare of ``cfg`` goes (by settings and content hash), its sources
-    and work units."""
+def prepared_folder(
+    cfg: DataConfig, num_parts: int = 1
+) -> tuple[Path, list[Source], list[tuple[int, str]]]:
+    """Where a streaming prepare of ``cfg`` in ``num_parts`` parts goes (by settings and content
+    hash), its sources and work units."""
     sources = sources_of(cfg)
     problems = [p for s in sources for p in s.problems()]
     if problems or not sources:
         raise ConfigError("; ".join(problems) or "data.sources is empty: name a file or folder")
     units = work_units(sources)
     key = settings_key(cfg, fingerprint(units))
-    return cache_root(cfg.cache_dir) / "prepared" / f"stream-{key}", sources, units
+    return cache_root(cfg.cache_dir) / "prepared" / f"stream-{key}-n{num_parts}", sources, units
 
 
 def prepare_stream(
@@ -444,7 +454,7 @@ def prepare_stream(
     Returns the prepared folder; the dataset is complete when every part's manifest is there."""
     if not 0 <= part < num_parts:
         raise ConfigError(f"--shard-index {part} must be in [0, --num-shards={num_parts})")
-    out, sources, units = prepared_folder(cfg)
+    out, sources, units = prepared_folder(cfg, num_parts)
     name = part_name(part, num_parts)
     if (out / f"{name}.json").exists():
         return out
@@ -588,3 +598,48 @@ class StreamData:
 
 def _idx(file: str) -> str:
     return file.replace(".npy", ".idx.npy")
+
+
+class StreamPrepared:
+    """A complete streaming prepare behind the interface training and eval use (the legacy
+    ``PreparedData``'s): vocabulary, tokenizer, a split's tokens, bytes per token."""
+
+    def __init__(self, data: StreamData):
+        self.stream, self.path = data, data.path
+
+    @property
+    def vocab_size(self) -> int:
+        return self.stream.vocab_size
+
+    def tokenizer(self):
+        from research.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(self.path / "tokenizer.json")
+
+    def tokens(self, split: str) -> np.ndarray:
+        """The split's documents end to end. Read into memory: meant for validation (small);
+        training reads packed documents through ``research.data.packing`` instead."""
+        return np.concatenate([self.stream.tokens(s) for s in self.stream.shards(split)])
+
+    def bytes_per_token(self, split: str) -> float:
+        shards = self.stream.shards(split)
+        return sum(s["bytes"] for s in shards) / sum(s["tokens"] for s in shards)
+
+
+def prepared_stream(cfg: DataConfig, verbose: bool = True, may_prepare: bool = True):
+    """The complete prepare of ``cfg`` (in any number of parts), preparing it in one part first
+    when there is none and ``may_prepare`` (a single-process run; several processes would race:
+    run `research prepare` before a multi-host run)."""
+    out, _, _ = prepared_folder(cfg, 1)
+    for folder in sorted(out.parent.glob(out.name[: -len("-n1")] + "-n*")):
+        try:
+            return StreamPrepared(StreamData.open(folder))
+        except DataError:
+            continue  # an incomplete set of parts
+    if not may_prepare:
+        raise DataError(
+            f"no complete prepare of data.sources={cfg.sources} in {out.parent}; run `research "
+            "prepare` (with --num-shards N --shard-index I for each part) before this "
+            "multi-process run"
+        )
+    return StreamPrepared(StreamData.open(prepare_stream(cfg, verbose=verbose)))
