@@ -38,6 +38,13 @@ def _load(args) -> ExperimentConfig:
 
 def cmd_prepare(args) -> None:
     cfg = _load(args)
+    if cfg.data.sources and args.engine == "datatrove":  # every part, as datatrove tasks
+        from research.data.engine import prepare_with_datatrove
+
+        logs = Path(args.engine_logs or "runs/prepare-logs")
+        path = prepare_with_datatrove(cfg.data, args.num_shards, args.parallel, logs)
+        print(f"prepared {args.num_shards} parts in {path} (datatrove logs in {logs})")
+        return
     if cfg.data.sources:  # many files, streamed: research/data/stream.py
         from research.data.stream import prepare_stream
 
@@ -166,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--shard-index", type=non_negative_int, default=0, help="prepare part I (0-based) only"
     )
+    p.add_argument(
+        "--engine",
+        choices=("local", "datatrove"),
+        default="local",
+        help="local: this process prepares part --shard-index; datatrove: every part, as tasks",
+    )
+    p.add_argument("--parallel", type=positive_int, default=1, help="datatrove tasks at a time")
+    p.add_argument("--engine-logs", default="", help="datatrove's logging folder")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(

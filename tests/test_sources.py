@@ -111,3 +111,17 @@ def test_mixture_split_is_by_hash_and_weights_repeat_or_subsample(tmp_path):
 def test_parse_sources():
     assert parse_sources("a/*.jsonl*2, gs://b/c") == [Source("a/*.jsonl", 2.0), Source("gs://b/c")]
     assert parse_sources("data/*.parquet") == [Source("data/*.parquet")]
+
+
+def test_a_hugging_face_source_without_datasets_says_what_to_install():
+    pytest.importorskip("pyarrow")
+    try:
+        import datasets  # noqa: F401
+
+        pytest.skip("datasets is installed: the hub path would be taken")
+    except ImportError:
+        pass
+    src = Source("hf:HuggingFaceFW/fineweb/sample-10BT@train")
+    assert expand(src) == [src.path]
+    with pytest.raises(DataError, match="pip install datasets"):
+        list(file_documents(src.path, src))

@@ -46,9 +46,13 @@ def _all_docs(data, split):
     return docs
 
 
-def test_shards_hold_every_kept_document_once_with_eos_and_verify(tmp_path):
+@pytest.mark.parametrize(
+    "workers",
+    [1, pytest.param(2, marks=pytest.mark.slow)],  # 2: spawned worker processes (~15 s to start)
+)
+def test_shards_hold_every_kept_document_once_with_eos_and_verify(tmp_path, workers):
     texts = _corpus(tmp_path / "c")
-    cfg = _cfg(tmp_path, tmp_path / "c")
+    cfg = _cfg(tmp_path, tmp_path / "c", workers=workers)
     data = StreamData.open(prepare_stream(cfg, verbose=False), verify=True)
     from tokenizers import Tokenizer
 
@@ -141,3 +145,61 @@ def test_parts_are_pure_and_together_hold_the_single_process_documents(tmp_path)
     assert [p.read_bytes() for p in sorted(folder.glob("train-p00001-*"))] == [
         p.read_bytes() for p in sorted(two.path.glob("train-p00001-*"))
     ]
+
+
+def test_an_existing_tokenizer_json_is_loaded_with_its_bos_and_eos(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    texts = _corpus(tmp_path / "c", files=1, docs=30)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    specials = ["<s>", "</s>"]  # Llama 2's names: found by bos_token/eos_token="auto"
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    cfg = _cfg(tmp_path, tmp_path / "c", tokenizer_file=str(tmp_path / "tokenizer.json"))
+    data = StreamData.open(prepare_stream(cfg, verbose=False))
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    assert (data.parts[0]["bos_id"], data.parts[0]["eos_id"]) == (bos, eos)
+    docs = _all_docs(data, "train") + _all_docs(data, "val")
+    assert len(docs) == 30 and all(d[0] == bos and d[-1] == eos for d in docs)
+    bare = _cfg(tmp_path, tmp_path / "c", tokenizer_file=str(tmp_path / "tokenizer.json"),
+                eos_token="<|endoftext|>", cache_dir=str(tmp_path / "x"))  # fmt: skip
+    with pytest.raises(DataError, match="no EOS token among <\\|endoftext\\|>"):
+        prepare_stream(bare, verbose=False)
+
+
+@pytest.mark.slow  # 40 s: datatrove starts its processes; the fast twin is the parts test
+def test_datatrove_with_two_workers_gives_the_parts_run_one_after_another(tmp_path):
+    pytest.importorskip("datatrove")
+    from research.data.engine import prepare_with_datatrove
+
+    _corpus(tmp_path / "c", files=4, docs=30)
+    local = _cfg(tmp_path, tmp_path / "c", cache_dir=str(tmp_path / "local"))
+    for part in range(2):
+        path = prepare_stream(local, part, 2, verbose=False)
+    engine = _cfg(tmp_path, tmp_path / "c", cache_dir=str(tmp_path / "engine"))
+    out = prepare_with_datatrove(engine, 2, 2, tmp_path / "logs")
+    assert out.name == path.name
+    files = sorted(p.name for p in path.iterdir())
+    assert files == sorted(p.name for p in out.iterdir())
+    for name in files:
+        if name.endswith(".npy") or name == "tokenizer.json":
+            assert (out / name).read_bytes() == (path / name).read_bytes(), name
+    a, b = StreamData.open(path, verify=True), StreamData.open(out, verify=True)
+    assert [p["splits"] for p in a.parts] == [p["splits"] for p in b.parts]
+
+
+def test_research_prepare_runs_one_part_and_refuses_a_char_tokenizer(tmp_path, capsys):
+    from research.cli import main
+
+    _corpus(tmp_path / "c", files=2, docs=20)
+    common = ["--set", f"data.sources={tmp_path / 'c'}", "--set", "data.workers=1",
+              "--set", f"data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert main(["prepare", "tiny", *common]) == 2  # tiny's tokenizer is char
+    assert "data.tokenizer=bpe or data.tokenizer_file" in capsys.readouterr().err
+    bpe = [*common, "--set", "data.tokenizer=bpe", "--set", "data.bpe_vocab_size=300"]
+    assert main(["prepare", "tiny", *bpe, "--num-shards", "2", "--shard-index", "1"]) in (0, None)
+    assert "prepared part 1 of 2" in capsys.readouterr().out
+    (folder,) = (tmp_path / "cache" / "prepared").iterdir()
+    assert (folder / "part-00001-of-00002.json").exists()

@@ -216,7 +216,10 @@ def _hf(spec: str, key: str) -> Iterator[str]:
             f"source {spec} needs the Hugging Face `datasets` package: pip install datasets"
         ) from None
     name, _, split = spec[len(HF_PREFIX) :].partition("@")
-    name, _, config = name.partition("/") if name.count("/") > 1 else (name, "", "")
+    if name.count("/") > 1:  # OWNER/NAME/CONFIG
+        name, _, config = name.rpartition("/")
+    else:
+        config = ""
     if name.endswith(SUFFIXES) or "*" in name:  # local files through datasets' json/parquet
         builder = "parquet" if name.endswith(".parquet") else "json"
         ds = datasets.load_dataset(builder, data_files=name, split=split or "train", streaming=True)

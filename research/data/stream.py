@@ -105,6 +105,57 @@ def _work(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
 # ---------- shards ----------
 
 
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+class _InProcess:
+    """One worker: tokenize in this process (no start-up cost; where children are not allowed)."""
+
+    workers = 1
+
+    def __init__(self, tokenizer_json: str, near_dedup: bool):
+        _init_worker(tokenizer_json, near_dedup)
+
+    def apply_async(self, fn, args):
+        return _Done(fn(*args))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Processes:
+    """Worker processes, started with spawn (no forked copies of a parent's JAX threads)."""
+
+    def __init__(self, workers: int, tokenizer_json: str, near_dedup: bool):
+        context = multiprocessing.get_context("spawn")
+        self.workers = workers
+        self.pool = context.Pool(workers, _init_worker, (tokenizer_json, near_dedup))
+
+    def apply_async(self, fn, args):
+        return self.pool.apply_async(fn, args)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.terminate()
+        return False
+
+
+def _pool(workers: int, tokenizer_json: str, near_dedup: bool):
+    if workers == 1 or multiprocessing.current_process().daemon:
+        return _InProcess(tokenizer_json, near_dedup)
+    return _Processes(workers, tokenizer_json, near_dedup)
+
+
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     tmp = path.with_name(f".tmp-{path.name}")
     with open(tmp, "wb") as handle:
@@ -373,7 +424,7 @@ def _run_split(
     already in finished shards (a resume); ``journal(split, consumed)`` runs at each shard."""
     bos, eos = specials
     pending: deque = deque()
-    window = 2 * pool._processes
+    window = 2 * pool.workers
     consumed = skip
 
     def submit(batch):
@@ -484,8 +535,7 @@ def prepare_stream(
     size = sum(fsspec.core.url_to_fs(u)[0].size(fsspec.core.url_to_fs(u)[1]) for _, u in mine)
     progress = _Progress(size, verbose)
     workers = cfg.workers or os.cpu_count() or 1
-    context = multiprocessing.get_context("spawn")  # no forked copies of JAX's threads
-    with context.Pool(workers, _init_worker, (tok.to_str(), cfg.near_dedup)) as pool:
+    with _pool(workers, tok.to_str(), cfg.near_dedup) as pool:
         val_docs = mixture_documents(sources, units, "val", Stats(), cfg.skip_bad_files)
         _run_split("val", val_docs, writers["val"], dedup, pool, specials, record, progress)
         val_counts = dict(dedup.counts)
