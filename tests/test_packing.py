@@ -4,6 +4,7 @@ global batches on any process count (resumed across a change of process count)."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from research.config import ModelConfig
@@ -102,3 +103,38 @@ def test_a_packed_batchs_per_document_losses_equal_each_document_alone():
             np.testing.assert_allclose(packed, losses[4 + i, : len(pieces[i]) - 1], atol=2e-5)
             i += 1
     assert len(pieces) >= 6 and sum(len(p) for p in pieces) > 90
+
+
+@pytest.mark.slow  # two tiny training runs (~1 min on 2 cores); the loader tests above are fast
+def test_training_on_a_streamed_corpus_resumes_with_the_same_losses(tmp_path, tiny_config):
+    import json
+
+    from conftest import read_metrics
+
+    from research.run import train
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    from research.data.corpus import resolve_corpus
+
+    text = resolve_corpus("tinyshakespeare")[0].read_text()
+    docs = [d for d in text.split("\n\n") if d.strip()][:1500]
+    for i in range(3):
+        with open(folder / f"p{i}.jsonl", "w") as handle:
+            handle.writelines(json.dumps({"text": d}) + "\n" for d in docs[i::3])
+    stream = [f"data.sources={folder}", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+              "data.workers=1", "train.steps=20", "train.checkpoint_every=10",
+              "train.eval_every=10", "train.sample_tokens=0"]  # fmt: skip
+    whole = train(tiny_config(*stream, f"train.run_dir={tmp_path / 'whole'}"))
+    # A run stopped after its step-10 checkpoint: that checkpoint alone, then resumed.
+    import shutil
+
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole.run_dir / "checkpoints" / "10", stopped / "checkpoints" / "10")
+    shutil.copy(whole.run_dir / "config.json", stopped / "config.json")
+    resumed = train(tiny_config(*stream, f"train.run_dir={stopped}"))
+    assert resumed.steps_run == 10
+    a, b = read_metrics(whole.run_dir), read_metrics(resumed.run_dir)
+    for step in (15, 20):
+        assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-6)
+    assert whole.val_bpb and 0 < whole.val_bpb < 8
