@@ -46,6 +46,7 @@ import numpy as np
 from research.config import ConfigError, DataConfig
 from research.data.corpus import DataError, cache_root
 from research.data.sources import (
+    HF_PREFIX,
     Source,
     Stats,
     mixture_documents,
@@ -301,6 +302,9 @@ def fingerprint(units: list[tuple[int, str]], sample_bytes: int = 1 << 16) -> st
     run (no file is read whole), and it changes when a file is replaced or edited."""
     digest = hashlib.sha256()
     for index, url in units:
+        if url.startswith(HF_PREFIX):  # a hub dataset: keyed by its name (and @split) only
+            digest.update(f"{index}|{url}|".encode())
+            continue
         fs, path = fsspec.core.url_to_fs(url)
         info = fs.info(path)
         mtime = info.get("mtime") or info.get("updated") or info.get("LastModified") or ""
@@ -479,6 +483,13 @@ def _dtype(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 2**16 else "uint32"
 
 
+def _size(url: str) -> int:
+    if url.startswith(HF_PREFIX):
+        return 0  # unknown until streamed
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.size(path)
+
+
 def part_name(part: int, num_parts: int) -> str:
     return f"part-{part:05d}-of-{num_parts:05d}"
 
@@ -532,7 +543,7 @@ def prepare_stream(
             state["train"] = {"shards": list(shards), "consumed": consumed, "counts": counts}
             _atomic_json(journal_path, {"train": state["train"]})
 
-    size = sum(fsspec.core.url_to_fs(u)[0].size(fsspec.core.url_to_fs(u)[1]) for _, u in mine)
+    size = sum(_size(url) for _, url in mine)
     progress = _Progress(size, verbose)
     workers = cfg.workers or os.cpu_count() or 1
     with _pool(workers, tok.to_str(), cfg.near_dedup) as pool:
