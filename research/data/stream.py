@@ -385,9 +385,12 @@ def stream_tokenizer(cfg: DataConfig, sources, units, out: Path):
 
 @dataclass
 class _Progress:
-    """A progress bar over the part's bytes of input, with documents/s and tokens/s."""
+    """A progress bar over the part's input files (by their size on disk, so the ETA holds for
+    compressed files too), with documents/s and tokens/s. ``stats.files`` says which file the
+    reader is in; validation, read first, shows as the rate with no advance."""
 
-    total_bytes: int
+    sizes: list[int]
+    stats: Stats
     show: bool
     docs: int = 0
     tokens: int = 0
@@ -396,19 +399,21 @@ class _Progress:
     def __post_init__(self):
         from tqdm.auto import tqdm
 
+        self.done = np.concatenate([[0], np.cumsum(self.sizes)]).tolist()
         self.bar = tqdm(
-            total=self.total_bytes, unit="B", unit_scale=True, disable=not self.show, smoothing=0.1
+            total=self.done[-1], unit="B", unit_scale=True, disable=not self.show, smoothing=0.1
         )
 
-    def advance(self, nbytes: int, docs: int, tokens: int) -> None:
+    def advance(self, docs: int, tokens: int) -> None:
         self.docs, self.tokens = self.docs + docs, self.tokens + tokens
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        self.bar.update(nbytes)
+        self.bar.update(self.done[max(0, self.stats.files - 1)] - self.bar.n)  # files finished
         self.bar.set_postfix_str(
             f"{self.docs / seconds:,.0f} docs/s, {self.tokens / seconds:,.0f} tokens/s", False
         )
 
     def close(self):
+        self.bar.update(self.done[-1] - self.bar.n)
         self.bar.close()
 
 
@@ -454,8 +459,7 @@ def _run_split(
             pieces = [[bos]] * (bos is not None) + [doc] + [[eos]] * (eos is not None)
             if writer.add(np.concatenate(pieces) if len(pieces) > 1 else doc, digest, sig, nbytes):
                 journal(split, consumed)
-        nbytes = sum(len(text) for text, _ in batch if text is not None)
-        progress.advance(nbytes, len(batch), int(lengths.sum()))
+        progress.advance(len(batch), int(lengths.sum()))
 
     batch = []
     for index, (text, digest) in enumerate(docs):
@@ -543,8 +547,7 @@ def prepare_stream(
             state["train"] = {"shards": list(shards), "consumed": consumed, "counts": counts}
             _atomic_json(journal_path, {"train": state["train"]})
 
-    size = sum(_size(url) for _, url in mine)
-    progress = _Progress(size, verbose)
+    progress = _Progress([_size(url) for _, url in mine], stats, verbose)
     workers = cfg.workers or os.cpu_count() or 1
     with _pool(workers, tok.to_str(), cfg.near_dedup) as pool:
         val_docs = mixture_documents(sources, units, "val", Stats(), cfg.skip_bad_files)
