@@ -367,7 +367,7 @@ def stream_tokenizer(cfg: DataConfig, sources, units, out: Path):
         try:
             with fsspec.open(cfg.tokenizer_file, "r") as handle:
                 tok = Tokenizer.from_str(handle.read())
-        except (OSError, ValueError, Exception) as error:
+        except Exception as error:  # OSError, or tokenizers' plain Exception for a bad file
             raise DataError(
                 f"data.tokenizer_file={cfg.tokenizer_file} cannot be loaded ({error}); give the "
                 "path of a Hugging Face tokenizer.json (e.g. GPT-2's or Llama 3's)"
