@@ -3,7 +3,7 @@ removal -> tokenization in worker processes -> fixed-size token shards with a ma
 
 Memory stays bounded by the batches in flight, not the corpus: documents are read one file at a
 time and at most ``2 x workers`` batches wait in the pool. What grows with the corpus is the
-dedup state (16 bytes per kept document for exact dedup; the MinHash-LSH index, about 1 KB per
+dedup state (16 bytes per kept document for exact dedup; the MinHash-LSH index, about 2 KB per
 kept document, when ``data.near_dedup`` is on).
 
 Layout of a prepared folder (``<cache>/prepared/stream-<key>``)::
