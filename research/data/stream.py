@@ -3,10 +3,10 @@ removal -> tokenization in worker processes -> fixed-size token shards with a ma
 
 Memory stays bounded by the batches in flight, not the corpus: documents are read one file at a
 time and at most ``2 x workers`` batches wait in the pool. What grows with the corpus is the
-dedup state (16 bytes per kept document for exact dedup; the MinHash-LSH index, about 2 KB per
-kept document, when ``data.near_dedup`` is on).
+dedup state: a hash per kept document for exact dedup, and the MinHash-LSH index when
+``data.near_dedup`` is on (README: Data at scale has the measured peak memory).
 
-Layout of a prepared folder (``<cache>/prepared/stream-<key>``)::
+Layout of a prepared folder (``<cache>/prepared/stream-<key>-n<parts>``)::
 
     tokenizer.json
     val-00000.npy, val-00000.idx.npy, ...              written by part 0 only
