@@ -10,7 +10,7 @@ from pathlib import Path
 
 from research.cli_post import add_post_commands
 from research.cli_types import non_negative_float, non_negative_int, positive_int, unit_fraction
-from research.config import ExperimentConfig, ResearchError, load_experiment
+from research.config import ConfigError, ExperimentConfig, ResearchError, load_experiment
 from research.scaling.commands import add_scaling_commands
 
 DEFAULT_EXPERIMENT = "shakespeare_char"
@@ -38,9 +38,24 @@ def _load(args) -> ExperimentConfig:
 
 
 def cmd_prepare(args) -> None:
+    cfg = _load(args)
+    if cfg.data.sources and args.engine == "datatrove":  # every part, as datatrove tasks
+        from research.data.engine import prepare_with_datatrove
+
+        logs = Path(args.engine_logs or "runs/prepare-logs")
+        path = prepare_with_datatrove(cfg.data, args.num_shards, args.parallel, logs)
+        print(f"prepared {args.num_shards} parts in {path} (datatrove logs in {logs})")
+        return
+    if cfg.data.sources:  # many files, streamed: research/data/stream.py
+        from research.data.stream import prepare_stream
+
+        path = prepare_stream(cfg.data, args.shard_index, args.num_shards)
+        print(f"prepared part {args.shard_index} of {args.num_shards} in {path}")
+        return
+    if args.num_shards != 1:
+        raise ConfigError("--num-shards needs a streamed corpus: set data.sources")
     from research.data.shards import prepare
 
-    cfg = _load(args)
     data = prepare(cfg.data)
     print(json.dumps({"path": str(data.path), **data.meta}, indent=2))
 
@@ -147,10 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prepare",
         help="deduplicate, tokenize and shard an experiment's corpus",
-        epilog="example: research prepare shakespeare_char",
+        epilog="examples:\n  research prepare shakespeare_char\n"
+        "  research prepare gpt2_small --set data.sources=gs://bucket/fineweb/ "
+        "--num-shards 64 --shard-index 3",
         formatter_class=fmt,
     )
     _add_experiment_args(p)
+    p.add_argument(
+        "--num-shards", type=positive_int, default=1, help="split the files into N parts"
+    )
+    p.add_argument(
+        "--shard-index", type=non_negative_int, default=0, help="prepare part I (0-based) only"
+    )
+    p.add_argument(
+        "--engine",
+        choices=("local", "datatrove"),
+        default="local",
+        help="local: this process prepares part --shard-index; datatrove: every part, as tasks",
+    )
+    p.add_argument("--parallel", type=positive_int, default=1, help="datatrove tasks at a time")
+    p.add_argument("--engine-logs", default="", help="datatrove's logging folder")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(

@@ -275,6 +275,19 @@ class DataConfig:
     val_fraction: float = 0.1  # the last fraction of the text, as nanoGPT splits it
     doc_separator: str = "\n\n"  # documents for exact-duplicate removal
     cache_dir: str = ""  # "": $RESEARCH_CACHE or ~/.cache/research
+    # Many-file corpora (research/data/stream.py), used when `sources` is set: "PATH[*WEIGHT],..."
+    # files, folders, globs or URLs (gs://, s3://) of .txt/.jsonl(.gz/.zst)/.parquet, or hf:NAME.
+    sources: str = ""
+    text_key: str = "text"  # the JSON field / Parquet column holding the text
+    tokenizer_file: str = ""  # an existing tokenizer.json (e.g. GPT-2's); "": train BPE
+    bpe_sample_bytes: int = 100_000_000  # BPE is trained on this much text from the start
+    bos_token: str = "auto"  # prepended to each document: a token name, auto, or "" for none
+    eos_token: str = "auto"  # appended to each document
+    shard_tokens: int = 1 << 24  # tokens per shard file (whole documents: a shard may run over)
+    near_dedup: bool = True  # MinHash-LSH near-duplicate removal (datasketch)
+    near_dedup_threshold: float = 0.8  # estimated Jaccard similarity of word 5-grams
+    skip_bad_files: bool = False  # skip (and count) corrupt / non-UTF-8 files instead of stopping
+    workers: int = 0  # tokenizer processes; 0: one per CPU core
 
     def problems(self) -> list[str]:
         c = _Checks("data", self)
@@ -289,6 +302,16 @@ class DataConfig:
         c.within("val_fraction", 0.0, 1.0, open_low=True, open_high=True)
         if not self.doc_separator:
             c.add('data.doc_separator is empty: documents need a separator, e.g. "\\n\\n"')
+        if self.sources and self.tokenizer == "char" and not self.tokenizer_file:
+            c.add(
+                "data.sources streams the corpus, which a char tokenizer cannot (its vocabulary "
+                "needs all the text first): set data.tokenizer=bpe or data.tokenizer_file"
+            )
+        if self.sources:
+            c.at_least("bpe_sample_bytes", 1)
+            c.at_least("shard_tokens", 1)
+            c.at_least("workers", 0, " (0: one per CPU core)")
+            c.within("near_dedup_threshold", 0.0, 1.0, open_low=True, open_high=True)
         return c.found
 
 

@@ -62,6 +62,12 @@ CASES = [
     ("missing corpus", ["prepare", *TINY, *_set("data.corpus={missing}")], "not found"),
     ("blank corpus", ["prepare", *TINY, *_set("data.corpus={blank}")], "The corpus is empty"),
     ("all dedup", ["prepare", *TINY, *_set("data.corpus={repeats}")], "no training text"),
+    (
+        "missing source",
+        ["prepare", *TINY, *_set("data.sources={missing}", "data.tokenizer=bpe")],
+        "does not exist",
+    ),
+    ("char stream", ["train", *TINY, *_set("data.sources={folder}")], "data.tokenizer=bpe"),
     # memory
     ("memory train", ["train", *TINY, *_set("log.device_memory_gb=0.0001")], "model.remat=full"),
     ("memory info", ["info", *TINY, *_set("log.device_memory_gb=0.0001")], "too much"),

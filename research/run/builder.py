@@ -95,6 +95,11 @@ def _prepared(data_json: str, corpus_stat: str, cache: str) -> PreparedData:
 def prepared_data(cfg: ExperimentConfig) -> PreparedData:
     """Prepared data for a config, hashed and read once per process while the corpus files
     (their sizes and mtimes) stay the same: a sweep of many shapes prepares once."""
+    if cfg.data.sources:  # many files, streamed and packed (research/data/stream.py)
+        from research.data.stream import prepared_stream
+
+        first = jax.process_index() == 0
+        return prepared_stream(cfg.data, verbose=first, may_prepare=jax.process_count() == 1)
     files = resolve_corpus(cfg.data.corpus, cfg.data.cache_dir)
     corpus_stat = json.dumps([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files])
     data_json = json.dumps(dataclasses.asdict(cfg.data), sort_keys=True)

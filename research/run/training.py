@@ -141,6 +141,22 @@ def _batches(run: Run):
 
         if (post_batches := batches(run)) is not None:
             return post_batches
+    shape = (cfg.optim.grad_accum, run.micro_batch // processes, cfg.model.seq_len + 1)
+    sharding = batch_sharding(run.mesh, leading_dims=1)
+    if cfg.data.sources:  # packed whole documents with segment ids
+        from research.data.packing import DocumentIndex, PackedBatches
+
+        packed = PackedBatches(
+            DocumentIndex.of_stream(run.data.stream, "train"),
+            cfg.model.seq_len,
+            cfg.train.batch_size,
+            seed=cfg.train.seed,
+            process_index=jax.process_index(),
+            process_count=processes,
+        )
+        if run.data_state is not None:
+            packed.set_state(run.data_state)
+        return _GlobalBatches(packed, shape, sharding)
     dataset = train_dataset(
         run.data.tokens("train"),
         cfg.model.seq_len,
@@ -152,8 +168,6 @@ def _batches(run: Run):
     iterator = iter(dataset)
     if run.data_state is not None:
         iterator.set_state(run.data_state)
-    shape = (cfg.optim.grad_accum, run.micro_batch // processes, cfg.model.seq_len + 1)
-    sharding = batch_sharding(run.mesh, leading_dims=1)
     return _GlobalBatches(iterator, shape, sharding)
 
 
@@ -164,8 +178,12 @@ class _GlobalBatches:
         self.iterator, self.shape, self.sharding = iterator, shape, sharding
 
     def __next__(self):
-        local = next(self.iterator).reshape(self.shape)
-        return jax.make_array_from_process_local_data(self.sharding, local)
+        return jax.tree.map(  # a token array, or a dict of tokens and segment ids
+            lambda local: jax.make_array_from_process_local_data(
+                self.sharding, local.reshape(self.shape)
+            ),
+            next(self.iterator),
+        )
 
     def get_state(self) -> dict:
         return self.iterator.get_state()
