@@ -50,7 +50,8 @@ def xla_attention(
     kv_segment_ids: jax.Array | None = None,
     causal: bool = True,
 ) -> jax.Array:
-    """Reference attention. q [B,T,H,D], k/v [B,S,KV,D]; positions [T] and [S] (-1: empty slot).
+    """Reference attention. q [B,T,H,D], k/v [B,S,KV,D]; positions [T] and [S] (-1: empty slot),
+    or [B,T] and [B,S]: each sequence its own positions (batched decoding of ragged prompts).
 
     Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
     A key is visible when 0 <= its position <= the query's (``causal``), within ``window`` if
@@ -60,11 +61,14 @@ def xla_attention(
     n_kv = k.shape[2]
     # Fold the scale into q: a [T, d] multiply instead of one over the [T, S] scores.
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    visible = kv_positions[None, :] >= 0
+    query_pos, key_pos = q_positions[..., :, None], kv_positions[..., None, :]
+    visible = key_pos >= 0
     if causal:
-        visible &= kv_positions[None, :] <= q_positions[:, None]
+        visible &= key_pos <= query_pos
     if window:
-        visible &= kv_positions[None, :] > q_positions[:, None] - window
+        visible &= key_pos > query_pos - window
+    if visible.ndim == 3:  # per-sequence positions: [B, 1, T, S]
+        visible = visible[:, None]
     if q_segment_ids is not None:  # [B, 1, T, S]: broadcasts over heads (and groups)
         visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
     if n_kv == n_heads:  # plain multi-head: 4-D einsums lower to fewer transposes
@@ -173,19 +177,26 @@ class Attention(nnx.Module):
         else:
             width = cache["k"].shape[1]
             slots = positions % width
+            # positions [T]: one for the batch; [B, T]: per sequence (cache["pos"] is [B, W])
+            if positions.ndim == 1:
+                at, pos_at = (slice(None), slots), slots
+            else:
+                at = pos_at = (jnp.arange(x.shape[0])[:, None], slots)
             cache = {
-                "k": cache["k"].at[:, slots].set(k.astype(cache["k"].dtype)),
-                "v": cache["v"].at[:, slots].set(v.astype(cache["v"].dtype)),
-                "pos": cache["pos"].at[slots].set(positions),
+                "k": cache["k"].at[at].set(k.astype(cache["k"].dtype)),
+                "v": cache["v"].at[at].set(v.astype(cache["v"].dtype)),
+                "pos": cache["pos"].at[pos_at].set(positions),
             }
-            # RoPE is relative, so a ring buffer of width W is exact sliding-window attention.
+            # RoPE is relative, so a ring buffer of width W is exact sliding-window attention;
+            # a cache wider than the model's window still sees only the window.
+            window = min(self.window, width) if self.window else width
             out = xla_attention(
                 q,
                 cache["k"].astype(dtype),
                 cache["v"].astype(dtype),
                 positions,
                 cache["pos"],
-                window=width,
+                window=window,
             )
         return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)), cache
 

@@ -26,11 +26,26 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(
-    positions: jax.Array, head_dim: int, theta: float, scaling: float
+    positions: jax.Array,
+    head_dim: int,
+    theta: float,
+    scaling: float,
+    llama3: tuple[float, float, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [..., T, head_dim // 2]; scaling > 1 interpolates positions linearly."""
+    """cos/sin of shape [..., T, head_dim // 2]; scaling > 1 interpolates positions linearly, or,
+    with ``llama3`` = (low_freq_factor, high_freq_factor, original_context), per frequency as
+    Llama 3.1 does: wavelengths longer than the original context / low_freq_factor are divided
+    by ``scaling``, those shorter than original / high_freq_factor kept, a linear ramp between."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq
+    if llama3 is None:
+        positions = positions.astype(jnp.float32) / scaling
+    else:
+        low, high, original = llama3
+        wavelength = 2 * jnp.pi / inv_freq
+        ramp = jnp.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - ramp) * inv_freq / scaling + ramp * inv_freq
+        positions = positions.astype(jnp.float32)
+    angles = positions[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
