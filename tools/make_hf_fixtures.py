@@ -154,11 +154,31 @@ def make_import_fixture(name: str, tokenizer: Tokenizer, seed: int) -> None:
     print(f"{name}: {sum(f.stat().st_size for f in folder.iterdir()) / 1e3:.0f} kB")
 
 
+def make_export_fixture(name: str, tokenizer: Tokenizer) -> None:
+    """Our model exported with research.hf.export, then loaded and run by transformers."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from hf_models import EXPORTS, export_model
+
+    from research.data.tokenizer import BPETokenizer
+    from research.hf.export import export_hf
+
+    _, params = export_model(name)
+    folder = OUT / name
+    shutil.rmtree(folder, ignore_errors=True)
+    export_hf(EXPORTS[name].resolved(), params, folder, BPETokenizer(tokenizer), "bfloat16")
+    prompt = np.random.default_rng(99).integers(0, VOCAB, PROMPT_LEN).astype(np.int32)
+    np.savez_compressed(folder / "reference.npz", **reference(folder, prompt))
+    print(f"{name}: {sum(f.stat().st_size for f in folder.iterdir()) / 1e3:.0f} kB")
+
+
 def main(names: list[str]) -> None:
     tokenizer = make_tokenizer()
     for index, name in enumerate(ARCHITECTURES):
         if not names or name in names:
             make_import_fixture(name, tokenizer, SEEDS.get(name, index))
+    for name in ("export_dense", "export_moe"):
+        if not names or name in names:
+            make_export_fixture(name, tokenizer)
 
 
 if __name__ == "__main__":
