@@ -2,6 +2,8 @@
 give each request exactly what it gets alone, greedy and sampled, with stop tokens and
 per-request limits; the KV-cache path reproduces transformers' greedy continuation."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,20 @@ def test_sampling_is_seeded(model):
     assert generate(model, PROMPTS, config, max_new_tokens=LIMITS) == first
     other = generate(model, PROMPTS, config, max_new_tokens=LIMITS, seeds=[100, 101, 102, 103])
     assert other != first
+
+
+def test_inference_ledger_counts_prefill_and_decode_apart(model, tmp_path):
+    from research.infer.ledger import InferenceLedger
+
+    ledger = InferenceLedger(path=tmp_path / "inference_ledger.json")
+    config = GenerationConfig(bucket=32, stop_tokens=(1, 45))  # compiled above: no new compile
+    outs = generate(model, PROMPTS, config, max_new_tokens=LIMITS, ledger=ledger)
+    generate(model, PROMPTS, config, max_new_tokens=LIMITS, ledger=ledger)  # adds up
+    saved = json.loads((tmp_path / "inference_ledger.json").read_text())
+    assert saved["prefill"]["tokens"] == 2 * sum(map(len, PROMPTS))
+    assert saved["decode"]["tokens"] == 2 * sum(map(len, outs))
+    for phase in saved.values():
+        assert phase["device_seconds"] > 0 and phase["energy_method"] == "tdp-estimate"
+        joules = phase["energy_device_joules"]
+        assert phase["joules_per_1k_tokens"] == pytest.approx(joules / phase["tokens"] * 1000)
+        assert phase["energy_kwh"] == pytest.approx(joules / 3.6e6 * phase["pue"])

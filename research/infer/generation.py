@@ -11,6 +11,7 @@ request's tokens do not depend on what else is in the batch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -47,11 +48,13 @@ def generate(
     config: GenerationConfig = GenerationConfig(),
     max_new_tokens: list[int] | None = None,
     seeds: list[int] | None = None,
+    ledger=None,
 ) -> list[list[int]]:
     """The new tokens of each prompt (stop token included when one ended it).
 
     ``max_new_tokens``: one limit per request (default ``config.max_new_tokens`` for all);
-    ``seeds``: one sampling seed per request (default ``config.seed + i``)."""
+    ``seeds``: one sampling seed per request (default ``config.seed + i``); ``ledger``: an
+    ``InferenceLedger`` that records prefill and decode apart (tokens, seconds, energy)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     n = len(prompts)
@@ -69,19 +72,49 @@ def generate(
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
     graphdef, state = nnx.split(model)
     cache_dtype = config.cache_dtype or compute_dtype(model.cfg.compute_dtype)
-    out, lengths = _run(
-        graphdef,
-        nnx.to_pure_dict(state),
-        jnp.asarray(tokens),
-        jnp.asarray(pads),
-        jnp.asarray(limits, jnp.int32),
-        keys,
-        steps,
-        jnp.dtype(cache_dtype),
-        _Sampling.of(config),
-    )
-    out, lengths = np.asarray(out), np.asarray(lengths)
+    params, pads = nnx.to_pure_dict(state), jnp.asarray(pads)
+    with _phase(ledger, "prefill", sum(len(p) for p in prompts)) as done:
+        logits, caches = done(
+            _prefill(graphdef, params, jnp.asarray(tokens), pads, steps, jnp.dtype(cache_dtype))
+        )
+    with _phase(ledger, "decode") as done:
+        out, lengths = done(
+            _decode(
+                graphdef,
+                params,
+                logits,
+                caches,
+                pads,
+                jnp.asarray(limits, jnp.int32),
+                keys,
+                steps,
+                _Sampling.of(config),
+            )
+        )
+        out, lengths = np.asarray(out), np.asarray(lengths)
+        done.tokens = int(lengths.sum())
     return [out[i, : lengths[i]].tolist() for i in range(n)]
+
+
+class _Done:
+    """Blocks on a phase's outputs so its time is the device's, not the dispatch's."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+
+    def __call__(self, outputs):
+        return jax.block_until_ready(outputs)
+
+
+@contextmanager
+def _phase(ledger, name: str, tokens: int = 0):
+    done = _Done(tokens)
+    if ledger is None:
+        yield done
+        return
+    with ledger.phase(name) as record:
+        yield done
+        record.tokens = done.tokens
 
 
 @dataclass(frozen=True)
@@ -139,12 +172,19 @@ def decode_step(model, token, position, caches):
     return logits[:, -1], caches
 
 
-@partial(jax.jit, static_argnums=(0, 6, 7, 8))
-def _run(graphdef, params, tokens, pads, limits, keys, steps, cache_dtype, sampling: _Sampling):
+@partial(jax.jit, static_argnums=(0, 4, 5))
+def _prefill(graphdef, params, tokens, pads, steps, cache_dtype):
     model = nnx.merge(graphdef, params)
     batch, prompt_len = tokens.shape
     caches = init_caches(model, batch, prompt_len + steps, cache_dtype)
-    logits, caches = prefill(model, tokens, pads, caches)
+    return prefill(model, tokens, pads, caches)
+
+
+@partial(jax.jit, static_argnums=(0, 7, 8), donate_argnums=(3,))
+def _decode(graphdef, params, logits, caches, pads, limits, keys, steps, sampling: _Sampling):
+    model = nnx.merge(graphdef, params)
+    batch = logits.shape[0]
+    prompt_len = caches[0]["k"].shape[1] - steps
     stops = jnp.asarray(sampling.stop_tokens or (-1,), jnp.int32)
 
     def cond(carry):
