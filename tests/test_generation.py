@@ -29,15 +29,13 @@ PROMPTS = [[5, 17, 3], list(range(40, 56)), [9, 1, 70, 22, 8, 8, 31, 2, 64], [11
 LIMITS = [20, 5, 12, 32]
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        GenerationConfig(bucket=32, stop_tokens=(1, 45)),
-        GenerationConfig(bucket=32, temperature=0.9, top_k=20, top_p=0.9, seed=3),
-    ],
-    ids=["greedy-with-stops", "sampled"],
+SAMPLED = GenerationConfig(
+    bucket=32, temperature=0.9, top_k=20, top_p=0.9, seed=3, stop_tokens=(1, 45)
 )
-def test_batched_equals_one_at_a_time(model, config):
+
+
+def test_batched_equals_one_at_a_time(model, config=SAMPLED):
+    """Sampled with stop tokens and per-request limits (greedy, one sequence: above)."""
     batched = generate(model, PROMPTS, config, max_new_tokens=LIMITS)
     alone = [
         generate(model, [p], config, max_new_tokens=[n], seeds=[config.seed + i])[0]
@@ -52,7 +50,7 @@ def test_batched_equals_one_at_a_time(model, config):
 
 def test_sampling_is_seeded(model):
     """Same seeds, same tokens; other seeds, other tokens (same shapes: no new compile)."""
-    config = GenerationConfig(bucket=32, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+    config = SAMPLED
     first = generate(model, PROMPTS, config, max_new_tokens=LIMITS)
     assert generate(model, PROMPTS, config, max_new_tokens=LIMITS) == first
     other = generate(model, PROMPTS, config, max_new_tokens=LIMITS, seeds=[100, 101, 102, 103])
@@ -63,7 +61,7 @@ def test_inference_ledger_counts_prefill_and_decode_apart(model, tmp_path):
     from research.infer.ledger import InferenceLedger
 
     ledger = InferenceLedger(path=tmp_path / "inference_ledger.json")
-    config = GenerationConfig(bucket=32, stop_tokens=(1, 45))  # compiled above: no new compile
+    config = SAMPLED  # compiled above: no new compile
     outs = generate(model, PROMPTS, config, max_new_tokens=LIMITS, ledger=ledger)
     generate(model, PROMPTS, config, max_new_tokens=LIMITS, ledger=ledger)  # adds up
     saved = json.loads((tmp_path / "inference_ledger.json").read_text())

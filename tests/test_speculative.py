@@ -9,7 +9,6 @@ from scipy.stats import chisquare
 
 from research.config import REPO_ROOT
 from research.hf import load_hf
-from research.infer.generation import GenerationConfig, generate
 from research.infer.speculative import accept_tokens, speculative_generate
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "hf"
@@ -17,17 +16,18 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures" / "hf"
 
 def test_greedy_speculative_equals_target_greedy_for_a_partly_agreeing_draft():
     """The draft is the target with noise on its weights: it agrees on some tokens, not all,
-    so rounds accept partial prefixes and caches roll back."""
-    imported = load_hf(FIXTURES / "llama2")
+    so rounds accept partial prefixes and caches roll back. The target's greedy output is
+    transformers' (the fixture), which our own greedy decoding reproduces (test_hf.py)."""
+    imported = load_hf(FIXTURES / "mistral")  # sliding window 8: rollback across the window
     target = imported.model()
     noisy = jax.tree.map(
-        lambda x: x + 0.3 * jnp.std(x) * jax.random.normal(jax.random.key(1), x.shape),
+        lambda x: x + 0.1 * jnp.std(x) * jax.random.normal(jax.random.key(1), x.shape),
         imported.params,
     )
     draft = nnx.merge(imported.graphdef, noisy)
-    prompt = [int(t) for t in np.load(FIXTURES / "llama2" / "reference.npz")["input_ids"]]
-    out, stats = speculative_generate(target, draft, prompt, 24, k=3)
-    assert out == generate(target, [prompt], GenerationConfig(max_new_tokens=24))[0]
+    ref = np.load(FIXTURES / "mistral" / "reference.npz")
+    out, stats = speculative_generate(target, draft, ref["input_ids"].tolist(), 32, k=3)
+    assert out == ref["greedy"].tolist()
     assert 0.0 < stats.acceptance_rate < 1.0
 
 

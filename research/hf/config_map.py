@@ -233,4 +233,3 @@ def _export_family(cfg: ModelConfig) -> str:
     if cfg.qkv_bias:
         return "qwen2"
     return "mistral" if cfg.attention_window else "llama"
-

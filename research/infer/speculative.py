@@ -61,6 +61,11 @@ def accept_tokens(p: jax.Array, q: jax.Array, drafted: jax.Array, key: jax.Array
     return accepted, token.astype(jnp.int32)
 
 
+@partial(jax.jit, static_argnums=(4, 5, 6))
+def _accept(logits, q, drafted, key, temperature, top_k, top_p):
+    return accept_tokens(_probs(logits, temperature, top_k, top_p), q, drafted, key)
+
+
 @partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _draft(graphdef, params, caches, last, position, k, temperature, top_k, top_p, key=None):
     """Feed the pending token and k drafted ones (k + 1 steps, so the cache holds them all);
@@ -120,11 +125,18 @@ def speculative_generate(
     t_params, d_params = nnx.to_pure_dict(t_params), nnx.to_pure_dict(d_params)
     t_cache = init_caches(target, 1, width, compute_dtype(target.cfg.compute_dtype))
     d_cache = init_caches(draft, 1, width, compute_dtype(draft.cfg.compute_dtype))
-    ids = jnp.asarray(prompt, jnp.int32)
-    # Prefill everything but the last prompt token: it is the first round's pending token.
-    if len(prompt) > 1:
-        _, t_cache = _score(t_def, t_params, t_cache, ids[:-1], jnp.int32(0))
-        _, d_cache = _score(d_def, d_params, d_cache, ids[:-1], jnp.int32(0))
+    # Prefill everything but the last prompt token (the first round's pending token) in
+    # chunks of k + 1, the verify pass's shape: one compiled program for both. The last chunk
+    # is padded and the padding's positions rolled back.
+    body = list(prompt[:-1])
+    for start in range(0, len(body), k + 1):
+        chunk = body[start : start + k + 1]
+        chunk = jnp.asarray(chunk + [chunk[-1]] * (k + 1 - len(chunk)), jnp.int32)
+        _, t_cache = _score(t_def, t_params, t_cache, chunk, jnp.int32(start))
+        _, d_cache = _score(d_def, d_params, d_cache, chunk, jnp.int32(start))
+    if body:
+        t_cache = _rollback(t_cache, jnp.int32(len(body) - 1))
+        d_cache = _rollback(d_cache, jnp.int32(len(body) - 1))
     key = jax.random.key(seed)
     out: list[int] = []
     stats = SpeculativeStats()
@@ -138,8 +150,7 @@ def speculative_generate(
         )
         tokens = jnp.concatenate([jnp.asarray([last], jnp.int32), drafted])
         logits, t_cache = _score(t_def, t_params, t_cache, tokens, pos)
-        p = _probs(logits, *sampling)
-        accepted, nxt = accept_tokens(p, q, drafted, a_key)
+        accepted, nxt = _accept(logits, q, drafted, a_key, *sampling)
         accepted = int(accepted)
         new = np.asarray(drafted[:accepted]).tolist() + [int(nxt)]
         stats.rounds, stats.drafted, stats.accepted = (
