@@ -119,7 +119,8 @@ def speculative_generate(
         raise ValueError(
             f"target vocab {target.cfg.vocab_size} != draft vocab {draft.cfg.vocab_size}"
         )
-    width = len(prompt) + max_new_tokens + k + 2
+    # Cache width bucketed: a new width would compile every piece again.
+    width = -(-(len(prompt) + max_new_tokens + k + 2) // 128) * 128
     t_def, t_params = nnx.split(target)
     d_def, d_params = nnx.split(draft)
     t_params, d_params = nnx.to_pure_dict(t_params), nnx.to_pure_dict(d_params)
