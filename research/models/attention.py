@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.kernels.flash_attention import blockwise_attention, flash_attention
-from research.models.layers import RMSNorm, apply_rope, param
+from research.models.layers import RMSNorm, apply_rope, as_dtype, param
 from research.parallel.mesh import per_shard
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
@@ -159,9 +159,9 @@ class Attention(nnx.Module):
         cache (ring buffer of the last W positions) the new keys are written at slot
         ``position % W``; returns (output, updated cache)."""
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q = jnp.einsum("btd,dhk->bthk", x, as_dtype(self.wq[...], dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, as_dtype(self.wk[...], dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, as_dtype(self.wv[...], dtype))
         if hasattr(self, "bq"):
             q = q + self.bq[...].astype(dtype)
             k = k + self.bk[...].astype(dtype)
@@ -198,7 +198,7 @@ class Attention(nnx.Module):
                 cache["pos"],
                 window=window,
             )
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)), cache
+        return jnp.einsum("bthk,hkd->btd", out, as_dtype(self.wo[...], dtype)), cache
 
 
 def init_kv_cache(cfg, batch: int, width: int, dtype) -> dict:

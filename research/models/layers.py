@@ -7,6 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def as_dtype(w, dtype):
+    """``w`` in ``dtype``, untouched when it already is: a quantization library may hand a
+    weight wrapper (qwix's WithAux) that einsum understands but astype would unpack."""
+    return w if w.dtype == dtype else w.astype(dtype)
+
+
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float, dtype) -> nnx.Param:
     """A normally initialised parameter that carries its logical axis names for sharding."""
     value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)
@@ -93,8 +99,8 @@ class ReluSquared(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        up = jax.nn.relu(jnp.einsum("btd,dh->bth", x, self.w_up[...].astype(dtype)))
-        return jnp.einsum("bth,hd->btd", up * up, self.w_down[...].astype(dtype))
+        up = jax.nn.relu(jnp.einsum("btd,dh->bth", x, as_dtype(self.w_up[...], dtype)))
+        return jnp.einsum("bth,hd->btd", up * up, as_dtype(self.w_down[...], dtype))
 
 
 class SwiGLU(nnx.Module):
@@ -108,6 +114,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = jnp.einsum("btd,dh->bth", x, self.w_gate[...].astype(dtype))
-        up = jnp.einsum("btd,dh->bth", x, self.w_up[...].astype(dtype))
-        return jnp.einsum("bth,hd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        gate = jnp.einsum("btd,dh->bth", x, as_dtype(self.w_gate[...], dtype))
+        up = jnp.einsum("btd,dh->bth", x, as_dtype(self.w_up[...], dtype))
+        return jnp.einsum("bth,hd->btd", jax.nn.silu(gate) * up, as_dtype(self.w_down[...], dtype))
