@@ -46,7 +46,9 @@ def test_export_a_trained_run_then_generate_and_eval_from_the_folder(tmp_path, c
     assert 0 < result["val_bpb"] < 8
 
 
+@pytest.mark.slow
 def test_generate_and_eval_read_a_hf_folder(capsys):
+    """(--runslow: two compiles; generation itself is tested in test_generation.py.)"""
     folder = str(FIXTURES / "qwen2")
     args = ["--prompt", "ROMEO:", "--max-tokens", "8", "--num-samples", "2", "--top-k", "5"]
     assert cli_main(["generate", folder, *args]) == 0

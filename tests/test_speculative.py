@@ -4,6 +4,7 @@ and the accept/reject rule emits tokens distributed exactly as the target's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 from scipy.stats import chisquare
 
@@ -14,8 +15,10 @@ from research.infer.speculative import accept_tokens, speculative_generate
 FIXTURES = REPO_ROOT / "tests" / "fixtures" / "hf"
 
 
+@pytest.mark.slow
 def test_greedy_speculative_equals_target_greedy_for_a_partly_agreeing_draft():
-    """The draft is the target with noise on its weights: it agrees on some tokens, not all,
+    """(--runslow: ~20 s of compiles on 2 cores; the rule itself is tested below.)
+    The draft is the target with noise on its weights: it agrees on some tokens, not all,
     so rounds accept partial prefixes and caches roll back. The target's greedy output is
     transformers' (the fixture), which our own greedy decoding reproduces (test_hf.py)."""
     imported = load_hf(FIXTURES / "mistral")  # sliding window 8: rollback across the window
