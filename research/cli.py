@@ -90,9 +90,27 @@ def _saved_run(run_dir: str, purpose: str):
     return build_run(load_run_config(Path(run_dir)), purpose)
 
 
+def _hf_model(path: str):
+    """An imported Hugging Face folder, or None when ``path`` is not one."""
+    from research.hf import is_hf_folder, load_hf
+
+    return load_hf(path) if is_hf_folder(path) else None
+
+
 def cmd_eval(args) -> None:
     from research.infer.evaluate import Evaluator
 
+    if (hf := _hf_model(args.run_dir)) is not None:
+        from research.config import DataConfig
+        from research.infer.text_eval import evaluate_text, validation_text
+
+        text = validation_text(DataConfig(corpus=args.corpus))
+        seq_len = min(args.seq_len, hf.config.seq_len)
+        loss, bpb = evaluate_text(
+            hf.graphdef, hf.params, hf.tokenizer, text, seq_len, max_batches=args.max_batches
+        )
+        print(json.dumps({"corpus": args.corpus, "val_loss": loss, "val_bpb": bpb}))
+        return
     run = _saved_run(args.run_dir, "eval")
     cfg = run.config
     evaluator = Evaluator(
@@ -102,9 +120,29 @@ def cmd_eval(args) -> None:
     print(json.dumps({"step": run.step, "val_loss": val_loss, "val_bpb": bpb}))
 
 
+def _generate_hf(hf, args) -> None:
+    """Batched: every sample of the prompt decoded at once, one seed each."""
+    from research.infer.generation import GenerationConfig, generate
+
+    if hf.tokenizer is None:
+        raise ResearchError(f"{args.run_dir} has no tokenizer.json to encode the prompt with")
+    prompt = hf.tokenizer.encode(args.prompt).tolist()
+    config = GenerationConfig(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+    outs = generate(hf.model(), [prompt] * args.num_samples, config)
+    print("\n---\n".join(args.prompt + hf.tokenizer.decode(out) for out in outs))
+
+
 def cmd_generate(args) -> None:
     from research.infer.sampling import sample_text
 
+    if (hf := _hf_model(args.run_dir)) is not None:
+        return _generate_hf(hf, args)
     run = _saved_run(args.run_dir, "generate")
     tokenizer = run.data.tokenizer()
     for index in range(args.num_samples):
@@ -122,6 +160,23 @@ def cmd_generate(args) -> None:
         print(text)
         if index + 1 < args.num_samples:
             print("---")
+
+
+def cmd_export(args) -> None:
+    from research.hf.export import export_hf
+
+    source = Path(args.source)
+    if (source / "config.json").is_file():
+        run = _saved_run(args.source, "generate")
+    else:
+        from research.run import build_run
+
+        cfg = load_experiment(args.source, args.overrides)
+        run = build_run(cfg, "generate")  # the experiment's run directory
+    out = export_hf(
+        run.config.model, run.state["params"], args.out_dir, run.data.tokenizer(), args.dtype
+    )
+    print(f"exported {run.run_dir} (step {run.step}) to {out}")
 
 
 def cmd_info(args) -> None:
@@ -205,7 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: research eval runs/shakespeare_char",
         formatter_class=fmt,
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or a Hugging Face model folder")
+    p.add_argument("--corpus", default="tinyshakespeare", help="HF folders: text to score")
+    p.add_argument("--seq-len", type=positive_int, default=1024, help="HF folders: window")
+    p.add_argument("--max-batches", type=non_negative_int, default=0, help="0: all")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -214,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
         epilog="example: research generate runs/shakespeare_char --prompt 'ROMEO:' --top-k 20",
     )
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory, or a Hugging Face model folder")
     p.add_argument("--prompt", default="\n")
     p.add_argument("--max-tokens", type=non_negative_int, default=300)
     p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0: greedy")
@@ -224,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "export",
+        help="export a run's parameters to a Hugging Face folder transformers loads",
+        formatter_class=fmt,
+        epilog="example: research export runs/shakespeare_char hf/shakespeare_char",
+    )
+    p.add_argument("source", help="a run directory, or an experiment (its run directory)")
+    p.add_argument("out_dir")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_export)
     p = sub.add_parser(
         "info",
         help="print the resolved config, parameter and FLOP counts",

@@ -38,6 +38,11 @@ class RunDirError(ResearchError, FileNotFoundError):
     """A run folder that is missing, is not a run, or holds no readable checkpoint."""
 
 
+class HFError(ResearchError, ValueError):
+    """A Hugging Face model folder we cannot import or a model we cannot export: unknown
+    architecture, missing shard or tensor, mismatched shapes, tokenizer/vocab mismatch."""
+
+
 # The values each enum-like string field accepts (the modules that use them check the same).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
 ROUTERS = ("softmax", "sigmoid")
@@ -47,6 +52,7 @@ PARAM_DTYPES = ("float32", "bfloat16", "float16")
 COMPUTE_DTYPES = ("auto", *PARAM_DTYPES)
 TOKENIZERS = ("char", "bpe")
 MLP_ACTIVATIONS = ("swiglu", "relu2")
+ROPE_TYPES = ("linear", "llama3")
 SCHEDULES = ("cosine", "wsd", "constant")
 POST_MODES = ("", "sft", "reward", "dpo", "grpo", "distill")
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
@@ -119,6 +125,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     rope_theta: float = 10_000.0
     rope_scaling: float = 1.0  # > 1: linear position interpolation for contexts longer than trained
+    # linear: positions / rope_scaling; llama3: Llama 3.1's per-frequency scaling by rope_scaling
+    # (low frequencies divided, high kept, a smooth ramp between; the three below set it)
+    rope_type: str = "linear"
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
     norm_eps: float = 1e-6
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on queries and keys before RoPE (Qwen3, OLMo2)
@@ -135,6 +147,7 @@ class ModelConfig:
     expert_hidden: int = 0  # 0: mlp_hidden
     expert_granularity: int = 1  # > 1: fine-grained, each expert split into this many smaller
     n_shared_experts: int = 0  # experts every token uses, beside the routed ones
+    shared_expert_gate: bool = False  # shared experts' output scaled by sigmoid(x w) (Qwen2-MoE)
     moe_every: int = 1  # an MoE block in every k-th layer (the others dense)
     router: str = "softmax"  # softmax | sigmoid
     router_renormalize: bool = True  # selected experts' weights sum to 1
@@ -221,6 +234,14 @@ class ModelConfig:
         c.within("dropout", 0.0, 1.0, open_high=True)
         c.one_of("attention", ATTENTION_IMPLEMENTATIONS)
         c.one_of("mlp_activation", MLP_ACTIVATIONS)
+        c.one_of("rope_type", ROPE_TYPES)
+        if self.rope_type == "llama3":
+            c.positive("rope_original_context")
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+                c.add(
+                    "model.rope_high_freq_factor must be > model.rope_low_freq_factor > 0 "
+                    f"(got {self.rope_high_freq_factor} and {self.rope_low_freq_factor})"
+                )
         c.at_least("logit_softcap", 0.0, " (0: off)")
         c.one_of("param_dtype", PARAM_DTYPES)
         c.one_of("compute_dtype", COMPUTE_DTYPES)

@@ -35,6 +35,7 @@ def count_params(cfg: ModelConfig) -> ModelSize:
         if cfg.is_moe_layer(layer):
             expert = 3 * d * cfg.expert_hidden
             shared = cfg.n_shared_experts * expert
+            shared += d * (cfg.n_shared_experts > 0 and cfg.shared_expert_gate)
             router = d * cfg.n_experts
             total_mlp += router + cfg.n_experts * expert + shared
             active_mlp += router + cfg.top_k * expert + shared

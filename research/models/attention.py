@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from research.kernels.flash_attention import blockwise_attention, flash_attention
-from research.models.layers import RMSNorm, apply_rope, param
+from research.models.layers import RMSNorm, apply_rope, as_dtype, param
 from research.parallel.mesh import per_shard
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
@@ -50,7 +50,8 @@ def xla_attention(
     kv_segment_ids: jax.Array | None = None,
     causal: bool = True,
 ) -> jax.Array:
-    """Reference attention. q [B,T,H,D], k/v [B,S,KV,D]; positions [T] and [S] (-1: empty slot).
+    """Reference attention. q [B,T,H,D], k/v [B,S,KV,D]; positions [T] and [S] (-1: empty slot),
+    or [B,T] and [B,S]: each sequence its own positions (batched decoding of ragged prompts).
 
     Query heads are grouped onto their KV head by a reshape, so K/V are never repeated in memory.
     A key is visible when 0 <= its position <= the query's (``causal``), within ``window`` if
@@ -60,11 +61,14 @@ def xla_attention(
     n_kv = k.shape[2]
     # Fold the scale into q: a [T, d] multiply instead of one over the [T, S] scores.
     q = q * jnp.asarray(1.0 / math.sqrt(head_dim), q.dtype)
-    visible = kv_positions[None, :] >= 0
+    query_pos, key_pos = q_positions[..., :, None], kv_positions[..., None, :]
+    visible = key_pos >= 0
     if causal:
-        visible &= kv_positions[None, :] <= q_positions[:, None]
+        visible &= key_pos <= query_pos
     if window:
-        visible &= kv_positions[None, :] > q_positions[:, None] - window
+        visible &= key_pos > query_pos - window
+    if visible.ndim == 3:  # per-sequence positions: [B, 1, T, S]
+        visible = visible[:, None]
     if q_segment_ids is not None:  # [B, 1, T, S]: broadcasts over heads (and groups)
         visible = visible & (q_segment_ids[:, None, :, None] == kv_segment_ids[:, None, None, :])
     if n_kv == n_heads:  # plain multi-head: 4-D einsums lower to fewer transposes
@@ -155,9 +159,9 @@ class Attention(nnx.Module):
         cache (ring buffer of the last W positions) the new keys are written at slot
         ``position % W``; returns (output, updated cache)."""
         dtype = x.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q = jnp.einsum("btd,dhk->bthk", x, as_dtype(self.wq[...], dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, as_dtype(self.wk[...], dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, as_dtype(self.wv[...], dtype))
         if hasattr(self, "bq"):
             q = q + self.bq[...].astype(dtype)
             k = k + self.bk[...].astype(dtype)
@@ -173,21 +177,28 @@ class Attention(nnx.Module):
         else:
             width = cache["k"].shape[1]
             slots = positions % width
+            # positions [T]: one for the batch; [B, T]: per sequence (cache["pos"] is [B, W])
+            if positions.ndim == 1:
+                at, pos_at = (slice(None), slots), slots
+            else:
+                at = pos_at = (jnp.arange(x.shape[0])[:, None], slots)
             cache = {
-                "k": cache["k"].at[:, slots].set(k.astype(cache["k"].dtype)),
-                "v": cache["v"].at[:, slots].set(v.astype(cache["v"].dtype)),
-                "pos": cache["pos"].at[slots].set(positions),
+                "k": cache["k"].at[at].set(k.astype(cache["k"].dtype)),
+                "v": cache["v"].at[at].set(v.astype(cache["v"].dtype)),
+                "pos": cache["pos"].at[pos_at].set(positions),
             }
-            # RoPE is relative, so a ring buffer of width W is exact sliding-window attention.
+            # RoPE is relative, so a ring buffer of width W is exact sliding-window attention;
+            # a cache wider than the model's window still sees only the window.
+            window = min(self.window, width) if self.window else width
             out = xla_attention(
                 q,
                 cache["k"].astype(dtype),
                 cache["v"].astype(dtype),
                 positions,
                 cache["pos"],
-                window=width,
+                window=window,
             )
-        return jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype)), cache
+        return jnp.einsum("bthk,hkd->btd", out, as_dtype(self.wo[...], dtype)), cache
 
 
 def init_kv_cache(cfg, batch: int, width: int, dtype) -> dict:

@@ -7,6 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def as_dtype(w, dtype):
+    """``w`` in ``dtype``, untouched when it already is: a quantization library may hand a
+    weight wrapper (qwix's WithAux) that einsum understands but astype would unpack."""
+    return w if w.dtype == dtype else w.astype(dtype)
+
+
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple, std: float, dtype) -> nnx.Param:
     """A normally initialised parameter that carries its logical axis names for sharding."""
     value = std * jax.random.normal(rngs.params(), shape, dtype=jnp.float32)
@@ -26,11 +32,26 @@ class RMSNorm(nnx.Module):
 
 
 def rope_tables(
-    positions: jax.Array, head_dim: int, theta: float, scaling: float
+    positions: jax.Array,
+    head_dim: int,
+    theta: float,
+    scaling: float,
+    llama3: tuple[float, float, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [..., T, head_dim // 2]; scaling > 1 interpolates positions linearly."""
+    """cos/sin of shape [..., T, head_dim // 2]; scaling > 1 interpolates positions linearly, or,
+    with ``llama3`` = (low_freq_factor, high_freq_factor, original_context), per frequency as
+    Llama 3.1 does: wavelengths longer than the original context / low_freq_factor are divided
+    by ``scaling``, those shorter than original / high_freq_factor kept, a linear ramp between."""
     inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = (positions.astype(jnp.float32) / scaling)[..., None] * inv_freq
+    if llama3 is None:
+        positions = positions.astype(jnp.float32) / scaling
+    else:
+        low, high, original = llama3
+        wavelength = 2 * jnp.pi / inv_freq
+        ramp = jnp.clip((original / wavelength - low) / (high - low), 0.0, 1.0)
+        inv_freq = (1 - ramp) * inv_freq / scaling + ramp * inv_freq
+        positions = positions.astype(jnp.float32)
+    angles = positions[..., None] * inv_freq
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -78,8 +99,8 @@ class ReluSquared(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        up = jax.nn.relu(jnp.einsum("btd,dh->bth", x, self.w_up[...].astype(dtype)))
-        return jnp.einsum("bth,hd->btd", up * up, self.w_down[...].astype(dtype))
+        up = jax.nn.relu(jnp.einsum("btd,dh->bth", x, as_dtype(self.w_up[...], dtype)))
+        return jnp.einsum("bth,hd->btd", up * up, as_dtype(self.w_down[...], dtype))
 
 
 class SwiGLU(nnx.Module):
@@ -93,6 +114,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype
-        gate = jnp.einsum("btd,dh->bth", x, self.w_gate[...].astype(dtype))
-        up = jnp.einsum("btd,dh->bth", x, self.w_up[...].astype(dtype))
-        return jnp.einsum("bth,hd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dtype))
+        gate = jnp.einsum("btd,dh->bth", x, as_dtype(self.w_gate[...], dtype))
+        up = jnp.einsum("btd,dh->bth", x, as_dtype(self.w_up[...], dtype))
+        return jnp.einsum("bth,hd->btd", jax.nn.silu(gate) * up, as_dtype(self.w_down[...], dtype))

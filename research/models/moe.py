@@ -86,6 +86,12 @@ class MoE(nnx.Module):
             if cfg.n_shared_experts
             else None
         )
+        # Qwen2-MoE: how much of the shared experts' output each token takes, sigmoid(x w).
+        self.shared_gate = (
+            param(rngs, (d, 1), ("embed", None), std, param_dtype)
+            if cfg.n_shared_experts and cfg.shared_expert_gate
+            else None
+        )
 
     def route(self, tokens: jax.Array):
         """Router in float32 over [..., d] tokens: (logits, normalised probabilities, chosen
@@ -124,7 +130,11 @@ class MoE(nnx.Module):
             out, dropped = jax.vmap(self._capacity)(x, experts, weights)
             dropped = jnp.mean(dropped)
         if self.shared is not None:
-            out = out + self.shared(x)
+            shared = self.shared(x)
+            if self.shared_gate is not None:
+                gate = jnp.einsum("btd,do->bto", x, self.shared_gate[...].astype(x.dtype))
+                shared = jax.nn.sigmoid(gate) * shared
+            out = out + shared
         flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
         return out, self._aux(flat(logits), flat(probs), flat(experts), dropped)
 

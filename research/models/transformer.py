@@ -120,7 +120,14 @@ class Transformer(nnx.Module):
         embed = self.embed[...]
         x = embed[tokens].astype(dtype)
         rope_positions = positions if segment_ids is None else document_positions(segment_ids)
-        rope = rope_tables(rope_positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        llama3 = None
+        if cfg.rope_type == "llama3":
+            llama3 = (
+                cfg.rope_low_freq_factor,
+                cfg.rope_high_freq_factor,
+                cfg.rope_original_context,
+            )
+        rope = rope_tables(rope_positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, llama3)
         new_caches, router_stats = [], []
         if caches is None:  # training and scoring: remat and scan-over-layers apply here
             blocks = self.stacked_blocks if cfg.scan_layers else self.blocks
