@@ -1,4 +1,5 @@
-"""The `research` command: prepare | train | eval | generate | info | sweep | fit | forecast."""
+"""The `research` command: prepare | train | eval | generate | info | sweep | fit | forecast |
+compile."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from research.aot.command import add_compile_command
 from research.cli_types import non_negative_float, non_negative_int, positive_int, unit_fraction
 from research.config import ExperimentConfig, ResearchError, load_experiment
 from research.scaling.commands import add_scaling_commands
@@ -202,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     add_scaling_commands(sub, _add_experiment_args)  # sweep | fit | forecast
+    add_compile_command(sub, _add_experiment_args)  # compile (for a TPU slice)
     return parser
 
 
@@ -213,13 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         from research import runtime
 
         runtime.setup()
-        args.func(args)
+        status = args.func(args)  # None: success; compile returns 1 for does-not-fit
     except (ResearchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

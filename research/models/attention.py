@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.backend import backend
 from research.kernels.flash_attention import blockwise_attention, flash_attention
 from research.models.layers import apply_rope, param
 from research.parallel.mesh import per_shard
@@ -33,7 +34,7 @@ def resolve_implementation(name: str, dtype, seq_len: int = 0) -> str:
         )
     if name != "auto":
         return name
-    fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    fused_ok = backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if fused_ok:
         return "cudnn"
     return "blockwise" if seq_len >= BLOCKWISE_MIN_SEQ else "xla"

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from research.backend import backend as target_backend
 from research.kernels.flash_attention import common, gpu, tpu
 from research.kernels.flash_attention.blockwise import blockwise_attention
 from research.kernels.flash_attention.common import BlockSizes
@@ -41,7 +42,7 @@ def flash_attention(
     ``xla`` reference. ``kernel``: "gpu" (Triton) or "tpu" (Mosaic); default the backend's, and
     on CPU the GPU kernel in interpret mode (``interpret`` defaults to True on CPU only).
     """
-    backend = jax.default_backend()
+    backend = target_backend()
     kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
     if kernel not in _KERNELS:
         raise ValueError(f"kernel='{kernel}': choose 'gpu' (Triton) or 'tpu' (Mosaic)")
@@ -70,6 +71,12 @@ def flash_attention(
     if kv_positions is None:
         kv_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
     config = (kernel, causal, window, blocks, interpret)
+    if kernel == "tpu" and q.dtype == jnp.float16:
+        # Mosaic cannot load float16 tiles on TPU (the compiler rejects the kernel): compute in
+        # float32, exact for float16 inputs; the casts' gradients cast dq/dk/dv back.
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        out = _flash(*f32, q_positions, kv_positions, q_segment_ids, kv_segment_ids, config)
+        return out.astype(q.dtype)
     return _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, config)
 
 
