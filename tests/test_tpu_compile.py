@@ -34,6 +34,23 @@ def test_bad_topology_is_one_error_line(capsys):
     assert capsys.readouterr().err.startswith("error: --topology 'v7x-8' is not a TPU slice")
 
 
+def test_forecast_and_ledger_know_cloud_tpus(capsys):
+    """The hardware table covers TPU v3-v6e by the names JAX reports, so a ledger on a Cloud
+    TPU VM and `research forecast --hardware "TPU v5p"` have peak, power and price."""
+    from research.train.accounting import device_hardware
+
+    for kind, name in (("TPU v3", "TPU v3"), ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"),
+                       ("TPU v5", "TPU v5p"), ("TPU v6 lite", "TPU v6e")):  # fmt: skip
+        entry = device_hardware(kind, "tpu")
+        assert entry.name == name and entry.peak_flops and entry.tdp_w and entry.price_per_hour
+    args = ["forecast", "--params", "8e9", "--tokens", "1.6e11", "--hardware", "TPU v5p"]
+    assert main([*args, "--devices", "64", "--mfu", "0.5"]) == 0
+    out = capsys.readouterr().out
+    # 6 x 8e9 x 1.6e11 = 7.68e21 FLOPs at 64 x 459 TFLOP/s x 50%: 5.2e5 s = 6.1 days
+    assert "64 x TPU v5p (peak 459 TFLOP/s" in out and "time 6.1 days" in out
+    assert "$4.20/device-hour" in out
+
+
 pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extra")
 
 
