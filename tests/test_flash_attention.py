@@ -103,6 +103,37 @@ def test_matches_xla_reference(impl, case):
         assert float(jnp.abs(c - b).max()) / scale > 20 * tol, f"{name}: control too close"
 
 
+@pytest.mark.parametrize("case", ["window-mqa-uneven", "segments-gqa"])
+def test_dq_and_dkv_kernels_take_their_own_blocks(case):
+    """dK/dV with tiles unlike dQ's (each pass pads and classifies its own blocks)."""
+    blocks = BlockSizes(32, 16, 16, 32, block_q_dkv=32, block_kv_dkv=16, num_stages_dkv=3)
+    assert (blocks.dq.block_q, blocks.dkv.block_q, blocks.dkv.num_stages) == (16, 32, 3)
+    inputs, kw, want, _ = _case(case)
+    fn = functools.partial(flash_attention, kernel="gpu", block_sizes=blocks, interpret=True)
+    got = _out_and_grads(fn, *inputs, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = float(jnp.abs(a - b).max()) / float(jnp.abs(b).max())
+        assert err < 2e-5, f"{name}: relative error {err:.2e}"
+
+
+def test_triton_tiles_shrink_to_fit_shared_memory():
+    """Hopper gives a program 227 KB: the defaults fit bf16 at every head_dim; float32 at
+    head_dim 256 shrinks the streamed tile; what cannot fit is refused, naming the fix."""
+    from research.kernels.flash_attention.common import SMEM_BYTES, fit_smem, smem_bytes
+
+    gpu = BlockSizes.for_backend("gpu")
+    for kernel, cfg in (("fwd", gpu.forward), ("dq", gpu.dq), ("dkv", gpu.dkv)):
+        for head_dim in (64, 128, 256):
+            assert fit_smem(kernel, cfg, head_dim, 2) == cfg  # bf16: unchanged
+        assert smem_bytes(kernel, cfg, 256, 4) > SMEM_BYTES  # float32 at 256 does not fit
+        fitted = fit_smem(kernel, cfg, 256, 4)
+        assert smem_bytes(kernel, fitted, 256, 4) <= SMEM_BYTES and fitted != cfg
+    # Forward at f32 x 256: q 128x256 resident (128 KB), k/v 2 stages x 2 x bk x 256 x 4.
+    assert fit_smem("fwd", gpu.forward, 256, 4).block_kv == 16
+    with pytest.raises(ValueError, match="use bfloat16 inputs, a smaller head_dim"):
+        fit_smem("fwd", gpu.forward, 256, 4, limit=32 * 1024)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fully_masked_blocks_are_not_computed(impl):
     """NaN values in keys no query may see: a kernel that computed those blocks (even masked,
@@ -183,6 +214,30 @@ def test_kernels_lower_for_their_backend(kernel, platform):
     text = exported(q, kv, kv, pos, seg).mlir_module()
     marker = "xla.gpu.triton" if kernel == "gpu" else "tpu_custom_call"
     assert text.count(marker) == 3  # forward, dq, dkv
+
+
+@pytest.mark.parametrize("window,segments", [(64, False), (0, True)])
+def test_auto_on_gpu_with_window_or_segments_runs_flash_not_the_quadratic_reference(
+    window, segments
+):
+    """cuDNN takes plain causal attention only; a window or segment ids under `auto` on a GPU
+    must run our kernel (linear memory), never the [T, S] reference."""
+    from research.backend import target_backend
+
+    sds = jax.ShapeDtypeStruct
+    q = sds((2, 256, 4, 64), jnp.bfloat16)
+    seg = sds((2, 256), jnp.int32) if segments else None
+
+    def f(q, k, v, seg=None):
+        pos = jnp.arange(256, dtype=jnp.int32)
+        return attend(q, k, v, pos, pos, "auto", window, seg)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with target_backend("gpu"):
+        exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)
+        text = exported(q, q, q, *([seg] if segments else [])).mlir_module()
+    assert "xla.gpu.triton" in text
+    assert "256x256" not in text  # no score matrix materialised
 
 
 # The kernels are checked against the reference op by op above; this whole run is slow.

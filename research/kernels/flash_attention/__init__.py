@@ -7,6 +7,7 @@ log-sum-exp and whose backward recomputes probabilities tile by tile (dQ and dK/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -58,13 +59,14 @@ def flash_attention(
     minimum = 16 if kernel == "gpu" else 8  # Triton's dot needs 16-row tiles
     fit_q = functools.partial(common.fit_block, length=q.shape[1], minimum=minimum)
     fit_kv = functools.partial(common.fit_block, length=k.shape[1], minimum=minimum)
-    blocks = BlockSizes(
-        fit_q(blocks.block_q),
-        fit_kv(blocks.block_kv),
-        fit_q(blocks.block_q_bwd),
-        fit_kv(blocks.block_kv_bwd),
-        blocks.num_warps,
-        blocks.num_stages,
+    blocks = dataclasses.replace(
+        blocks,
+        block_q=fit_q(blocks.block_q),
+        block_kv=fit_kv(blocks.block_kv),
+        block_q_bwd=fit_q(blocks.block_q_bwd),
+        block_kv_bwd=fit_kv(blocks.block_kv_bwd),
+        block_q_dkv=fit_q(blocks.dkv.block_q),
+        block_kv_dkv=fit_kv(blocks.dkv.block_kv),
     )
     if q_positions is None:
         q_positions = jnp.arange(q.shape[1], dtype=jnp.int32)
