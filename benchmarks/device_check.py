@@ -370,27 +370,33 @@ def moe_config(kind: str, dry: bool):
 # --- 5. block sweep ------------------------------------------------------------------------
 
 
-BLOCK_SWEEP = [  # (block_q, block_kv, block_q_bwd, block_kv_bwd, num_warps, num_stages)
-    (128, 64, 64, 64, None, 2),  # the defaults
-    (128, 128, 64, 64, 8, 2),
-    (64, 64, 64, 64, 4, 3),
-    (128, 64, 64, 32, 4, 3),
-    (128, 32, 32, 64, 4, 3),
-    (64, 128, 64, 128, 8, 2),
+BLOCK_SWEEP = [  # BlockSizes fields; each pass (forward, dQ, dK/dV) has its own tiles/warps/stages
+    {},  # the defaults
+    {"block_kv": 128, "num_warps": 8},
+    {"block_q": 64, "block_kv": 64, "num_warps": 4, "num_stages": 3},
+    {"num_stages": 3, "num_stages_dq": 3, "num_stages_dkv": 2},
+    {"block_q_dkv": 32, "block_kv_dkv": 128, "num_warps_dkv": 8},
+    {
+        "block_q_bwd": 128,
+        "block_kv_bwd": 32,
+        "num_warps_dq": 8,
+        "block_q_dkv": 64,
+        "block_kv_dkv": 64,
+    },
 ]
 
 
-def block_case(blocks_tuple, dry: bool) -> dict:
+def block_case(fields: dict, dry: bool) -> dict:
     from research.kernels.flash_attention import BlockSizes, flash_attention
 
-    blocks = BlockSizes(*blocks_tuple)
+    blocks = BlockSizes(**fields)
     seq = 64 if dry else 4096
 
     def fn(q, k, v):
         return flash_attention(q, k, v, causal=True, block_sizes=blocks, interpret=dry or None)
 
     row = attention_case("ours", fn, seq, dry)
-    row["blocks"] = "x".join(str(b) for b in blocks_tuple)
+    row["blocks"] = " ".join(f"{k}={v}" for k, v in fields.items()) or "defaults"
     return row
 
 
@@ -498,9 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         check.save()
     if "blocks" in wanted:
         for blocks in limit(BLOCK_SWEEP):
-            check.case(
-                "blocks", "x".join(map(str, blocks)), lambda b=blocks: block_case(b, dry), 15
-            )
+            name = " ".join(f"{k}={v}" for k, v in blocks.items()) or "defaults"
+            check.case("blocks", name, lambda b=blocks: block_case(b, dry), 15)
     check.meta["grain_imported"] = "grain" in sys.modules
     check.meta["research_data_imported"] = any(m.startswith("research.data") for m in sys.modules)
     check.save()

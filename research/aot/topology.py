@@ -10,6 +10,7 @@ in MaxText's ``accelerator_to_spec_map.py``); other chip counts are refused with
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 
@@ -78,6 +79,10 @@ class Topology:
             ) from error
         from jax.experimental import topologies
 
+        from research.runtime import has_tpu_chips
+
+        if not has_tpu_chips():  # compile-only: no chips to guard, so several processes may
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # (pytest -n, a sweep)
         gen = GENERATIONS[self.generation]
         dims = [int(d) for d in self.physical.split(":")[1].split("x")]
         desc = topologies.get_topology_desc(
