@@ -24,8 +24,8 @@ def _dry_run(tmp_path, *args):
     return done, payload, (out / "device_check.md").read_text()
 
 
-def test_dry_run_one_case_per_section_is_correct_and_never_imports_grain(tmp_path):
-    done, payload, table = _dry_run(tmp_path, "--max-cases", "1", "--sections", "kernels,blocks")
+def test_dry_run_kernel_case_is_correct_and_never_imports_grain(tmp_path):
+    done, payload, table = _dry_run(tmp_path, "--max-cases", "1", "--sections", "kernels")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert payload["dry_run"] and not payload["grain_imported"]
     assert not payload["research_data_imported"]
@@ -34,7 +34,7 @@ def test_dry_run_one_case_per_section_is_correct_and_never_imports_grain(tmp_pat
     assert max(kernel[f"err_{n}"] for n in ("out", "dq", "dk", "dv")) < kernel["tolerance"]
     assert kernel["empty_rows_max"] == 0.0  # rows that see no key are exactly 0
     assert kernel["err_vs_wrong_causality"] > 20 * kernel["tolerance"]
-    assert {r["section"] for r in payload["rows"]} == {"kernels", "blocks"}
+    assert {r["section"] for r in payload["rows"]} == {"kernels"}
     assert "## kernels" in table and "| bfloat16 d64 causal |" in table
 
 
