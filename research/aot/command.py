@@ -40,7 +40,9 @@ def format_report(report) -> str:
         )
         if step.flops is not None:
             lines.append(f"  FLOPs per step per device (XLA): {step.flops:.3e}")
-        if step.collectives:
+        if step.collectives is None:
+            lines.append("  collectives: not readable (this libtpu cannot print the program)")
+        elif step.collectives:
             ops = ", ".join(
                 f"{op} x{count} ({_size(size)})"
                 for op, (count, size) in sorted(step.collectives.items())

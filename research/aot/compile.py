@@ -39,7 +39,8 @@ class CompiledStep:
     name: str
     memory: dict[str, int]  # argument, output, temp, generated_code, alias (bytes)
     flops: float | None  # XLA's cost analysis, per device
-    collectives: dict[str, tuple[int, int]]  # op -> (count, bytes of their results)
+    collectives: dict[str, tuple[int, int]] | None  # op -> (count, result bytes); None:
+    # the compiled program could not be printed (some libtpu builds, asynchronous collectives)
     seconds: float  # compile time on this machine
 
     @property
