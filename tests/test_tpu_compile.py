@@ -184,3 +184,38 @@ def test_a_step_that_does_not_fit_exits_1_with_what_helps(capsys, monkeypatch):
     assert "verdict: does NOT fit (4.00 GiB over per chip)" in out.out
     # Temporaries dominate: activation knobs come first, then sharding the state.
     assert out.out.index("model.remat=full") < out.out.index("mesh.fsdp")
+
+
+def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(capsys, monkeypatch):
+    """XLA:TPU refuses a program whose temporaries alone exceed HBM (a compile-time OOM, as for
+    a dropless MoE step on v6e-256): the command reports it as does-not-fit, exit 1, with the
+    MoE dispatch knob, never a traceback."""
+    import jax
+
+    from research.aot import compile as aot
+    from research.config import load_experiment
+
+    message = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+        "required for HLO temporaries (346.66G) exceeds available HBM (31.24G)."
+    )
+
+    class Lowered:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+
+    step = aot._read("train step", Lowered(), 0.0)
+    assert step.refused.startswith("RESOURCE_EXHAUSTED") and step.memory["temp"] > 346 * 2**30
+    from research.aot.command import format_report
+    from research.train.memory import MemoryReport
+
+    mesh = {"data": 1, "fsdp": 256, "tensor": 1, "expert": 1}
+    estimate = MemoryReport(2**30, 2**31, 2**30, 256, "full")
+    report = aot.CompileReport(parse_topology("v6e-256"), mesh, [step], estimate, 1e12)
+    assert not report.fits
+    cfg = load_experiment("tiny", ["model.n_experts=4", "model.moe_dispatch=dropless"])
+    report.knobs = aot.knobs(report, cfg)
+    assert "model.moe_dispatch=capacity" in report.knobs[0]
+    text = format_report(report)
+    assert "train step: the TPU compiler refused it: RESOURCE_EXHAUSTED" in text
+    assert "verdict: does NOT fit" in text

@@ -31,6 +31,9 @@ def format_report(report) -> str:
     ]
     for step in report.steps:
         m = step.memory
+        if step.refused:
+            lines.append(f"{step.name}: the TPU compiler refused it: {step.refused}")
+            continue
         share = step.total_bytes / hbm
         lines.append(
             f"{step.name} (compiled in {step.seconds:.1f} s), per device: arguments "
@@ -51,9 +54,13 @@ def format_report(report) -> str:
         else:
             lines.append("  collectives: none")
     est, train = report.estimate, report.steps[0]
+    if train.refused:
+        train_size = f"needs over {_size(train.total_bytes)} of temporaries alone"
+    else:
+        train_size = _size(train.total_bytes)
     lines.append(
         f"our estimate (research/train/memory.py): {est.summary()}; compiler's train step "
-        f"{_size(train.total_bytes)} ({est.total_bytes / max(train.total_bytes, 1):.2f}x)"
+        f"{train_size} ({est.total_bytes / max(train.total_bytes, 1):.2f}x)"
     )
     lines.append(
         f"model FLOPs per step per chip (6N + attention): {report.model_flops_per_device:.3e}"

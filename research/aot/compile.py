@@ -42,6 +42,7 @@ class CompiledStep:
     collectives: dict[str, tuple[int, int]] | None  # op -> (count, result bytes); None:
     # the compiled program could not be printed (some libtpu builds, asynchronous collectives)
     seconds: float  # compile time on this machine
+    refused: str = ""  # the compiler's own out-of-memory message, when it refused the program
 
     @property
     def total_bytes(self) -> int:
@@ -61,7 +62,7 @@ class CompileReport:
 
     @property
     def fits(self) -> bool:
-        return all(s.total_bytes <= self.topology.hbm_bytes for s in self.steps)
+        return all(not s.refused and s.total_bytes <= self.topology.hbm_bytes for s in self.steps)
 
 
 def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
@@ -80,8 +81,22 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
     return found
 
 
+_HBM_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
+
+
 def _read(name: str, lowered, started: float) -> CompiledStep:
-    compiled = lowered.compile()
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as error:
+        # XLA:TPU refuses a program whose temporaries alone exceed HBM: that is a verdict
+        # (does not fit), not a crash. Its message gives the temporaries in GiB.
+        if "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        found = _HBM_OOM.search(str(error))
+        temp = int(float(found.group(1)) * 2**30) if found else 0
+        memory = {"argument": 0, "output": 0, "alias": 0, "temp": temp, "generated_code": 0}
+        message = str(error).splitlines()[0]
+        return CompiledStep(name, memory, None, {}, time.perf_counter() - started, message)
     seconds = time.perf_counter() - started
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -174,6 +189,11 @@ def knobs(report: CompileReport, cfg: ExperimentConfig) -> list[str]:
     mesh, found = report.mesh, []
     temp_first = train["temp"] >= train["argument"]
     activation = []
+    if cfg.model.n_experts and cfg.model.moe_dispatch in ("auto", "dropless"):
+        activation.append(
+            "--set model.moe_dispatch=capacity (dropless ragged_dot dispatch sorts the whole "
+            "batch as one group, which the compiler does not split over the batch shards)"
+        )
     if cfg.model.remat != "full":
         activation.append("--set model.remat=full (recompute each block in the backward pass)")
     activation.append(
