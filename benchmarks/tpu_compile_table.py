@@ -23,11 +23,15 @@ sys.path.insert(0, str(ROOT))
 
 TOPOLOGIES = ("v5p-64", "v5p-128", "v5p-256", "v6e-256")
 SEQUENCES_PER_CHIP = {"gpt2_small": 8, "llama3_8b": 1, "llama3_70b": 1, "mixtral_8x7b": 8}
-LAYOUT = {  # the same layout on every slice: FSDP over all chips
-    "gpt2_small": ["mesh.data=1", "mesh.fsdp=-1", "model.remat=full", "model.scan_layers=true"],
-    "llama3_8b": [],
-    "llama3_70b": [],
-    "mixtral_8x7b": [],
+LAYOUT = {  # row name: (experiment, overrides); the same layout on every slice: FSDP over all
+    "gpt2_small": (
+        "gpt2_small",
+        ["mesh.data=1", "mesh.fsdp=-1", "model.remat=full", "model.scan_layers=true"],
+    ),
+    "llama3_8b": ("llama3_8b", []),
+    "llama3_70b": ("llama3_70b", []),
+    "mixtral_8x7b": ("mixtral_8x7b", []),  # dropless (ragged_dot), TPU's auto
+    "mixtral_8x7b_capacity": ("mixtral_8x7b", ["model.moe_dispatch=capacity"]),
 }
 
 
@@ -36,7 +40,7 @@ def rows(only: list[str]):
     for item in only or list(LAYOUT):
         name, _, topology = item.partition(":")
         for topo in [topology] if topology else TOPOLOGIES:
-            yield name, topo, LAYOUT[name]
+            yield name, topo, LAYOUT[name][1]
 
 
 def main() -> int:
@@ -62,8 +66,9 @@ def main() -> int:
         if (name, topo_name) in done:
             continue
         topology = parse_topology(topo_name)
-        batch = topology.chips * SEQUENCES_PER_CHIP[name]
-        cfg = load_experiment(name, [*overrides, f"train.batch_size={batch}"])
+        experiment = LAYOUT[name][0]
+        batch = topology.chips * SEQUENCES_PER_CHIP[experiment]
+        cfg = load_experiment(experiment, [*overrides, f"train.batch_size={batch}"])
         started = time.perf_counter()
         try:
             report = compile_run(cfg, topology, decode=False)
@@ -93,7 +98,7 @@ def main() -> int:
         if "error" in r:
             print(f"| {r['experiment']} | {r['topology']} | - | error: {r['error'][:80]} | | | |")
             continue
-        seq = load_experiment(r["experiment"]).model.seq_len
+        seq = load_experiment(LAYOUT[r["experiment"]][0]).model.seq_len
         print(
             f"| {r['experiment']} | {r['topology']} | {r['batch']} x {seq} | "
             f"{r['compiled_gib']:.1f} | {r['hbm_gib']:.0f} | {'yes' if r['fits'] else 'NO'} | "
