@@ -103,9 +103,8 @@ def test_matches_xla_reference(impl, case):
         assert float(jnp.abs(c - b).max()) / scale > 20 * tol, f"{name}: control too close"
 
 
-@pytest.mark.parametrize(
-    "case", ["segments-gqa", pytest.param("window-mqa-uneven", marks=pytest.mark.slow)]
-)
+@pytest.mark.slow  # the default path (test_matches_xla_reference) runs dQ and dK/dV apart too
+@pytest.mark.parametrize("case", ["segments-gqa", "window-mqa-uneven"])
 def test_dq_and_dkv_kernels_take_their_own_blocks(case):
     """dK/dV with tiles unlike dQ's (each pass pads and classifies its own blocks)."""
     blocks = BlockSizes(32, 16, 16, 32, block_q_dkv=32, block_kv_dkv=16, num_stages_dkv=3)
@@ -118,8 +117,10 @@ def test_dq_and_dkv_kernels_take_their_own_blocks(case):
         assert err < 2e-5, f"{name}: relative error {err:.2e}"
 
 
+# The race detector interprets every grid point on two simulated cores: minutes under load on
+# a 2-core CPU, so all of them run with --runslow.
 RACE_CASES = [
-    "tiny-window-segments",
+    pytest.param("tiny-window-segments", marks=pytest.mark.slow),
     pytest.param("window-mqa-uneven", marks=pytest.mark.slow),
     pytest.param("segments-gqa", marks=pytest.mark.slow),
 ]
