@@ -1,4 +1,5 @@
-"""The `research` command: prepare | train | eval | generate | info | sweep | fit | forecast."""
+"""The `research` command: prepare | train | eval | generate | info | sweep | fit | forecast |
+compile."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+from research.aot.command import add_compile_command
 from research.cli_post import add_post_commands
 from research.cli_types import non_negative_float, non_negative_int, positive_int, unit_fraction
 from research.config import ConfigError, ExperimentConfig, ResearchError, load_experiment
@@ -304,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scaling_commands(sub, _add_experiment_args)  # sweep | fit | forecast
     add_post_commands(sub)  # post-data | post-eval (post-training runs are `research train`)
+    add_compile_command(sub, _add_experiment_args)  # compile (for a TPU slice)
     return parser
 
 
@@ -315,13 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         from research import runtime
 
         runtime.setup()
-        args.func(args)
+        status = args.func(args)  # None: success; compile returns 1 for does-not-fit
     except (ResearchError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 
@@ -35,6 +37,32 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def has_tpu_chips() -> bool:
+    """Whether this machine has TPU chips: Google's PCI vendor id, as JAX itself checks."""
+    for vendor in Path("/sys/bus/pci/devices").glob("*/vendor"):
+        try:
+            if vendor.read_text().strip() == "0x1ae0":
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def skip_absent_tpu() -> None:
+    """Leave the TPU out of the platforms JAX starts when libtpu is installed (``research
+    compile`` and its tests use it for compile-only devices) but the machine has no TPU chips:
+    otherwise every JAX program probes for them and prints errors. JAX_PLATFORMS, if set,
+    wins; compile-only TPU devices work either way."""
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if has_tpu_chips():
+        return
+    installed = {d.metadata["Name"].lower() for d in importlib.metadata.distributions()}
+    gpu = [p for p in ("cuda", "rocm") if any(n.startswith(f"jax-{p}") for n in installed)]
+    os.environ["JAX_PLATFORMS"] = ",".join([*gpu, "cpu"])  # a GPU absent is skipped quietly
+
+
 def setup() -> None:
+    skip_absent_tpu()
     configure_cpu_devices()
     enable_compilation_cache()

@@ -18,6 +18,7 @@ import pytest  # noqa: E402
 from research import runtime  # noqa: E402
 from research.config import load_experiment  # noqa: E402
 
+runtime.skip_absent_tpu()  # libtpu (test extra: compile-only TPU devices) on a CPU machine
 runtime.enable_compilation_cache()
 
 

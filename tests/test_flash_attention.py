@@ -103,6 +103,81 @@ def test_matches_xla_reference(impl, case):
         assert float(jnp.abs(c - b).max()) / scale > 20 * tol, f"{name}: control too close"
 
 
+@pytest.mark.slow  # the default path (test_matches_xla_reference) runs dQ and dK/dV apart too
+@pytest.mark.parametrize("case", ["segments-gqa", "window-mqa-uneven"])
+def test_dq_and_dkv_kernels_take_their_own_blocks(case):
+    """dK/dV with tiles unlike dQ's (each pass pads and classifies its own blocks)."""
+    blocks = BlockSizes(32, 16, 16, 32, block_q_dkv=32, block_kv_dkv=16, num_stages_dkv=3)
+    assert (blocks.dq.block_q, blocks.dkv.block_q, blocks.dkv.num_stages) == (16, 32, 3)
+    inputs, kw, want, _ = _case(case)
+    fn = functools.partial(flash_attention, kernel="gpu", block_sizes=blocks, interpret=True)
+    got = _out_and_grads(fn, *inputs, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = float(jnp.abs(a - b).max()) / float(jnp.abs(b).max())
+        assert err < 2e-5, f"{name}: relative error {err:.2e}"
+
+
+# The race detector interprets every grid point on two simulated cores: minutes under load on
+# a 2-core CPU, so all of them run with --runslow.
+RACE_CASES = [
+    pytest.param("tiny-window-segments", marks=pytest.mark.slow),
+    pytest.param("window-mqa-uneven", marks=pytest.mark.slow),
+    pytest.param("segments-gqa", marks=pytest.mark.slow),
+]
+
+
+def _race_case(case: str):
+    if case != "tiny-window-segments":
+        return _case(case)
+    q, k, v, d_out = _inputs(1, 40, 2, 1, 32, jnp.float32)
+    pos, seg = jnp.arange(40), _packed_segments(1, 40)
+    kw = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg,
+              window=12, causal=True)  # fmt: skip
+    return (q, k, v, d_out), kw, _out_and_grads(xla_attention, q, k, v, d_out, **kw), None
+
+
+@pytest.mark.parametrize("case", RACE_CASES)
+def test_mosaic_kernels_have_no_races_or_out_of_bounds_reads(case):
+    """The TPU kernels under Pallas' TPU interpreter with its happens-before race detector, two
+    simulated cores (the "parallel" grid axes split across them, as on a megacore chip),
+    out-of-bounds reads raising, and unwritten memory reading as NaN."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+    from jax.experimental.pallas import tpu as pltpu
+
+    params = pltpu.InterpretParams(
+        detect_races=True,
+        num_cores_or_threads=2,
+        out_of_bounds_reads="raise",
+        uninitialized_memory="nan",
+    )
+    inputs, kw, want, _ = _race_case(case)
+    fn = functools.partial(flash_attention, kernel="tpu", block_sizes=SMALL, interpret=params)
+    got = _out_and_grads(fn, *inputs, **kw)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        err = float(jnp.abs(a - b).max()) / float(jnp.abs(b).max())
+        assert err < 2e-5, f"{name}: relative error {err:.2e}"
+    races = getattr(tpu_interpret, "races", None)  # set by the detector (jax 0.10)
+    assert races is not None and not races.races_found
+
+
+def test_triton_tiles_shrink_to_fit_shared_memory():
+    """Hopper gives a program 227 KB: the defaults fit bf16 at every head_dim; float32 at
+    head_dim 256 shrinks the streamed tile; what cannot fit is refused, naming the fix."""
+    from research.kernels.flash_attention.common import SMEM_BYTES, fit_smem, smem_bytes
+
+    gpu = BlockSizes.for_backend("gpu")
+    for kernel, cfg in (("fwd", gpu.forward), ("dq", gpu.dq), ("dkv", gpu.dkv)):
+        for head_dim in (64, 128, 256):
+            assert fit_smem(kernel, cfg, head_dim, 2) == cfg  # bf16: unchanged
+        assert smem_bytes(kernel, cfg, 256, 4) > SMEM_BYTES  # float32 at 256 does not fit
+        fitted = fit_smem(kernel, cfg, 256, 4)
+        assert smem_bytes(kernel, fitted, 256, 4) <= SMEM_BYTES and fitted != cfg
+    # Forward at f32 x 256: q 128x256 resident (128 KB), k/v 2 stages x 2 x bk x 256 x 4.
+    assert fit_smem("fwd", gpu.forward, 256, 4).block_kv == 16
+    with pytest.raises(ValueError, match="use bfloat16 inputs, a smaller head_dim"):
+        fit_smem("fwd", gpu.forward, 256, 4, limit=32 * 1024)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_fully_masked_blocks_are_not_computed(impl):
     """NaN values in keys no query may see: a kernel that computed those blocks (even masked,
@@ -183,6 +258,30 @@ def test_kernels_lower_for_their_backend(kernel, platform):
     text = exported(q, kv, kv, pos, seg).mlir_module()
     marker = "xla.gpu.triton" if kernel == "gpu" else "tpu_custom_call"
     assert text.count(marker) == 3  # forward, dq, dkv
+
+
+@pytest.mark.parametrize("window,segments", [(64, False), (0, True)])
+def test_auto_on_gpu_with_window_or_segments_runs_flash_not_the_quadratic_reference(
+    window, segments
+):
+    """cuDNN takes plain causal attention only; a window or segment ids under `auto` on a GPU
+    must run our kernel (linear memory), never the [T, S] reference."""
+    from research.backend import target_backend
+
+    sds = jax.ShapeDtypeStruct
+    q = sds((2, 256, 4, 64), jnp.bfloat16)
+    seg = sds((2, 256), jnp.int32) if segments else None
+
+    def f(q, k, v, seg=None):
+        pos = jnp.arange(256, dtype=jnp.int32)
+        return attend(q, k, v, pos, pos, "auto", window, seg)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with target_backend("gpu"):
+        exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)
+        text = exported(q, q, q, *([seg] if segments else [])).mlir_module()
+    assert "xla.gpu.triton" in text
+    assert "256x256" not in text  # no score matrix materialised
 
 
 # The kernels are checked against the reference op by op above; this whole run is slow.

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.backend import backend
 from research.kernels.flash_attention import blockwise_attention, flash_attention
+from research.kernels.flash_attention.common import KERNEL_HEAD_DIMS
 from research.models.layers import RMSNorm, apply_rope, as_dtype, param
 from research.parallel.mesh import per_shard
 
@@ -33,7 +35,7 @@ def resolve_implementation(name: str, dtype, seq_len: int = 0) -> str:
         )
     if name != "auto":
         return name
-    fused_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    fused_ok = backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
     if fused_ok:
         return "cudnn"
     return "blockwise" if seq_len >= BLOCKWISE_MIN_SEQ else "xla"
@@ -110,6 +112,12 @@ def attend(
     plain_causal = q.shape[1] == k.shape[1] and not window and segment_ids is None
     if impl == "cudnn" and plain_causal:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if impl == "cudnn" and q.shape[1] == k.shape[1]:
+        # cuDNN is used here for plain causal attention only: a window or packed segments run
+        # our flash kernel (or blockwise), linear in memory, not the quadratic reference.
+        if q.shape[-1] in KERNEL_HEAD_DIMS:
+            return _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window)
+        return blockwise_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
     # The KV-cache path (ragged positions) always takes the reference: decoding is memory-bound.
     return xla_attention(q, k, v, q_positions, kv_positions, window, *seg)
 

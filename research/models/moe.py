@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.backend import backend
 from research.models.layers import SwiGLU, param
 
 
@@ -63,7 +64,7 @@ def _queue_position(expert_of: jax.Array, n_experts: int) -> jax.Array:
 def resolve_dispatch(name: str) -> str:
     if name != "auto":
         return name
-    return "capacity" if jax.default_backend() == "cpu" else "dropless"
+    return "capacity" if backend() == "cpu" else "dropless"
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float) -> int:
@@ -118,7 +119,7 @@ class MoE(nnx.Module):
         logits, probs, experts, weights = self.route(x)
         if resolve_dispatch(self.dispatch) == "dropless":
             batch, length, d = x.shape
-            if jax.default_backend() == "cpu":
+            if backend() == "cpu":
                 grouped = lambda a: a.reshape(batch_shards, -1, a.shape[-1])  # noqa: E731
                 out = jax.vmap(self._dropless_blocked)(*map(grouped, (x, experts, weights)))
             else:  # ragged_dot has no batching rule: one global group

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.backend import backend
 from research.config import ModelConfig
 from research.models.attention import Attention, init_kv_cache
 from research.models.layers import RMSNorm, document_positions, make_mlp, param, rope_tables
@@ -20,7 +21,7 @@ from research.models.stack import layer_of, layer_period, run_blocks, stack_modu
 
 def compute_dtype(name: str):
     if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return jnp.float32 if backend() == "cpu" else jnp.bfloat16
     return jnp.dtype(name)
 
 

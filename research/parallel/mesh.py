@@ -66,6 +66,7 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     """The mesh for a config. On CPU, with data=-1 and a (micro)batch size given, it uses as many
     devices as divide the batch (12 sequences on 8 cores run on 6), so any batch fits any host."""
     devices = list(devices if devices is not None else jax.devices())
+    available = len(devices)
     single_host_cpu = devices[0].platform == "cpu" and jax.process_count() == 1
     if batch_size and cfg.data == -1 and single_host_cpu:
         fixed = math.prod(max(getattr(cfg, a), 1) for a in MESH_AXES if a != "data")
@@ -79,8 +80,20 @@ def make_mesh(cfg: MeshConfig, devices=None, batch_size: int = 0) -> Mesh:
     # A fixed mesh smaller than the machine (e.g. data=1 on 8 devices) runs on the first devices.
     devices = devices[: math.prod(sizes.values())]
     shape = [sizes[a] for a in MESH_AXES]
-    if devices[0].platform == "cpu" or len(devices) != jax.device_count():
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if devices[0].platform == "cpu" or len(devices) != available:
         grid = np.asarray(devices).reshape(shape)
+    elif slices > 1:  # multi-slice: data parallelism across slices (DCN), the rest within (ICI)
+        if sizes["data"] % slices:
+            raise MeshShapeError(
+                f"{slices} slices need mesh.data to be a multiple of {slices} (data parallelism "
+                f"runs across slices), got {sizes['data']}"
+            )
+        ici = [sizes[a] // (slices if a == "data" else 1) for a in MESH_AXES]
+        dcn = [slices if a == "data" else 1 for a in MESH_AXES]
+        grid = mesh_utils.create_hybrid_device_mesh(
+            ici, dcn, devices, allow_split_physical_axes=True
+        )
     else:  # all of a GPU/TPU slice: an order that follows the interconnect (ICI, NVLink)
         grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return Mesh(grid, MESH_AXES)

@@ -33,10 +33,10 @@ from research.train.memory import MemoryReport, check_fits, device_memory_bytes,
 from research.train.metrics import set_aside_events
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, param_shardings
-from research.train.state import abstract_like, init_train_state
+from research.train.state import abstract_like, abstract_train_state, init_train_state
 from research.train.step import make_train_step
 
-PURPOSES = ("train", "eval", "generate", "info")
+PURPOSES = ("train", "eval", "generate", "info", "compile")
 # Config sections that define what a run computes: changing them under an existing run is an error.
 _IDENTITY_KEYS = (
     "model",
@@ -129,15 +129,20 @@ def load_run_config(run_dir: Path) -> ExperimentConfig:
     return cfg
 
 
-def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True) -> Run:
-    """Resolve, check and assemble ``cfg`` for ``purpose`` (train | eval | generate | info)."""
+def build_run(
+    cfg: ExperimentConfig, purpose: str = "train", resume: bool = True, devices=None
+) -> Run:
+    """Resolve, check and assemble ``cfg`` for ``purpose`` (train | eval | generate | info |
+    compile). ``compile``: abstract train state (shapes and shardings, nothing allocated) and
+    the jitted step, on ``devices`` (default: this machine's; compile-only TPU devices for
+    ``research compile``), whose compiler, not the estimate, says whether it fits."""
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
     validate(cfg)  # every mistake in the config, before any work
     initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
     cfg, data = resolve_config(cfg)
     batch_size, accum = cfg.train.batch_size, cfg.optim.grad_accum
-    mesh = make_mesh(cfg.mesh, batch_size=batch_size // accum)
+    mesh = make_mesh(cfg.mesh, devices=devices, batch_size=batch_size // accum)
     batch_shards = data_parallel_size(mesh)
     if batch_size % (accum * batch_shards):
         raise ConfigError(
@@ -147,7 +152,8 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
         )
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
     memory = memory_report(cfg.model, mesh, tx, batch_size // accum)
-    check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
+    if purpose != "compile":
+        check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
     graphdef, _ = param_shardings(cfg.model, mesh)
     run = Run(
         config=cfg,
@@ -165,6 +171,9 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
         _assemble_training(run, resume)
     elif purpose in ("eval", "generate"):
         _restore_params(run)
+    elif purpose == "compile":
+        run.state = abstract_train_state(cfg, mesh, tx)
+        run.train_step = _jit_train_step(run, jax.tree.map(lambda x: x.sharding, run.state))
     return run
 
 
@@ -192,7 +201,11 @@ def _assemble_training(run: Run, resume: bool) -> None:
         if run.step == 0 and cfg.post.init_from:
             run.state["params"] = post.start_params(run)
         objective = post.objective(run)
-    shardings = jax.tree.map(lambda x: x.sharding, run.state)
+    run.train_step = _jit_train_step(run, jax.tree.map(lambda x: x.sharding, run.state), objective)
+
+
+def _jit_train_step(run: Run, shardings, objective=None):
+    cfg = run.config
     step_fn = make_train_step(
         run.graphdef,
         run.tx,
@@ -202,7 +215,7 @@ def _assemble_training(run: Run, resume: bool) -> None:
         data_parallel_size(run.mesh),
         objective,
     )
-    run.train_step = jax.jit(
+    return jax.jit(
         on_mesh(step_fn, run.mesh),
         in_shardings=(shardings, batch_sharding(run.mesh, leading_dims=1)),  # [accum, B, T+1]
         out_shardings=(shardings, NamedSharding(run.mesh, PartitionSpec())),  # any host reads

@@ -338,7 +338,11 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
     p.add_argument("--case", choices=["gpt3", "bloom"], help="a published run's documented inputs")
     p.add_argument("--params", type=float, help="parameters N")
     p.add_argument("--tokens", type=float, help="training tokens D")
-    p.add_argument("--hardware", help="accelerator: H100, H200, A100, V100, L40S, L4, A10")
+    p.add_argument(
+        "--hardware",
+        help="accelerator: H100, H200, A100, V100, L40S, L4, A10, TPU v3, TPU v4, TPU v5e, "
+        "TPU v5p, TPU v6e",
+    )
     p.add_argument("--devices", type=positive_int, default=1)
     p.add_argument("--mfu", type=unit_fraction, default=0.4, help="model FLOPs utilisation")
     p.add_argument("--power-fraction", type=float, default=1.0, help="mean draw / TDP")

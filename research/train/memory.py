@@ -31,15 +31,18 @@ class MemoryReport:
     activation_bytes: int  # per device, estimated
     devices: int
     remat: str
+    gradient_bytes: int = 0  # per device: one gradient per parameter, sharded like it
 
     @property
     def total_bytes(self) -> int:
-        return self.params_bytes + self.optimizer_bytes + self.activation_bytes
+        state = self.params_bytes + self.optimizer_bytes + self.gradient_bytes
+        return state + self.activation_bytes
 
     def summary(self) -> str:
         return (
             f"memory per device: params {_mib(self.params_bytes)}, optimizer "
-            f"{_mib(self.optimizer_bytes)}, activations ~{_mib(self.activation_bytes)} "
+            f"{_mib(self.optimizer_bytes)}, gradients {_mib(self.gradient_bytes)}, "
+            f"activations ~{_mib(self.activation_bytes)} "
             f"(remat={self.remat}), total ~{_mib(self.total_bytes)}"
         )
 
@@ -105,6 +108,9 @@ def memory_report(
     )
     tokens = max(1, micro_batch // data_parallel_size(mesh)) * cfg.seq_len
     return MemoryReport(
+        # The step holds every gradient at once (the optimizer update takes the whole tree),
+        # in the parameters' dtype and shardings: the TPU compiler counts them (README).
+        gradient_bytes=per_device_bytes(params),
         params_bytes=per_device_bytes(params),
         optimizer_bytes=per_device_bytes(opt),
         activation_bytes=activation_bytes(cfg, tokens, mesh.shape["tensor"]),

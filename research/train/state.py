@@ -10,7 +10,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from research.config import ExperimentConfig, ModelConfig
 from research.models import Transformer
 from research.train.optimizer import make_optimizer
-from research.train.shardings import optimizer_shardings, param_shardings
+from research.train.shardings import abstract_params, optimizer_shardings, param_shardings
 
 
 def build_model(model_cfg: ModelConfig, seed: int, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
@@ -42,6 +42,25 @@ def init_train_state(cfg: ExperimentConfig, mesh: Mesh):
         state,
     )
     return graphdef, state, tx, schedule
+
+
+def abstract_train_state(cfg: ExperimentConfig, mesh: Mesh, tx) -> dict:
+    """The train state ``init_train_state`` would build, as shapes, dtypes and shardings only
+    (nothing allocated): what an ahead-of-time compile for a pod lowers the step against."""
+    params = abstract_params(cfg.model, mesh)
+    opt = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        optimizer_shardings(tx, params, mesh),
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "params": params,
+        "opt_state": opt,
+        "rng": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
+    }
 
 
 def abstract_like(tree):

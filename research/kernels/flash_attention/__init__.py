@@ -7,11 +7,13 @@ log-sum-exp and whose backward recomputes probabilities tile by tile (dQ and dK/
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
+from research.backend import backend as target_backend
 from research.kernels.flash_attention import common, gpu, tpu
 from research.kernels.flash_attention.blockwise import blockwise_attention
 from research.kernels.flash_attention.common import BlockSizes
@@ -41,7 +43,7 @@ def flash_attention(
     ``xla`` reference. ``kernel``: "gpu" (Triton) or "tpu" (Mosaic); default the backend's, and
     on CPU the GPU kernel in interpret mode (``interpret`` defaults to True on CPU only).
     """
-    backend = jax.default_backend()
+    backend = target_backend()
     kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
     if kernel not in _KERNELS:
         raise ValueError(f"kernel='{kernel}': choose 'gpu' (Triton) or 'tpu' (Mosaic)")
@@ -57,19 +59,26 @@ def flash_attention(
     minimum = 16 if kernel == "gpu" else 8  # Triton's dot needs 16-row tiles
     fit_q = functools.partial(common.fit_block, length=q.shape[1], minimum=minimum)
     fit_kv = functools.partial(common.fit_block, length=k.shape[1], minimum=minimum)
-    blocks = BlockSizes(
-        fit_q(blocks.block_q),
-        fit_kv(blocks.block_kv),
-        fit_q(blocks.block_q_bwd),
-        fit_kv(blocks.block_kv_bwd),
-        blocks.num_warps,
-        blocks.num_stages,
+    blocks = dataclasses.replace(
+        blocks,
+        block_q=fit_q(blocks.block_q),
+        block_kv=fit_kv(blocks.block_kv),
+        block_q_bwd=fit_q(blocks.block_q_bwd),
+        block_kv_bwd=fit_kv(blocks.block_kv_bwd),
+        block_q_dkv=fit_q(blocks.dkv.block_q),
+        block_kv_dkv=fit_kv(blocks.dkv.block_kv),
     )
     if q_positions is None:
         q_positions = jnp.arange(q.shape[1], dtype=jnp.int32)
     if kv_positions is None:
         kv_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
     config = (kernel, causal, window, blocks, interpret)
+    if kernel == "tpu" and q.dtype == jnp.float16:
+        # Mosaic cannot load float16 tiles on TPU (the compiler rejects the kernel): compute in
+        # float32, exact for float16 inputs; the casts' gradients cast dq/dk/dv back.
+        f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+        out = _flash(*f32, q_positions, kv_positions, q_segment_ids, kv_segment_ids, config)
+        return out.astype(q.dtype)
     return _flash(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, config)
 
 

@@ -29,8 +29,20 @@ _BIG = 2**30
 
 
 @dataclasses.dataclass(frozen=True)
+class Pass:
+    """One kernel's tiles and (Triton only) launch settings."""
+
+    block_q: int
+    block_kv: int
+    num_warps: int | None  # None: 4 for head_dim <= 64, else 8
+    num_stages: int  # software-pipelining depth of the streamed operand's loop
+
+
+@dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes along the query (q) and key (kv) sequence, forward and backward."""
+    """Tile sizes along the query (q) and key (kv) sequence for the forward, dQ and dK/dV
+    kernels, and the Triton warps and pipeline stages of each. The dK/dV fields default to the
+    backward's (0 / None: same as block_q_bwd, block_kv_bwd, num_warps, num_stages)."""
 
     block_q: int = 128
     block_kv: int = 128
@@ -38,16 +50,86 @@ class BlockSizes:
     block_kv_bwd: int = 64
     num_warps: int | None = None  # Triton only; None: 4 for head_dim <= 64, else 8
     num_stages: int = 2  # Triton only: software-pipelining depth of the key loop
+    block_q_dkv: int = 0
+    block_kv_dkv: int = 0
+    num_warps_dq: int | None = None
+    num_stages_dq: int = 0
+    num_warps_dkv: int | None = None
+    num_stages_dkv: int = 0
+
+    @property
+    def forward(self) -> Pass:
+        return Pass(self.block_q, self.block_kv, self.num_warps, self.num_stages)
+
+    @property
+    def dq(self) -> Pass:
+        warps = self.num_warps_dq if self.num_warps_dq is not None else self.num_warps
+        stages = self.num_stages_dq or self.num_stages
+        return Pass(self.block_q_bwd, self.block_kv_bwd, warps, stages)
+
+    @property
+    def dkv(self) -> Pass:
+        warps = self.num_warps_dkv if self.num_warps_dkv is not None else self.num_warps
+        return Pass(
+            self.block_q_dkv or self.block_q_bwd,
+            self.block_kv_dkv or self.block_kv_bwd,
+            warps,
+            self.num_stages_dkv or self.num_stages,
+        )
 
     @classmethod
     def for_backend(cls, backend: str) -> BlockSizes:
         """Defaults per backend: Triton keeps tiles in registers (64-wide backward tiles),
-        Mosaic TPU wants 128-multiples for the MXU, plain JAX on CPU wants few, big blocks."""
+        Mosaic TPU wants large 128-multiples for the MXU and few grid steps (MaxText's splash
+        attention runs 512-2048), plain JAX on CPU wants few, big blocks."""
         if backend == "tpu":
-            return cls(128, 128, 128, 128)
+            return cls(512, 512, 512, 512)
         if backend == "cpu":
             return cls(512, 512, 512, 512)
         return cls(128, 64, 64, 64)
+
+
+# Shared memory one Triton program may use: 227 KB on Hopper (H100/H200), 163 KB on A100.
+SMEM_BYTES = 227 * 1024
+
+
+def smem_bytes(kernel: str, p: Pass, head_dim: int, itemsize: int) -> int:
+    """Shared memory a Triton program of ``kernel`` (fwd | dq | dkv) needs, estimated as Triton
+    lays it out: the resident tiles once, the streamed ones once per pipeline stage, and the
+    [bq, bk] probability tile that feeds the second matmul."""
+    bq, bk, stages = p.block_q, p.block_kv, max(1, p.num_stages)
+    if kernel == "fwd":  # q resident; k, v streamed
+        tiles = bq * head_dim + stages * 2 * bk * head_dim
+    elif kernel == "dq":  # q, dO resident; k, v streamed
+        tiles = 2 * bq * head_dim + stages * 2 * bk * head_dim
+    else:  # dkv: k, v resident; q, dO streamed (and their lse / delta rows)
+        tiles = 2 * bk * head_dim + stages * 2 * bq * head_dim
+    return (tiles + bq * bk) * itemsize
+
+
+def fit_smem(kernel: str, p: Pass, head_dim: int, itemsize: int, limit: int = SMEM_BYTES) -> Pass:
+    """``p`` shrunk until ``kernel``'s shared memory fits in ``limit``: first the pipeline depth
+    (down to 2), then the streamed block, then the resident block (down to 16), halving each.
+    A fit that needs tiles below 16 is an error naming the settings that would help."""
+    import dataclasses as dc
+
+    streamed = "block_kv" if kernel in ("fwd", "dq") else "block_q"
+    resident = "block_q" if streamed == "block_kv" else "block_kv"
+    while smem_bytes(kernel, p, head_dim, itemsize) > limit:
+        if p.num_stages > 2:
+            p = dc.replace(p, num_stages=p.num_stages - 1)
+        elif getattr(p, streamed) > 16:
+            p = dc.replace(p, **{streamed: getattr(p, streamed) // 2})
+        elif getattr(p, resident) > 16:
+            p = dc.replace(p, **{resident: getattr(p, resident) // 2})
+        else:
+            raise ValueError(
+                f"the {kernel} kernel needs {smem_bytes(kernel, p, head_dim, itemsize)} bytes "
+                f"of shared memory even with 16-row tiles at head_dim={head_dim} "
+                f"({itemsize}-byte inputs), over the {limit} available: use bfloat16 inputs, "
+                "a smaller head_dim, or attention='blockwise'"
+            )
+    return p
 
 
 def check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window: int, causal: bool, kernel: bool):

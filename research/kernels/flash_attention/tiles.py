@@ -71,6 +71,20 @@ def dkv_step(q, do, lse, delta, k, v, carry, scale: float, sm_scale: float, ok):
     return dk + dot_tn(ds, q), dv
 
 
+def dkv_step_transposed(q, do, lse, delta, k, v, carry, scale: float, sm_scale: float, ok_t):
+    """``dkv_step`` in the key tile's orientation (FlashAttention-2's dK/dV loop): S^T = K Q^T
+    against ``lse`` / ``delta`` as [1, bq] rows and ``ok_t`` [bk, bq], so P^T and dS^T come out
+    of the matmuls ready for dV += P^T dO and dK += dS^T Q; only loaded tiles (q, dO) are read
+    transposed, never a computed [bq, bk] tile (a register shuffle in Triton, every step)."""
+    dk, dv = carry
+    w_t = jnp.exp2(dot_nt(k, q) * scale - lse)
+    if ok_t is not None:
+        w_t = jnp.where(ok_t, w_t, 0.0)
+    dv = dv + dot_nn(w_t.astype(do.dtype), do)
+    ds_t = (w_t * (dot_nt(v, do) - delta) * sm_scale).astype(q.dtype)
+    return dk + dot_nn(ds_t, q), dv
+
+
 def dq_step(q, do, lse, delta, k, v, dq, scale: float, sm_scale: float, ok):
     """Accumulate dQ of one query tile over one key tile."""
     w = probabilities(q, k, lse, scale, ok)

@@ -29,6 +29,11 @@ from research.kernels.flash_attention.common import (
     PARTIAL,
 )
 
+# Scoped VMEM the kernels may use: 512-wide tiles with their double buffers and float32
+# accumulators need more than Mosaic's default (16 MiB on v5e); 32 MiB fits every generation's
+# VMEM and compiles for v4, v5e, v5p and v6e (tests/test_tpu_compile.py).
+VMEM_LIMIT_BYTES = 32 * 2**20
+
 
 class _Stats:
     """Reads the flat SMEM block summaries: ``field(b, block, c)`` (c: common's columns)."""
@@ -205,7 +210,9 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, inte
             scratch_shapes=scratch,
         ),
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=semantics, vmem_limit_bytes=VMEM_LIMIT_BYTES
+        ),
         interpret=interpret,
         name=name,
     )

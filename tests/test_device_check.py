@@ -1,0 +1,51 @@
+"""benchmarks/device_check.py, the one command a lent GPU runs, works before any GPU sees it:
+its dry run (CPU, tiny sizes, kernels in interpret mode) runs the cases, judges them against
+the float32 reference, writes the JSON and markdown, and never imports grain or research.data
+(the GPU machine has no grain)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dry_run(tmp_path, *args):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/device_check.py"), "--dry-run", "--out", str(out),
+         *args],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    payload = json.loads((out / "device_check.json").read_text())
+    return done, payload, (out / "device_check.md").read_text()
+
+
+def test_dry_run_kernel_case_is_correct_and_never_imports_grain(tmp_path):
+    done, payload, table = _dry_run(tmp_path, "--max-cases", "1", "--sections", "kernels")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert payload["dry_run"] and not payload["grain_imported"]
+    assert not payload["research_data_imported"]
+    kernel = next(r for r in payload["rows"] if r["section"] == "kernels")
+    assert kernel["status"] == "ok", kernel
+    assert max(kernel[f"err_{n}"] for n in ("out", "dq", "dk", "dv")) < kernel["tolerance"]
+    assert kernel["empty_rows_max"] == 0.0  # rows that see no key are exactly 0
+    assert kernel["err_vs_wrong_causality"] > 20 * kernel["tolerance"]
+    assert {r["section"] for r in payload["rows"]} == {"kernels"}
+    assert "## kernels" in table and "| bfloat16 d64 causal |" in table
+
+
+def test_a_spent_budget_skips_cases_instead_of_running_them(tmp_path):
+    done, payload, _ = _dry_run(tmp_path, "--budget-s", "0", "--sections", "moe")
+    assert done.returncode == 0
+    assert [r["status"].split(":")[0] for r in payload["rows"]] == ["skipped"] * 3
+
+
+@pytest.mark.slow
+def test_whole_dry_run(tmp_path):
+    done, payload, _ = _dry_run(tmp_path, "--budget-s", "3000")
+    assert done.returncode == 0, [r for r in payload["rows"] if r["status"] != "ok"]
+    assert not payload["grain_imported"] and not payload["research_data_imported"]

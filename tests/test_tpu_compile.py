@@ -1,0 +1,222 @@
+"""Compiling for TPU slices on a CPU machine: libtpu's compile-only devices and the real TPU
+compiler (XLA:TPU, Mosaic). `research compile`, the Mosaic flash-attention kernels forward and
+backward, and dense/MoE train steps under fsdp x tensor and expert layouts on 8 chips."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from research.aot.topology import TopologyError, parse_topology
+from research.backend import target_backend
+from research.cli import main
+
+
+def test_slice_names_map_to_cloud_tpu_shapes():
+    """v4/v5p names count TensorCores (two per chip), v5e/v6e count chips; NxNAME is N slices."""
+    v5p = parse_topology("v5p-128")
+    assert (v5p.chips, v5p.physical, v5p.hardware.name) == (64, "v5:4x4x4", "TPU v5p")
+    v6e = parse_topology("v6e-256")
+    assert (v6e.chips, v6e.physical, v6e.hbm_bytes) == (256, "v6e:16x16", 32 * 2**30)
+    two = parse_topology("2xv5e-16")
+    assert (two.slices, two.chips_per_slice, two.chips) == (2, 16, 32)
+    assert parse_topology("v4-8").physical == "v4:2x2x1"
+    with pytest.raises(TopologyError, match="v5p-8, v5p-16"):
+        parse_topology("v5p-100")
+    with pytest.raises(TopologyError, match="GENERATION-SIZE"):
+        parse_topology("h100-8")
+
+
+def test_bad_topology_is_one_error_line(capsys):
+    assert main(["compile", "tiny", "--topology", "v7x-8"]) == 2
+    assert capsys.readouterr().err.startswith("error: --topology 'v7x-8' is not a TPU slice")
+
+
+def test_forecast_and_ledger_know_cloud_tpus(capsys):
+    """The hardware table covers TPU v3-v6e by the names JAX reports, so a ledger on a Cloud
+    TPU VM and `research forecast --hardware "TPU v5p"` have peak, power and price."""
+    from research.train.accounting import device_hardware
+
+    for kind, name in (("TPU v3", "TPU v3"), ("TPU v4", "TPU v4"), ("TPU v5 lite", "TPU v5e"),
+                       ("TPU v5", "TPU v5p"), ("TPU v6 lite", "TPU v6e")):  # fmt: skip
+        entry = device_hardware(kind, "tpu")
+        assert entry.name == name and entry.peak_flops and entry.tdp_w and entry.price_per_hour
+    args = ["forecast", "--params", "8e9", "--tokens", "1.6e11", "--hardware", "TPU v5p"]
+    assert main([*args, "--devices", "64", "--mfu", "0.5"]) == 0
+    out = capsys.readouterr().out
+    # 6 x 8e9 x 1.6e11 = 7.68e21 FLOPs at 64 x 459 TFLOP/s x 50%: 5.2e5 s = 6.1 days
+    assert "64 x TPU v5p (peak 459 TFLOP/s" in out and "time 6.1 days" in out
+    assert "$4.20/device-hour" in out
+
+
+pytest.importorskip("libtpu", reason="libtpu (the TPU compiler) is in the test extra")
+
+
+def _device(generation: str):
+    name = {"v4": "v4-8", "v5e": "v5e-4", "v5p": "v5p-8", "v6e": "v6e-4"}[generation]
+    return parse_topology(name).devices()[0]
+
+
+def test_compile_only_devices_are_the_named_chips():
+    kinds = {g: _device(g).device_kind for g in ("v4", "v5e", "v5p", "v6e")}
+    assert kinds == {"v4": "TPU v4", "v5e": "TPU v5 lite", "v5p": "TPU v5", "v6e": "TPU v6 lite"}
+    assert len(parse_topology("2xv5p-16").devices()) == 16
+
+
+def _compile_flash(generation, head_dim, variant, dtype=jnp.bfloat16, seq=512):
+    """Forward and backward of our Mosaic kernel, compiled by the TPU compiler."""
+    from research.kernels.flash_attention import flash_attention
+
+    sharding = SingleDeviceSharding(_device(generation))
+    heads, kv_heads = (8, 2) if "gqa" in variant else (4, 4)
+    q = jax.ShapeDtypeStruct((2, seq, heads, head_dim), dtype, sharding=sharding)
+    kv = jax.ShapeDtypeStruct((2, seq, kv_heads, head_dim), dtype, sharding=sharding)
+    seg = jax.ShapeDtypeStruct((2, seq), jnp.int32, sharding=sharding)
+    window = 128 if "window" in variant else 0
+    segments = "segments" in variant
+
+    def loss(q, k, v, seg):
+        seg_ids = (seg, seg) if segments else (None, None)
+        out = flash_attention(q, k, v, None, None, *seg_ids, causal=True, window=window)
+        return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    with target_backend("tpu"):
+        compiled = grad.lower(q, kv, kv, seg).compile()
+    text = grad.lower(q, kv, kv, seg).as_text()
+    # Our three kernels are in the program as Mosaic custom calls, not an XLA fallback.
+    assert text.count("tpu_custom_call") >= 3
+    return compiled
+
+
+FAST = [
+    ("v4", 64, "causal"),
+    ("v5e", 128, "window"),
+    ("v5p", 256, "segments"),
+    ("v6e", 128, "gqa+window+segments"),
+]
+VARIANTS = ("causal", "window", "segments", "gqa")
+FULL = [
+    case
+    for case in itertools.product(("v4", "v5e", "v5p", "v6e"), (64, 128, 256), VARIANTS)
+    if case not in FAST
+]
+
+
+@pytest.mark.parametrize("generation,head_dim,variant", FAST)
+def test_flash_kernels_compile_for_tpu(generation, head_dim, variant):
+    # 128 tokens: small tiles compile in seconds; the full grid compiles the default 512s.
+    _compile_flash(generation, head_dim, variant, seq=128)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generation,head_dim,variant", FULL)
+def test_flash_kernels_compile_for_tpu_full_grid(generation, head_dim, variant):
+    _compile_flash(generation, head_dim, variant)
+
+
+def test_float16_and_float32_compile_for_tpu():
+    """Mosaic rejects float16 loads on TPU: float16 inputs run the kernels in float32."""
+    _compile_flash("v5e", 128, "causal", jnp.float16, seq=128)
+    _compile_flash("v5e", 128, "causal", jnp.float32, seq=128)
+
+
+def _compile_cli(capsys, topology, *overrides, decode=True):
+    args = ["compile", "tiny", "--topology", topology, *[f"--set={o}" for o in overrides]]
+    status = main(args + ([] if decode else ["--no-decode"]))
+    return status, capsys.readouterr()
+
+
+def test_dense_step_compiles_under_fsdp_and_tensor_on_8_chips(capsys):
+    status, out = _compile_cli(
+        capsys, "v5p-16", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.vocab_size=128"
+    )
+    assert status == 0, out.err
+    text = out.out
+    assert "8 chips of TPU v5p" in text and "'fsdp': 2, 'tensor': 2" in text
+    assert "train step (compiled" in text and "decode step (compiled" in text
+    assert "verdict: fits" in text
+    assert "all-gather" in text  # FSDP gathers each layer's weights where they are used
+
+
+@pytest.mark.slow  # ~80 s under load on 2 cores; the dense layout's compile is the fast twin
+def test_moe_step_compiles_under_expert_layout_on_8_chips(capsys):
+    status, out = _compile_cli(
+        capsys,
+        "v5e-8",
+        "mesh.data=2",
+        "mesh.expert=4",
+        "model.n_experts=4",
+        "model.top_k=2",
+        "model.vocab_size=128",
+        decode=False,
+    )
+    assert status == 0, out.err
+    assert "'expert': 4" in out.out and "verdict: fits" in out.out
+
+
+def test_a_step_that_does_not_fit_exits_1_with_what_helps(capsys, monkeypatch):
+    """The verdict and exit status from the compiler's figures (a real pod-sized compile that
+    does not fit takes minutes here: the README's table has those)."""
+    from research.aot import compile as aot
+    from research.config import load_experiment
+    from research.train.memory import MemoryReport
+
+    topology = parse_topology("v5e-4")
+    cfg = load_experiment("tiny", [])
+    hbm = topology.hbm_bytes
+    memory = {"argument": hbm // 4, "output": hbm // 4, "alias": hbm // 4, "temp": hbm,
+              "generated_code": 2**20}  # fmt: skip
+    report = aot.CompileReport(
+        topology=topology,
+        mesh={"data": 4, "fsdp": 1, "tensor": 1, "expert": 1},
+        steps=[aot.CompiledStep("train step", memory, 1e12, {}, 1.0)],
+        estimate=MemoryReport(hbm // 8, hbm // 8, hbm, 4, "none"),
+        model_flops_per_device=1e12,
+    )
+    report.knobs = aot.knobs(report, cfg)
+    assert not report.fits
+    monkeypatch.setattr(aot, "compile_run", lambda *a, **k: report)
+    status, out = _compile_cli(capsys, "v5e-4", decode=False)
+    assert status == 1, out.err
+    # arguments 4 GiB + outputs 4 - donated 4 + temporaries 16 + code 1 MiB, against 16 GiB
+    assert "verdict: does NOT fit (4.00 GiB over per chip)" in out.out
+    # Temporaries dominate: activation knobs come first, then sharding the state.
+    assert out.out.index("model.remat=full") < out.out.index("mesh.fsdp")
+
+
+def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(capsys, monkeypatch):
+    """XLA:TPU refuses a program whose temporaries alone exceed HBM (a compile-time OOM, as for
+    a dropless MoE step on v6e-256): the command reports it as does-not-fit, exit 1, with the
+    MoE dispatch knob, never a traceback."""
+    import jax
+
+    from research.aot import compile as aot
+    from research.config import load_experiment
+
+    message = (
+        "RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory "
+        "required for HLO temporaries (346.66G) exceeds available HBM (31.24G)."
+    )
+
+    class Lowered:
+        def compile(self):
+            raise jax.errors.JaxRuntimeError(message)
+
+    step = aot._read("train step", Lowered(), 0.0)
+    assert step.refused.startswith("RESOURCE_EXHAUSTED") and step.memory["temp"] > 346 * 2**30
+    from research.aot.command import format_report
+    from research.train.memory import MemoryReport
+
+    mesh = {"data": 1, "fsdp": 256, "tensor": 1, "expert": 1}
+    estimate = MemoryReport(2**30, 2**31, 2**30, 256, "full")
+    report = aot.CompileReport(parse_topology("v6e-256"), mesh, [step], estimate, 1e12)
+    assert not report.fits
+    cfg = load_experiment("tiny", ["model.n_experts=4", "model.moe_dispatch=dropless"])
+    report.knobs = aot.knobs(report, cfg)
+    assert "model.moe_dispatch=capacity" in report.knobs[0]
+    text = format_report(report)
+    assert "train step: the TPU compiler refused it: RESOURCE_EXHAUSTED" in text
+    assert "verdict: does NOT fit" in text
