@@ -72,3 +72,37 @@ def test_inference_ledger_counts_prefill_and_decode_apart(model, tmp_path):
         joules = phase["energy_device_joules"]
         assert phase["joules_per_1k_tokens"] == pytest.approx(joules / phase["tokens"] * 1000)
         assert phase["energy_kwh"] == pytest.approx(joules / 3.6e6 * phase["pue"])
+
+
+def test_int8_kv_cache_stores_each_head_vector_within_half_a_step_and_tracks_float_logits(model):
+    """int8 cache: every cached K/V head vector dequantizes to within half its absmax step,
+    takes head_dim + 4 bytes (float32: 4 head_dim), and the logits stay close to the float
+    cache's (same greedy choice here)."""
+    import jax.numpy as jnp
+
+    from research.infer.generation import init_caches, prefill
+
+    tokens = jnp.asarray([list(range(3, 27))], jnp.int32)
+    pads = jnp.zeros((1,), jnp.int32)
+    runs = {}
+    for dtype in (jnp.float32, jnp.int8):
+        runs[dtype] = prefill(model, tokens, pads, init_caches(model, 1, 32, dtype))
+    (ref_logits, ref_caches), (q_logits, q_caches) = runs[jnp.float32], runs[jnp.int8]
+    ref, quant = ref_caches[0], q_caches[0]  # layer 0: the same inputs in both runs
+    for name in ("k", "v"):
+        scale = quant[f"{name}_scale"][..., None]
+        restored = quant[name].astype(jnp.float32) * scale
+        assert np.all(np.abs(restored - ref[name]) <= scale / 2 + 1e-6)
+        assert float(jnp.max(jnp.abs(restored - ref[name]))) > 0  # really quantized
+    # one int8 per value plus a float32 scale per head vector, against 4 bytes per value
+    nbytes = [
+        sum(x.nbytes for c in caches for k, x in c.items() if k != "pos")
+        for caches in (ref_caches, q_caches)
+    ]
+    head_dim = model.cfg.head_dim
+    assert nbytes[1] / nbytes[0] == pytest.approx((head_dim + 4) / (4 * head_dim))
+    spread = float(jnp.std(ref_logits))
+    assert float(jnp.max(jnp.abs(q_logits - ref_logits))) < 0.05 * spread
+    assert int(jnp.argmax(q_logits)) == int(jnp.argmax(ref_logits))
+    int8 = GenerationConfig(max_new_tokens=8, bucket=16, cache_dtype="int8")
+    assert len(generate(model, [[5, 17, 3]], int8)[0]) == 8  # the whole decode loop runs

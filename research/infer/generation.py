@@ -21,6 +21,7 @@ import numpy as np
 from flax import nnx
 
 from research.infer.sampling import filter_logits
+from research.models.attention import kv_cache_arrays
 from research.models.transformer import compute_dtype
 
 
@@ -34,7 +35,7 @@ class GenerationConfig:
     seed: int = 0  # request i samples with key(seed + i) unless seeds are given
     bucket: int = 16  # prompt lengths and decode lengths round up to a multiple of this
     vocab_limit: int = 0  # > 0: ids from here on are never sampled (a padded vocabulary)
-    cache_dtype: str = ""  # "": the compute dtype
+    cache_dtype: str = ""  # "": the compute dtype; "int8": int8 with per-head-vector scales
     pad_id: int = 0  # what left padding is filled with (never attended to)
 
 
@@ -150,11 +151,7 @@ def init_caches(model: nnx.Module, batch: int, width: int, dtype) -> list[dict]:
     cfg = model.cfg
     shape = (batch, width, cfg.n_kv_heads, cfg.head_dim)
     return [
-        {
-            "k": jnp.zeros(shape, dtype),
-            "v": jnp.zeros(shape, dtype),
-            "pos": jnp.full((batch, width), -1, jnp.int32),
-        }
+        {**kv_cache_arrays(shape, dtype), "pos": jnp.full((batch, width), -1, jnp.int32)}
         for _ in range(cfg.n_layers)
     ]
 

@@ -190,30 +190,51 @@ class Attention(nnx.Module):
                 at, pos_at = (slice(None), slots), slots
             else:
                 at = pos_at = (jnp.arange(x.shape[0])[:, None], slots)
-            cache = {
-                "k": cache["k"].at[at].set(k.astype(cache["k"].dtype)),
-                "v": cache["v"].at[at].set(v.astype(cache["v"].dtype)),
-                "pos": cache["pos"].at[pos_at].set(positions),
-            }
+            cache = {**cache, "pos": cache["pos"].at[pos_at].set(positions)}
+            for name, value in (("k", k), ("v", v)):
+                cache.update(_cache_write(cache, name, value, at))
             # RoPE is relative, so a ring buffer of width W is exact sliding-window attention;
             # a cache wider than the model's window still sees only the window.
             window = min(self.window, width) if self.window else width
-            out = xla_attention(
-                q,
-                cache["k"].astype(dtype),
-                cache["v"].astype(dtype),
-                positions,
-                cache["pos"],
-                window=window,
-            )
+            keys, values = _cache_read(cache, "k", dtype), _cache_read(cache, "v", dtype)
+            out = xla_attention(q, keys, values, positions, cache["pos"], window=window)
         return jnp.einsum("bthk,hkd->btd", out, as_dtype(self.wo[...], dtype)), cache
 
 
 def init_kv_cache(cfg, batch: int, width: int, dtype) -> dict:
     """An empty per-layer cache; slot positions of -1 mark empty slots."""
     shape = (batch, width, cfg.n_kv_heads, cfg.head_dim)
+    return {**kv_cache_arrays(shape, dtype), "pos": jnp.full((width,), -1, jnp.int32)}
+
+
+def kv_cache_arrays(shape: tuple[int, int, int, int], dtype) -> dict:
+    """Zeroed K and V of ``shape`` [B, W, kv heads, head_dim] in ``dtype``. int8: each cached
+    head vector is stored as int8 with its own float32 absmax scale (``k_scale``/``v_scale``
+    [B, W, kv heads]), which halves a bf16 cache (quality: README, benchmarks/quantize.py)."""
+    arrays = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    if jnp.dtype(dtype) == jnp.int8:
+        arrays |= {"k_scale": jnp.zeros(shape[:3], jnp.float32)}
+        arrays |= {"v_scale": jnp.zeros(shape[:3], jnp.float32)}
+    elif not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"KV cache dtype {jnp.dtype(dtype)}: use a float dtype or int8")
+    return arrays
+
+
+def _cache_write(cache: dict, name: str, value: jax.Array, at) -> dict:
+    """The cache entries of ``name`` with ``value`` [B, T, kv, hd] written at ``at``."""
+    if f"{name}_scale" not in cache:
+        return {name: cache[name].at[at].set(value.astype(cache[name].dtype))}
+    value = value.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(value), axis=-1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+    quantized = jnp.clip(jnp.round(value / safe), -127, 127).astype(jnp.int8)
     return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "pos": jnp.full((width,), -1, jnp.int32),
+        name: cache[name].at[at].set(quantized),
+        f"{name}_scale": cache[f"{name}_scale"].at[at].set(scale),
     }
+
+
+def _cache_read(cache: dict, name: str, dtype) -> jax.Array:
+    if f"{name}_scale" not in cache:
+        return cache[name].astype(dtype)
+    return (cache[name].astype(jnp.float32) * cache[f"{name}_scale"][..., None]).astype(dtype)
