@@ -48,6 +48,7 @@ COMPUTE_DTYPES = ("auto", *PARAM_DTYPES)
 TOKENIZERS = ("char", "bpe")
 MLP_ACTIVATIONS = ("swiglu", "relu2")
 SCHEDULES = ("cosine", "wsd", "constant")
+OPTIMIZERS = ("adamw", "muon")
 
 
 class _Checks:
@@ -305,6 +306,11 @@ class OptimConfig:
     decay_norms: bool = False
     clip_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
+    # muon: Newton-Schulz orthogonalised momentum for the weight matrices (research/train/muon.py),
+    # AdamW at ``lr`` for embeddings, head, norms and biases.
+    optimizer: str = "adamw"  # adamw | muon
+    muon_lr: float = 0.02  # peak LR of the matrices under muon (same schedule shape as lr)
+    muon_momentum: float = 0.95
 
     def problems(self) -> list[str]:
         c = _Checks("optim", self)
@@ -313,6 +319,9 @@ class OptimConfig:
             return c.found
         c.positive("lr")
         c.one_of("schedule", SCHEDULES)
+        c.one_of("optimizer", OPTIMIZERS)
+        c.positive("muon_lr")
+        c.within("muon_momentum", 0.0, 1.0, open_high=True)
         c.at_least("warmup_steps", 0)
         c.within("min_lr_ratio", 0.0, 1.0)
         c.within("decay_fraction", 0.0, 1.0)

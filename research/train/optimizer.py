@@ -1,4 +1,5 @@
-"""optax AdamW with weight-decay masking, warmup + cosine / WSD schedules and clipping."""
+"""optax AdamW (or Muon + AdamW) with weight-decay masking, warmup + cosine / WSD schedules and
+clipping."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import jax
 import optax
 
 from research.config import OptimConfig
+from research.train.muon import make_muon
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -50,7 +52,7 @@ def make_optimizer(
     cfg: OptimConfig, total_steps: int
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(cfg, total_steps)
-    adamw = optax.adamw(
+    tx = optax.adamw(
         schedule,
         b1=cfg.b1,
         b2=cfg.b2,
@@ -58,5 +60,9 @@ def make_optimizer(
         weight_decay=cfg.weight_decay,
         mask=lambda params: decay_mask(params, cfg),
     )
+    if cfg.optimizer == "muon":
+        # The matrices follow the same schedule shape, scaled to their own peak.
+        ratio = cfg.muon_lr / cfg.lr
+        tx = make_muon(lambda step: schedule(step) * ratio, tx, cfg.muon_momentum, cfg.weight_decay)
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    return optax.chain(*chain, adamw), schedule
+    return optax.chain(*chain, tx), schedule
