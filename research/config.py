@@ -124,6 +124,10 @@ class ModelConfig:
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0: off
     dropout: float = 0.0
     init_std: float = 0.02
+    # > 0: muP (Yang et al. 2022) relative to a model this wide: hidden matrices' init std and
+    # Adam LR shrink with d_model / mup_base_width, the head's logits are divided by it, and
+    # attention scores go as 1/head_dim (research/train/mup.py). 0: standard parametrisation.
+    mup_base_width: int = 0
     attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas
     attention_window: int = 0  # > 0: sliding-window (local) attention over the last W positions
     param_dtype: str = "float32"
@@ -221,6 +225,12 @@ class ModelConfig:
         c.one_of("attention", ATTENTION_IMPLEMENTATIONS)
         c.one_of("mlp_activation", MLP_ACTIVATIONS)
         c.at_least("logit_softcap", 0.0, " (0: off)")
+        c.at_least("mup_base_width", 0, " (0: standard parametrisation)")
+        if self.mup_base_width and self.tie_embeddings:
+            c.add(
+                "model.mup_base_width needs an untied head (its logits are scaled apart from the "
+                "embedding's): set model.tie_embeddings=false"
+            )
         c.one_of("param_dtype", PARAM_DTYPES)
         c.one_of("compute_dtype", COMPUTE_DTYPES)
         c.one_of("remat", REMAT_POLICIES)
@@ -257,6 +267,11 @@ class ModelConfig:
                 "moe_every layers); change one of them or set model.scan_layers=false"
             )
         return c.found
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier d_model / mup_base_width (1 without muP)."""
+        return self.d_model / self.mup_base_width if self.mup_base_width else 1.0
 
     def is_moe_layer(self, index: int) -> bool:
         return self.n_experts > 0 and index % self.moe_every == self.moe_every - 1

@@ -149,3 +149,26 @@ def test_muon_run_state_has_the_parameter_layout():
     moments = [leaf for leaf in jax.tree.leaves(state) if isinstance(leaf, jnp.ndarray)]
     n_muon = sum(flat(is_muon_param(params)).values())
     assert n_muon and len(moments) > n_muon
+
+
+@pytest.mark.slow
+def test_quickstart_recipe_reaches_the_target_loss(tmp_path):
+    """The quickstart (Muon recipe, 300 steps) ends at val loss <= 1.88 on the whole split:
+    the figure the nanoGPT race (benchmarks/nanogpt_race.py) is about."""
+    from research.run import train
+
+    cfg = load_experiment(
+        "shakespeare_char",
+        [f"train.run_dir={tmp_path}", "log.progress=false", "train.sample_tokens=0"],
+    )
+    assert train(cfg).val_loss <= 1.88
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "wsd"])
+def test_no_warmup_starts_at_the_peak_lr(schedule):
+    """warmup_steps=0 means the first step already uses optim.lr (optax's warmup-constant
+    schedule with no warmup stayed at 0: nothing trained)."""
+    from research.train.optimizer import learning_rate_schedule
+
+    cfg = OptimConfig(lr=1e-2, schedule=schedule, warmup_steps=0)
+    assert float(learning_rate_schedule(cfg, 10)(0)) == pytest.approx(1e-2)

@@ -132,7 +132,7 @@ def build_run(cfg: ExperimentConfig, purpose: str = "train", resume: bool = True
             f"split over {batch_shards} data-parallel devices; use a multiple of "
             f"{accum * batch_shards}"
         )
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
     memory = memory_report(cfg.model, mesh, tx, batch_size // accum)
     check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
     graphdef, _ = param_shardings(cfg.model, mesh)
