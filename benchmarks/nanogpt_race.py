@@ -121,14 +121,14 @@ def main() -> None:
         raise SystemExit(f"{args.nanogpt}/data/shakespeare_char/val.bin missing: run prepare.py")
 
     print(f"machine: {machine()}; load average before: {os.getloadavg()}")
-    with tempfile.TemporaryDirectory() as cache:
+    with tempfile.TemporaryDirectory() as cache:  # each printed as it ends: runs are long
         cold = ours(args.target, Path(cache), args.overrides)
+        print(describe("ours, compile cache cold", cold), flush=True)
         warm = ours(args.target, Path(cache), args.overrides)
+        print(describe("ours, compile cache warm", warm), flush=True)
     ref = nanogpt(args.nanogpt, args.python, args.target)
-    print(f"load average after: {os.getloadavg()}")
-    print(describe("ours, compile cache cold", cold))
-    print(describe("ours, compile cache warm", warm))
     print(describe("nanoGPT (torch eager, CPU)", ref))
+    print(f"load average after: {os.getloadavg()}")
     ref_time = (ref["reached"] or ref["best"])[0]
     basis = "reaching the target" if ref["reached"] else "reaching its best (not the target)"
     for name, result in (("cold", cold), ("warm", warm)):
