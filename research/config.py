@@ -56,6 +56,7 @@ ROPE_TYPES = ("linear", "llama3")
 SCHEDULES = ("cosine", "wsd", "constant")
 POST_MODES = ("", "sft", "reward", "dpo", "grpo", "distill")
 PREFERENCE_LOSSES = ("dpo", "ipo", "simpo")
+OPTIMIZERS = ("adamw", "muon")
 
 
 class _Checks:
@@ -137,6 +138,10 @@ class ModelConfig:
     logit_softcap: float = 0.0  # > 0: logits = cap * tanh(logits / cap) (Gemma 2); 0: off
     dropout: float = 0.0
     init_std: float = 0.02
+    # > 0: muP (Yang et al. 2022) relative to a model this wide: hidden matrices' init std and
+    # Adam LR shrink with d_model / mup_base_width, the head's logits are divided by it, and
+    # attention scores go as 1/head_dim (research/train/mup.py). 0: standard parametrisation.
+    mup_base_width: int = 0
     attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas
     attention_window: int = 0  # > 0: sliding-window (local) attention over the last W positions
     param_dtype: str = "float32"
@@ -243,6 +248,12 @@ class ModelConfig:
                     f"(got {self.rope_high_freq_factor} and {self.rope_low_freq_factor})"
                 )
         c.at_least("logit_softcap", 0.0, " (0: off)")
+        c.at_least("mup_base_width", 0, " (0: standard parametrisation)")
+        if self.mup_base_width and self.tie_embeddings:
+            c.add(
+                "model.mup_base_width needs an untied head (its logits are scaled apart from the "
+                "embedding's): set model.tie_embeddings=false"
+            )
         c.one_of("param_dtype", PARAM_DTYPES)
         c.one_of("compute_dtype", COMPUTE_DTYPES)
         c.one_of("remat", REMAT_POLICIES)
@@ -279,6 +290,11 @@ class ModelConfig:
                 "moe_every layers); change one of them or set model.scan_layers=false"
             )
         return c.found
+
+    @property
+    def width_mult(self) -> float:
+        """muP's width multiplier d_model / mup_base_width (1 without muP)."""
+        return self.d_model / self.mup_base_width if self.mup_base_width else 1.0
 
     def is_moe_layer(self, index: int) -> bool:
         return self.n_experts > 0 and index % self.moe_every == self.moe_every - 1
@@ -351,6 +367,11 @@ class OptimConfig:
     decay_norms: bool = False
     clip_norm: float = 1.0  # 0 disables clipping
     grad_accum: int = 1
+    # muon: Newton-Schulz orthogonalised momentum for the weight matrices (research/train/muon.py),
+    # AdamW at ``lr`` for embeddings, head, norms and biases.
+    optimizer: str = "adamw"  # adamw | muon
+    muon_lr: float = 0.02  # peak LR of the matrices under muon (same schedule shape as lr)
+    muon_momentum: float = 0.95
 
     def problems(self) -> list[str]:
         c = _Checks("optim", self)
@@ -359,6 +380,9 @@ class OptimConfig:
             return c.found
         c.positive("lr")
         c.one_of("schedule", SCHEDULES)
+        c.one_of("optimizer", OPTIMIZERS)
+        c.positive("muon_lr")
+        c.within("muon_momentum", 0.0, 1.0, open_high=True)
         c.at_least("warmup_steps", 0)
         c.within("min_lr_ratio", 0.0, 1.0)
         c.within("decay_fraction", 0.0, 1.0)

@@ -145,13 +145,16 @@ def _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg, param_dtype, out_std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg, param_dtype, std: float, out_std: float, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.implementation = cfg.attention
         self.window = cfg.attention_window
-        self.wq = param(rngs, (d, h, hd), ("embed", "heads", None), cfg.init_std, param_dtype)
-        self.wk = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
-        self.wv = param(rngs, (d, kv, hd), ("embed", "kv", None), cfg.init_std, param_dtype)
+        # muP: scores as q.k / head_dim (not / sqrt(head_dim)) beyond the base width, where
+        # head_dim grows with d_model; folded into q, so every attention kernel gets it.
+        self.q_scale = 1.0 / math.sqrt(cfg.width_mult)
+        self.wq = param(rngs, (d, h, hd), ("embed", "heads", None), std, param_dtype)
+        self.wk = param(rngs, (d, kv, hd), ("embed", "kv", None), std, param_dtype)
+        self.wv = param(rngs, (d, kv, hd), ("embed", "kv", None), std, param_dtype)
         self.wo = param(rngs, (h, hd, d), ("heads", None, "embed"), out_std, param_dtype)
         if cfg.qkv_bias:
             zeros = jnp.zeros
@@ -178,6 +181,8 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * jnp.asarray(self.q_scale, q.dtype)
         if cache is None:
             out = attend(
                 q, k, v, positions, positions, self.implementation, self.window, segment_ids

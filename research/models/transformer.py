@@ -28,16 +28,18 @@ def compute_dtype(name: str):
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, index: int = 0):
         pdt = jnp.dtype(cfg.param_dtype)
+        # muP: hidden matrices' init std goes as 1/sqrt(fan_in), relative to the base width.
+        std = cfg.init_std / math.sqrt(cfg.width_mult)
         # GPT-2's residual scaling: output projections shrink with depth so the stream stays O(1).
-        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        out_std = std / math.sqrt(2 * cfg.n_layers)
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
-        self.attn = Attention(cfg, pdt, out_std, rngs)
+        self.attn = Attention(cfg, pdt, std, out_std, rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pdt)
         self.is_moe = cfg.is_moe_layer(index)
         if self.is_moe:
-            self.mlp = MoE(cfg, cfg.init_std, out_std, pdt, rngs)
+            self.mlp = MoE(cfg, std, out_std, pdt, rngs)
         else:
-            self.mlp = make_mlp(cfg, cfg.init_std, out_std, pdt, rngs)
+            self.mlp = make_mlp(cfg, std, out_std, pdt, rngs)
         self.dropout = cfg.dropout
 
     def __call__(
@@ -150,6 +152,8 @@ class Transformer(nnx.Module):
         logits = jnp.einsum(
             "btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32
         )
+        if cfg.mup_base_width:  # muP's output multiplier: logits stay O(1) as width grows
+            logits = logits / cfg.width_mult
         if cfg.logit_softcap:  # bounded logits: no single token's logit runs away early on
             logits = cfg.logit_softcap * jnp.tanh(logits / cfg.logit_softcap)
         return logits, new_caches, _merge_router_stats(router_stats)

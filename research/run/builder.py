@@ -150,7 +150,7 @@ def build_run(
             f"split over {batch_shards} data-parallel devices; use a multiple of "
             f"{accum * batch_shards}"
         )
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
     memory = memory_report(cfg.model, mesh, tx, batch_size // accum)
     if purpose != "compile":
         check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))

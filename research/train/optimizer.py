@@ -1,4 +1,5 @@
-"""optax AdamW with weight-decay masking, warmup + cosine / WSD schedules and clipping."""
+"""optax AdamW (or Muon + AdamW) with weight-decay masking, warmup + cosine / WSD schedules and
+clipping."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import jax
 import optax
 
 from research.config import OptimConfig
+from research.train.muon import make_muon
+from research.train.mup import scale_hidden_updates
 
 
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -28,6 +31,9 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
             boundaries=[warmup, warmup + stable],
         )
     if cfg.schedule == "constant":
+        # optax's warmup_constant_schedule with 0 warmup steps stays at its initial value, 0.
+        if not warmup:
+            return optax.constant_schedule(cfg.lr)
         return optax.warmup_constant_schedule(0.0, cfg.lr, warmup)
     raise ValueError(f"optim.schedule='{cfg.schedule}' is unknown; use cosine, wsd or constant")
 
@@ -47,10 +53,12 @@ def decay_mask(params, cfg: OptimConfig):
 
 
 def make_optimizer(
-    cfg: OptimConfig, total_steps: int
+    cfg: OptimConfig, total_steps: int, width_mult: float = 1.0
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer and its LR schedule. ``width_mult`` != 1 (muP, ``model.width_mult``):
+    Adam's steps on hidden matrices are divided by it."""
     schedule = learning_rate_schedule(cfg, total_steps)
-    adamw = optax.adamw(
+    tx = optax.adamw(
         schedule,
         b1=cfg.b1,
         b2=cfg.b2,
@@ -58,5 +66,11 @@ def make_optimizer(
         weight_decay=cfg.weight_decay,
         mask=lambda params: decay_mask(params, cfg),
     )
+    if width_mult != 1.0:
+        tx = optax.chain(tx, scale_hidden_updates(width_mult))
+    if cfg.optimizer == "muon":
+        # The matrices follow the same schedule shape, scaled to their own peak.
+        ratio = cfg.muon_lr / cfg.lr
+        tx = make_muon(lambda step: schedule(step) * ratio, tx, cfg.muon_momentum, cfg.weight_decay)
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    return optax.chain(*chain, adamw), schedule
+    return optax.chain(*chain, tx), schedule

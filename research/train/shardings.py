@@ -53,10 +53,12 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, mesh: Mesh):
     Without it the jitted init picks its own layout (replicated), and the jitted step keeps
     it: the Adam moments, twice the parameters, would sit whole on every device."""
     replicated = NamedSharding(mesh, PartitionSpec())
+    masked = optax.transforms.MaskedNode  # a partitioned optimizer's "not mine" placeholder
     return optax.tree_map_params(
         tx,
-        lambda _, sharding: sharding,
+        lambda leaf, sharding: leaf if isinstance(leaf, masked) else sharding,
         jax.eval_shape(tx.init, params),
         jax.tree.map(lambda x: x.sharding, params),
         transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, masked),
     )

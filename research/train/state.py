@@ -28,7 +28,7 @@ def build_model(model_cfg: ModelConfig, seed: int, mesh: Mesh) -> tuple[nnx.Grap
 def init_train_state(cfg: ExperimentConfig, mesh: Mesh):
     """Fresh train state for a resolved config: (graphdef, state, tx, schedule)."""
     graphdef, params = build_model(cfg.model, cfg.train.seed, mesh)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps)
+    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,

@@ -1,0 +1,134 @@
+"""muP learning-rate transfer: is the best LR at width 64 still the best at widths 256 and 512?
+
+    python benchmarks/mup_lr_transfer.py                   # writes docs/mup_lr_transfer.png
+    python benchmarks/mup_lr_transfer.py --steps 100 --widths 64,256
+
+A grid of Adam LRs (factors of 2) at each width, for the standard parametrisation and for muP
+(base width 64), on tinyshakespeare characters: a 2-layer model (4 heads), context 32, batch
+16, a short cosine schedule with 10 warmup steps, loss on fixed batches of the validation split
+(the last 10% of the text). Prints each width's best LR and the grid, plots loss against LR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from research import runtime  # noqa: E402
+
+runtime.setup()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from research.config import ModelConfig, OptimConfig  # noqa: E402
+from research.data.corpus import read_text, resolve_corpus  # noqa: E402
+from research.models import Transformer  # noqa: E402
+from research.models.loss import cross_entropy  # noqa: E402
+from research.train.optimizer import make_optimizer  # noqa: E402
+
+SEQ, BATCH, LAYERS, HEADS = 32, 16, 2, 4
+
+
+def char_tokens() -> tuple[np.ndarray, np.ndarray, int]:
+    text = read_text(resolve_corpus("tinyshakespeare"), "\n")
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
+    split = int(len(ids) * 0.9)
+    return ids[:split], ids[split:], len(chars)
+
+
+def batches(ids: np.ndarray, count: int, seed: int) -> np.ndarray:
+    starts = np.random.default_rng(seed).integers(0, len(ids) - SEQ - 1, (count, BATCH))
+    return ids[starts[..., None] + np.arange(SEQ + 1)]
+
+
+def final_loss(width, base, lr, train_batches, val_batches, vocab) -> float:
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        d_model=width,
+        n_layers=LAYERS,
+        n_heads=HEADS,
+        seq_len=SEQ,
+        tie_embeddings=False,
+        mup_base_width=base,
+    ).resolved()
+    graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(state)
+    optim = OptimConfig(lr=lr, schedule="cosine", warmup_steps=10, weight_decay=0.0)
+    tx, _ = make_optimizer(optim, len(train_batches), cfg.width_mult)
+
+    def loss(params, batch):
+        logits = nnx.merge(graphdef, params)(batch[:, :-1])
+        return cross_entropy(logits, batch[:, 1:], 0.0)[0]
+
+    @jax.jit
+    def steps(params, opt_state, all_batches):
+        def body(carry, batch):
+            params, opt_state = carry
+            updates, opt_state = tx.update(jax.grad(loss)(params, batch), opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), None
+
+        (params, _), _ = jax.lax.scan(body, (params, opt_state), all_batches)
+        return jnp.mean(jax.vmap(lambda b: loss(params, b))(val_batches))
+
+    value = float(steps(params, tx.init(params), jnp.asarray(train_batches)))
+    return value if np.isfinite(value) else float("inf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--widths", default="64,256,512")
+    parser.add_argument("--log2-lrs", default="-12,-11,-10,-9,-8,-7,-6,-5")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--out", type=Path, default=Path("docs/mup_lr_transfer.png"))
+    args = parser.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
+    lrs = [2.0 ** int(k) for k in args.log2_lrs.split(",")]
+    train_ids, val_ids, vocab = char_tokens()
+    train_batches, val_batches = batches(train_ids, args.steps, 0), batches(val_ids, 8, 1)
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    grid = {}
+    for name, base in (("standard", 0), ("muP", widths[0])):
+        for width in widths:
+            losses = [final_loss(width, base, lr, train_batches, val_batches, vocab) for lr in lrs]
+            grid[name, width] = losses
+            best = lrs[int(np.argmin(losses))]
+            row = " ".join(f"{v:6.3f}" for v in losses)
+            print(f"{name:<9} width {width:>4}: best lr 2^{np.log2(best):.0f}   {row}", flush=True)
+    print(f"load average after: {os.getloadavg()}")
+    for name in ("standard", "muP"):
+        best = [int(np.argmin(grid[name, w])) for w in widths]
+        drift = max(abs(b - best[0]) for b in best)
+        print(f"{name}: best LR moves by up to {drift} grid step(s) of 2x from width {widths[0]}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, name in zip(axes, ("standard", "muP"), strict=True):
+        for width in widths:
+            ax.plot(lrs, grid[name, width], "o-", label=f"d_model {width}")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{name}: val loss after {args.steps} steps")
+        ax.set_xlabel("Adam LR")
+    axes[0].set_ylabel("val loss")
+    axes[0].set_ylim(top=min(4.0, axes[0].get_ylim()[1]))
+    axes[0].legend()
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=80)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
