@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import read_metrics
 
 from research.cli import main
 from research.config import ConfigError, validate
@@ -17,7 +18,6 @@ from research.post import chat
 from research.post import data as post_data
 from research.post.task import Problem, reward, write_task
 from research.run import train
-from tests.conftest import read_metrics
 
 TOKENIZER = CharTokenizer.train("User: Assistant:System\n0123456789+= abc")
 
