@@ -73,9 +73,9 @@ def main() -> None:
             continue
         loss = score(model, windows, dtype)
         bpb = loss * bits_per_byte
-        delta = "" if base is None else f" ({bpb - base:+.4f})"
+        delta = "" if base is None else f" ({bpb - base:+.5f})"
         base = bpb if base is None else base
-        print(f"| {name} | {nbytes} | {loss:.4f} | {bpb:.4f}{delta} |")
+        print(f"| {name} | {nbytes} | {loss:.5f} | {bpb:.5f}{delta} |")
 
 
 if __name__ == "__main__":
