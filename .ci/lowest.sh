@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 venv="${LOWEST_VENV:-${TMPDIR:-/tmp}/research-lowest-venv}"
 python3 -m venv --clear "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -c .ci/lowest-constraints.txt . pytest packaging
+# The data extra too: an experiment file (shakespeare_files) writes Parquet when its config is
+# built, and test_config builds every experiment's config.
+"$venv/bin/python" -m pip install --quiet -c .ci/lowest-constraints.txt '.[data]' pytest packaging
 "$venv/bin/python" -m pip check
 "$venv/bin/python" -m pip list --format=freeze \
   | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|tensorboard|tokenizers|numpy)=='
