@@ -336,22 +336,17 @@ def train_step_case(model_cfg, batch: int, steps: int, peak: float | None) -> di
 
 
 def gpt2_config(attention: str, dry: bool):
-    from research.config import ModelConfig
+    import dataclasses
+
+    from research.config import ModelConfig, load_experiment
 
     if dry:
         return ModelConfig(
             vocab_size=256, d_model=64, n_layers=2, n_heads=2, seq_len=64, attention=attention
         ).resolved()
-    return ModelConfig(
-        vocab_size=50304,
-        d_model=768,
-        n_layers=12,
-        n_heads=12,
-        seq_len=1024,
-        mlp_hidden=2048,
-        attention=attention,
-        compute_dtype="bfloat16",
-    ).resolved()
+    # The experiment's own shape (experiments/gpt2_small.py imports only research.config).
+    model = load_experiment("gpt2_small").model
+    return dataclasses.replace(model, attention=attention, compute_dtype="bfloat16").resolved()
 
 
 def moe_config(kind: str, dry: bool):
