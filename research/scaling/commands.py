@@ -124,7 +124,8 @@ def results_rows(path: str, params: str = "active_params") -> list[dict]:
                     f"{target} line {number} is not a sweep result (missing {missing}); give "
                     f"the {RESULTS} that `research sweep` writes"
                 )
-            rows.append(row)
+            if row.get("kind") != "stable":  # a WSD stable run's loss is at peak LR: no point
+                rows.append(row)
     if not rows:
         raise ConfigError(
             f"no results in {path}: give a sweep folder or its {RESULTS} "

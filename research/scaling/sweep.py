@@ -41,6 +41,12 @@ class SweepRun:
     budget: float | None = None  # the IsoFLOP budget (FLOPs) this run belongs to, if any
     holdout: bool = False  # trained and recorded, but left out of fits: a prediction test
     tags: dict = field(default_factory=dict)  # extra columns for the results table
+    # WSD cooldown sweeps (scaling/wsd.py): "stable" trains at a constant LR to its last branch
+    # point; a "branch" starts from stable run ``stable`` at ``branch_step`` and decays the LR.
+    kind: str = "run"
+    stable: str | None = None
+    branch_step: int = 0
+    branch_steps: tuple[int, ...] = ()
 
 
 def _short(x: float) -> str:
@@ -273,6 +279,8 @@ def _write_hparams(run: SweepRun, row: dict, logdir: Path) -> None:
 
 
 def _result_row(run: SweepRun, result, ledger: dict, seconds: float) -> dict:
+    from research.scaling.wsd import row_fields
+
     size = _size(run)
     return {
         "name": run.name,
@@ -302,6 +310,7 @@ def _result_row(run: SweepRun, result, ledger: dict, seconds: float) -> dict:
         "co2_kg": ledger.get("co2_kg"),
         "cost_usd": ledger.get("cost_usd"),
         "run_dir": str(result.run_dir),
+        **row_fields(run, tokens_per_step(run.config) * size.flops_per_token, result.step),
         **run.tags,
         "config": run.config.to_dict(),
     }
@@ -325,12 +334,13 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
     import jax
 
     from research.run import train
+    from research.scaling import wsd
     from research.train.metrics import events_dir
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     finished = {row["name"]: row for row in read_results(root)}
-    for run in runs:
+    for run in wsd.check_branches(runs, root):  # stable runs before their branches
         if run.name in finished:
             if finished[run.name]["config_hash"] != config_hash(run.config):
                 raise ConfigError(
@@ -341,7 +351,12 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
         cfg = apply_overrides(run.config, [f"train.run_dir={root / run.name}"])
         cfg.log.progress = progress
         start = time.perf_counter()
-        result = train(cfg, resume=True)  # an interrupted run resumes from its checkpoints
+        if run.kind == "stable":  # in segments, keeping its checkpoint at each branch point
+            result = wsd.train_stable(run, cfg, root, train)
+        else:
+            if run.kind == "branch":
+                wsd.seed_branch(run, cfg, root)
+            result = train(cfg, resume=True)  # an interrupted run resumes from its checkpoints
         ledger = json.loads((result.run_dir / "ledger.json").read_text())
         row = _result_row(run, result, ledger, time.perf_counter() - start)
         _write_hparams(run, row, events_dir(result.run_dir))

@@ -11,6 +11,12 @@ from research.train.muon import make_muon
 from research.train.mup import scale_hidden_updates
 
 
+def wsd_decay_steps(total_steps: int, decay_fraction: float) -> int:
+    """Steps a WSD run of ``total_steps`` spends decaying (the last ones). Cooldown branches
+    (research/scaling/wsd.py) start at ``total_steps`` minus this, so both agree by construction."""
+    return max(1, int(total_steps * decay_fraction))
+
+
 def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
     floor = cfg.lr * cfg.min_lr_ratio
@@ -20,7 +26,7 @@ def learning_rate_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule
         )
     if cfg.schedule == "wsd":
         # Warmup, a long stable phase at the peak, then a linear decay over the last fraction.
-        decay = max(1, int(total_steps * cfg.decay_fraction))
+        decay = wsd_decay_steps(total_steps, cfg.decay_fraction)
         stable = max(0, total_steps - warmup - decay)
         return optax.join_schedules(
             [
