@@ -219,6 +219,8 @@ def plan(runs: list[SweepRun], root: Path, flops_per_second: float, done: set[st
     rows = []
     for run in runs:
         size, tokens, flops = planned_flops(run)
+        if run.kind == "branch":  # its first branch_step steps are its stable run's
+            flops *= 1 - run.branch_step / run.config.train.steps
         rows.append(
             {
                 "name": run.name,
