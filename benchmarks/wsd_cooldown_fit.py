@@ -78,6 +78,7 @@ def main() -> None:
     fits = {
         name: approach3(load_runs(group, args.params, curves=False))
         for name, group in by_group.items()
+        if len(group) >= 5  # approach 3 has five parameters
     }
     print(f"\napproach 3, N = {args.params}:")
     for name, fit in fits.items():

@@ -27,8 +27,8 @@ def base(*extra: str):
             "optim.warmup_steps=2",
             "optim.min_lr_ratio=0.1",
             "train.eval_every=0",
-            "train.eval_batches=2",
-            "train.checkpoint_every=6",
+            "train.eval_batches=1",
+            "train.checkpoint_every=18",  # saves: end of each run, and step 18
             "train.log_every=1",
             "train.sample_tokens=0",
             "mesh.data=1",
