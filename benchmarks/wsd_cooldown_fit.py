@@ -160,6 +160,13 @@ def plot(by_group: dict, rows: list[dict], fits: dict, params: str, path: Path) 
             else:
                 kwargs["color"] = color
             ax.scatter(x, y, **kwargs)
+    for size, color in zip(sizes, colors, strict=True):  # where each cooldown started from
+        stable = [r for r in rows if r.get("kind") == "stable" and r[params] == size]
+        x, y = stable_curve(stable[0]) if stable else ([], [])
+        ax.plot(x, y, ".-", color=color, lw=0.6, ms=4, alpha=0.6)
+    ax.plot(
+        [], [], "k.-", lw=0.6, ms=4, alpha=0.6, label="stable run (constant LR), at branch points"
+    )
     tokens = np.geomspace(
         min(r["tokens"] for r in rows if r.get("kind") == "branch") / 1.5,
         max(r["tokens"] for r in rows if r.get("kind") == "branch") * 1.5,
@@ -179,6 +186,18 @@ def plot(by_group: dict, rows: list[dict], fits: dict, params: str, path: Path) 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=200)
+
+
+def stable_curve(row: dict) -> tuple[list[float], list[float]]:
+    """(tokens, val loss) of a stable run at its branch points (evaluated as each segment ends)."""
+    import json
+
+    points = {}
+    for line in (Path(row["run_dir"]) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val/loss" in record:
+            points[record["tokens"]] = record["val/loss"]
+    return sorted(points), [points[t] for t in sorted(points)]
 
 
 if __name__ == "__main__":
