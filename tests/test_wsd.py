@@ -171,3 +171,12 @@ def test_bad_grids_are_clear_errors(tmp_path):
         changed[0].name,
         changed[1].name,
     ]
+
+
+def test_fits_leave_stable_runs_out(tmp_path):
+    from research.scaling.commands import results_rows
+
+    row = {"name": "a", "flops": 1.0, "tokens": 1.0, "val_loss": 2.0, "active_params": 1.0}
+    rows = [{**row, "name": "s", "kind": "stable"}, {**row, "name": "b", "kind": "branch"}, row]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r["name"] for r in results_rows(str(tmp_path))] == ["b", "a"]

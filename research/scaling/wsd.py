@@ -206,8 +206,12 @@ def train_stable(run: SweepRun, cfg: ExperimentConfig, root: Path, train):
             continue
         segment = apply_overrides(cfg, [f"train.steps={step}"])
         result = train(segment, resume=True)
-        if result.step != step:
-            raise ConfigError(f"stable run {run.name} stopped at step {result.step}, not {step}")
+        if result.step != step:  # it was trained past this point before the point was added
+            raise ConfigError(
+                f"stable run '{run.name}' is already at step {result.step}, past branch point "
+                f"{step}, and kept no checkpoint there (were budgets added to the sweep?); "
+                "retrain it under a new --root"
+            )
         _copy_dir(result.run_dir / "checkpoints" / str(step), snapshots / str(step))
     if result is None:  # every point was copied before a kill: the run is complete
         result = train(cfg, resume=True)
@@ -224,7 +228,8 @@ def seed_branch(run: SweepRun, cfg: ExperimentConfig, root: Path) -> None:
     if not source.is_dir():
         raise ConfigError(
             f"branch '{run.name}' needs {source} (stable run '{run.stable}' at step "
-            f"{run.branch_step}); train the stable run first"
+            f"{run.branch_step}); train the stable run first, or, if it is finished without "
+            "this point (budgets added since), retrain the sweep under a new --root"
         )
     _copy_dir(source, checkpoints / str(run.branch_step))
 
