@@ -280,6 +280,7 @@ def add_scaling_commands(sub, add_experiment_args) -> None:
         epilog="examples:\n  research sweep isoflop_shakespeare --dry-run\n"
         "  research sweep isoflop_cpu                   # -> runs/isoflop_cpu/results.jsonl\n"
         "  research sweep isoflop_gpu --manifest jobs.txt  # one command per run\n"
+        "  research sweep wsd_cooldown_shakespeare      # WSD stable runs + cooldown branches\n"
         "  tensorboard --logdir runs/isoflop_cpu        # all runs side by side (HParams tab)",
     )
     add_experiment_args(p)
