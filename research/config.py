@@ -534,6 +534,13 @@ class PostConfig:
     teacher: str = ""  # distill: the teacher's run folder (same tokenizer)
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # weight of the teacher's KL; 1 - alpha: the hard-label loss
+    # LoRA (research/post/lora.py): rank 0 trains every weight; > 0 freezes the base and
+    # trains adapters W + (alpha / rank) A B on the projections lora_targets names
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    # comma-separated: all | attn | mlp | q | k | v | o, or regexes over parameter paths
+    # such as blocks/[01]/attn/wq (chosen layers)
+    lora_targets: str = "all"
 
     def problems(self) -> list[str]:
         c = _Checks("post", self)
@@ -562,6 +569,12 @@ class PostConfig:
             )
         if self.mode == "distill" and not self.teacher:
             c.add("post.mode=distill needs post.teacher (the teacher's run folder)")
+        c.at_least("lora_rank", 0, " (0: no adapters, every weight trains)")
+        if self.lora_rank:
+            from research.post.lora import pattern_problems
+
+            c.positive("lora_alpha")
+            c.found.extend(pattern_problems(self.lora_targets))
         return c.found
 
 
