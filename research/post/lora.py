@@ -155,34 +155,25 @@ def _split_spec(sharding, t: Target) -> tuple:
 
 def init_adapters(params: dict, targets: list[Target], rank: int, seed: int) -> dict:
     """A ~ N(0, 1 / fan_in) and B = 0 for each target, in the base weight's dtype, sharded as
-    that weight's axes are (the rank axis replicated)."""
-    shapes, shardings = {}, {}
-    for t in targets:
+    that weight's axes are (the rank axis replicated). A is drawn on the host from the seed
+    (numpy: adapters are small, and it costs no compile); each device takes its slice."""
+    made = {}
+    for i, t in enumerate(targets):
         weight = _leaf(params, t.path)
         cut = t.batch + t.inputs
-        a_spec, b_spec = _split_spec(weight.sharding, t)
-        shapes[t.path] = (t.shape[:cut] + (rank,), t.shape[: t.batch] + (rank,) + t.shape[cut:])
-        mesh = weight.sharding.mesh
-        shardings[t.path] = {
-            "a": NamedSharding(mesh, PartitionSpec(*a_spec)),
-            "b": NamedSharding(mesh, PartitionSpec(*b_spec)),
+        a_shape, b_shape = t.shape[:cut] + (rank,), t.shape[: t.batch] + (rank,) + t.shape[cut:]
+        fan_in = math.prod(t.shape[t.batch : cut])
+        host_a = np.random.default_rng([seed, i]).standard_normal(a_shape) / math.sqrt(fan_in)
+        host = {"a": host_a.astype(weight.dtype), "b": np.zeros(b_shape, weight.dtype)}
+        specs = dict(zip("ab", _split_spec(weight.sharding, t), strict=True))
+        made[t.path] = {
+            k: jax.make_array_from_callback(
+                v.shape,
+                NamedSharding(weight.sharding.mesh, PartitionSpec(*specs[k])),
+                lambda index, v=v: v[index],
+            )
+            for k, v in host.items()
         }
-    dtypes = {t.path: _leaf(params, t.path).dtype for t in targets}
-
-    def init():
-        out = {}
-        for i, t in enumerate(targets):
-            a_shape, b_shape = shapes[t.path]
-            fan_in = math.prod(t.shape[t.batch : t.batch + t.inputs])
-            a = jax.random.normal(jax.random.fold_in(jax.random.key(seed), i), a_shape)
-            out[t.path] = {
-                "a": (a / math.sqrt(fan_in)).astype(dtypes[t.path]),
-                "b": jnp.zeros(b_shape, dtypes[t.path]),
-            }
-        return out
-
-    flat_shardings = {t.path: shardings[t.path] for t in targets}
-    made = jax.jit(init, out_shardings=flat_shardings)()
     return traverse_util.unflatten_dict(made)
 
 
