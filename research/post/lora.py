@@ -231,4 +231,20 @@ def start_from(state: dict, base: dict, scale: float) -> dict:
 
 
 def count(tree) -> int:
+    """Elements in a tree of arrays."""
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def nbytes(tree) -> int:
+    """Bytes of a tree of arrays (global sizes, all shards together)."""
+    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def summary(state: dict) -> str:
+    """One line: what trains and what its optimizer state costs."""
+    adapters, total = count(state["adapters"]), count(state["base"])
+    n = len(jax.tree.leaves(state["adapters"])) // 2
+    return (
+        f"LoRA: {adapters:,} adapter parameters on {n} projections ({100 * adapters / total:.2f}% "
+        f"of the {total:,} frozen); optimizer state {nbytes(state['opt_state']) / 2**20:.2f} MiB"
+    )
