@@ -392,3 +392,25 @@ def test_lora_sft_freezes_the_base_trains_only_adapters_and_resumes(
     for x, y, z in zip(leaves(merged), leaves(state["params"]), leaves(exported), strict=True):
         np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
         np.testing.assert_array_equal(np.asarray(z), np.asarray(y))
+
+
+def test_cli_lora_target_that_matches_nothing_is_one_error_line(task, tmp_path, capsys):
+    status = main(
+        [
+            "train",
+            "post_addition",
+            "--set",
+            f"data.corpus={task['corpus']}",
+            "--set",
+            f"train.run_dir={tmp_path / 'run'}",
+            "--set",
+            "post.lora_rank=4",
+            "--set",
+            "post.lora_targets=q,attn/wqkv",
+        ]
+    )
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "error: post.lora_targets: 'attn/wqkv' matches no projection" in err
+    assert "attn/wq, attn/wv" in err  # the projections there are
+    assert not (tmp_path / "run").exists()  # refused before anything was written
