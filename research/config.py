@@ -541,6 +541,9 @@ class PostConfig:
     # comma-separated: all | attn | mlp | q | k | v | o, or regexes over parameter paths
     # such as blocks/[01]/attn/wq (chosen layers)
     lora_targets: str = "all"
+    # regexes of parameters trained whole beside the adapters (PEFT's modules_to_save), such
+    # as embed (new template tokens); "": none
+    lora_full: str = ""
 
     def problems(self) -> list[str]:
         c = _Checks("post", self)
@@ -575,6 +578,7 @@ class PostConfig:
 
             c.positive("lora_alpha")
             c.found.extend(pattern_problems(self.lora_targets))
+            c.found.extend(pattern_problems(self.lora_full, "post.lora_full", empty_ok=True))
         return c.found
 
 

@@ -172,3 +172,20 @@ def test_bad_lora_settings_are_config_errors(post, message):
     cfg = ExperimentConfig.from_dict({"post": post})
     with pytest.raises(ConfigError, match=message):
         validate(cfg)
+
+
+def test_parameters_trained_whole_replace_the_base_in_the_merge(built):
+    """post.lora_full (PEFT's modules_to_save): the embedding trains as a whole copy; the merge
+    takes that copy, the base keeps its own."""
+    cfg, _, params = built("dense-gqa")
+    targets = lora.select(cfg, "q", 2)
+    paths = lora.full_paths(params, "embed|final_norm", targets)
+    assert paths == [("embed",), ("final_norm", "scale")]
+    adapters = random_adapters(params, targets, 2)
+    adapters["embed"] = {"full": params["embed"] + 1.0}
+    merged = merge(params, adapters, 1.0)
+    np.testing.assert_array_equal(np.asarray(merged["embed"]), np.asarray(params["embed"]) + 1)
+    with pytest.raises(ConfigError, match=r"'lm_head' matches no parameter; parameters: .*embed"):
+        lora.full_paths(params, "lm_head", targets)
+    with pytest.raises(ConfigError, match="a projection that has an adapter"):
+        lora.full_paths(params, "attn/wq", targets)

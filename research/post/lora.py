@@ -74,17 +74,41 @@ def patterns(targets: str) -> list[str]:
     return [ALIASES.get(t, t) for t in items]
 
 
-def pattern_problems(targets: str) -> list[str]:
-    """What is wrong with ``post.lora_targets`` on its own (the model is checked later)."""
-    if not patterns(targets):
-        return [f"post.lora_targets is empty; use all, or some of {', '.join(ALIASES)}"]
+def pattern_problems(
+    targets: str, key: str = "post.lora_targets", empty_ok: bool = False
+) -> list[str]:
+    """What is wrong with ``post.lora_targets`` (or ``key``) on its own (the model is checked
+    later)."""
+    if not patterns(targets) and not empty_ok:
+        return [f"{key} is empty; use all, or some of {', '.join(ALIASES)}"]
     found = []
     for pattern in patterns(targets):
         try:
             re.compile(pattern)
         except re.error as error:
-            found.append(f"post.lora_targets: {pattern!r} is not a regex ({error})")
+            found.append(f"{key}: {pattern!r} is not a regex ({error})")
     return found
+
+
+def full_paths(params: dict, full: str, targets: list[Target]) -> list[tuple]:
+    """Paths of the parameters ``post.lora_full`` names (trained whole); a pattern matching no
+    parameter, or an adapted one, is an error naming the parameters there are."""
+    adapted = {t.path for t in targets}
+    paths = list(traverse_util.flatten_dict(params))
+    chosen = []
+    for pattern in patterns(full):
+        hits = [p for p in paths if re.search(pattern, "/".join(str(k) for k in p))]
+        if not hits or any(p in adapted for p in hits):
+            names = sorted(
+                {re.sub(r"^(stacked_)?blocks/\d+/", "", "/".join(map(str, p))) for p in paths}
+            )
+            raise ConfigError(
+                f"post.lora_full: {pattern!r} matches "
+                + ("no parameter" if not hits else "a projection that has an adapter")
+                + f"; parameters: {', '.join(names)}"
+            )
+        chosen += [p for p in hits if p not in chosen]
+    return chosen
 
 
 def candidates(model_cfg: ModelConfig) -> list[Target]:
@@ -141,6 +165,20 @@ def select(model_cfg: ModelConfig, targets: str, rank: int) -> list[Target]:
     return sorted(chosen, key=lambda t: t.name)
 
 
+def check(cfg) -> list[Target]:
+    """Every LoRA setting of ``cfg`` against its model, before anything is allocated."""
+    from research.models import Transformer
+
+    post = cfg.post
+    targets = select(cfg.model, post.lora_targets, post.lora_rank)
+    if post.lora_full:
+        shapes = nnx.to_pure_dict(
+            nnx.state(nnx.eval_shape(lambda: Transformer(cfg.model, nnx.Rngs(0))))
+        )
+        full_paths(shapes, post.lora_full, targets)
+    return targets
+
+
 def _leaf(tree: dict, path: tuple):
     for key in path:
         tree = tree[key]
@@ -189,10 +227,14 @@ def delta(a: jax.Array, b: jax.Array, weight_shape: tuple) -> jax.Array:
 
 def merge(base: dict, adapters: dict, scale: float) -> dict:
     """Plain parameters: each adapted weight W becomes W + scale A B (in W's dtype, the sum in
-    float32); every other leaf is ``base``'s own array."""
+    float32), a parameter trained whole (``full``) its trained copy; every other leaf is
+    ``base``'s own array."""
     flat = traverse_util.flatten_dict(adapters)
     merged = dict(traverse_util.flatten_dict(base))
     for path in {p[:-1] for p in flat}:
+        if path + ("full",) in flat:
+            merged[path] = flat[path + ("full",)]
+            continue
         weight = merged[path]
         update = delta(flat[path + ("a",)], flat[path + ("b",)], weight.shape)
         merged[path] = (weight.astype(jnp.float32) + scale * update).astype(weight.dtype)
@@ -211,6 +253,11 @@ def train_state(cfg, state: dict, tx, mesh) -> dict:
     post = cfg.post
     targets = select(cfg.model, post.lora_targets, post.lora_rank)
     adapters = init_adapters(state["params"], targets, post.lora_rank, cfg.train.seed + 2)
+    if post.lora_full:  # trained copies of these parameters (the base keeps its own)
+        flat = traverse_util.flatten_dict(adapters)
+        for path in full_paths(state["params"], post.lora_full, targets):
+            flat[path + ("full",)] = jnp.copy(_leaf(state["params"], path))
+        adapters = traverse_util.unflatten_dict(flat)
     opt_state = jax.jit(tx.init, out_shardings=optimizer_shardings(tx, adapters, mesh))(adapters)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_state = jax.tree.map(
@@ -243,8 +290,11 @@ def nbytes(tree) -> int:
 def summary(state: dict) -> str:
     """One line: what trains and what its optimizer state costs."""
     adapters, total = count(state["adapters"]), count(state["base"])
-    n = len(jax.tree.leaves(state["adapters"])) // 2
+    flat = traverse_util.flatten_dict(state["adapters"])
+    n, whole = sum(p[-1] == "a" for p in flat), sum(p[-1] == "full" for p in flat)
     return (
-        f"LoRA: {adapters:,} adapter parameters on {n} projections ({100 * adapters / total:.2f}% "
-        f"of the {total:,} frozen); optimizer state {nbytes(state['opt_state']) / 2**20:.2f} MiB"
+        f"LoRA: {adapters:,} trained parameters ({100 * adapters / total:.2f}% of the {total:,} "
+        f"frozen): adapters on {n} projections"
+        + (f", {whole} trained whole" if whole else "")
+        + f"; optimizer state {nbytes(state['opt_state']) / 2**20:.2f} MiB"
     )

@@ -186,7 +186,7 @@ def _assemble_training(run: Run, resume: bool) -> None:
     if cfg.post.lora_rank:  # the adapters' targets exist in this model, before any work
         from research.post import lora
 
-        lora.select(cfg.model, cfg.post.lora_targets, cfg.post.lora_rank)
+        lora.check(cfg)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run.run_dir, cfg.to_dict())
     if not resume:
