@@ -16,10 +16,8 @@ from research.post import lora
 from research.train.shardings import abstract_params, param_shardings
 
 SHAPES = {  # unrolled layers; stacked layers with experts (two batch axes before W's own)
-    "dense-gqa": dict(n_kv_heads=2),
-    "scanned-moe-relu2": dict(
-        scan_layers=True, n_experts=4, top_k=2, moe_every=1, mlp_activation="relu2"
-    ),
+    "dense-gqa-relu2": dict(n_kv_heads=2, mlp_activation="relu2"),
+    "scanned-moe": dict(scan_layers=True, n_experts=4, top_k=2, moe_every=2),
 }
 
 
@@ -82,7 +80,9 @@ def test_each_merged_projection_computes_x_w_plus_the_scaled_low_rank_path(shape
     cfg, _, params = built(shape)
     targets = lora.select(cfg, "all", 4)
     names = {t.name.split("/", 2)[-1] for t in targets}
-    assert {"attn/wq", "attn/wk", "attn/wv", "attn/wo"} <= names
+    assert {"attn/wq", "attn/wk", "attn/wv", "attn/wo", "mlp/w_up", "mlp/w_down"} <= names
+    if cfg.scan_layers:  # stacked layers (1 batch axis), stacked experts (2)
+        assert {t.batch for t in targets} == {1, 2}
     adapters = random_adapters(params, targets, 4)
     scale = 16.0 / 4
     merged = merge(params, adapters, scale)
@@ -105,7 +105,7 @@ def test_each_merged_projection_computes_x_w_plus_the_scaled_low_rank_path(shape
 
 
 def test_at_init_the_adapted_model_is_the_base_model_exactly(built):
-    cfg, graphdef, params = built("dense-gqa")
+    cfg, graphdef, params = built("dense-gqa-relu2")
     adapters = lora.init_adapters(params, lora.select(cfg, "all", 4), 4, seed=3)
     assert all(np.any(np.asarray(a) != 0) for a in jax.tree.leaves(adapters)[::2])  # A random
     merged = merge(params, adapters, 4.0)
@@ -127,7 +127,7 @@ def test_chosen_targets_and_layers():
 def test_adapters_are_sharded_as_their_weights_axes_are(built):
     """fsdp=2, tensor=2 on the fake devices: A keeps the weight's input axes' sharding, B its
     output axes', the rank axis is replicated; the merge keeps the weight's sharding."""
-    cfg, _, params = built("dense-gqa")
+    cfg, _, params = built("dense-gqa-relu2")
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     params = jax.device_put(params, param_shardings(cfg, mesh)[1])
     targets = lora.select(cfg, "all", 4)
@@ -177,7 +177,7 @@ def test_bad_lora_settings_are_config_errors(post, message):
 def test_parameters_trained_whole_replace_the_base_in_the_merge(built):
     """post.lora_full (PEFT's modules_to_save): the embedding trains as a whole copy; the merge
     takes that copy, the base keeps its own."""
-    cfg, _, params = built("dense-gqa")
+    cfg, _, params = built("dense-gqa-relu2")
     targets = lora.select(cfg, "q", 2)
     paths = lora.full_paths(params, "embed|final_norm", targets)
     assert paths == [("embed",), ("final_norm", "scale")]
