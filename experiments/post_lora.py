@@ -2,15 +2,17 @@
 parameters and optimizer memory? SFT of the addition model (experiments/post_addition.py: 2
 layers, d_model 64, pretrained on raw sums) to answer in the chat format, once with every
 weight trained and once with the base frozen and rank-8 adapters on every attention and MLP
-projection; the same data, steps and batches. Prints and writes docs/post/lora.json: exact-match
-accuracy on the 500 held-out problems, trainable parameters, the optimizer state's bytes (read
-from each run's restored train state) and wall time (ledger.json).
+projection; the same data and batches, for 300 steps (post_addition's SFT) and for 1500.
+Prints and writes docs/post/lora.json: exact-match accuracy on the 500 held-out problems,
+trainable parameters, the optimizer state's bytes (read from each run's restored train
+state) and wall time (ledger.json).
 
 ``python experiments/post_lora.py`` (the pretraining stage is post_addition's, run if missing).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,6 +22,19 @@ import jax
 from research.config import load_module
 
 pa = load_module(Path(__file__).with_name("post_addition.py"))  # its stages and helpers
+
+
+STEPS = (300, 1500)  # post_addition's SFT length, and 5x it
+
+
+def variant(stage: str, steps: int):
+    """post_addition's ``stage`` trained for ``steps`` steps (its own run folder past 300)."""
+    cfg = pa.stage(stage)
+    if steps == cfg.train.steps:
+        return stage, cfg
+    name = f"{stage}_{steps}"
+    train = dataclasses.replace(cfg.train, steps=steps, run_dir=str(pa.RUNS / name))
+    return name, dataclasses.replace(cfg, train=train)
 
 
 def _optimizer_figures(cfg) -> dict:
@@ -43,21 +58,19 @@ def main(argv: list[str]) -> None:
     runtime.setup()
     if not (pa.DATA / "heldout_pairs.jsonl").exists():
         write_task(pa.DATA)
+    pa._run(pa.config())  # the pretraining stage (skipped when complete)
     results = {}
-    for name, cfg in {
-        "pretrain": pa.config(),
-        "sft": pa.stage("sft"),
-        "sft_lora": pa.stage("sft_lora"),
-    }.items():
-        pa._run(cfg)
-        if name == "pretrain":
-            continue
-        results[name] = {
-            "task_accuracy": pa._accuracy(cfg.train.run_dir),
-            **_optimizer_figures(cfg),
-            **pa._ledger(cfg.train.run_dir),
-        }
-        print(f"{name}: {results[name]}")
+    for steps in STEPS:
+        for stage in ("sft", "sft_lora"):
+            name, cfg = variant(stage, steps)
+            pa._run(cfg)
+            results[name] = {
+                "steps": steps,
+                "task_accuracy": pa._accuracy(cfg.train.run_dir),
+                **_optimizer_figures(cfg),
+                **pa._ledger(cfg.train.run_dir),
+            }
+            print(f"{name}: {results[name]}")
     out = pa.ROOT / "docs" / "post"
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora.json").write_text(json.dumps(results, indent=2))
