@@ -194,7 +194,7 @@ def losses_of(run_dir):
     ],
 )
 def test_each_mode_resumes_after_an_interruption_with_the_same_losses(
-    mode, task, pretrained, sft_run, tmp_path, monkeypatch
+    mode, task, pretrained, tmp_path, monkeypatch, request
 ):
     settings = {
         "sft": dict(data=str(task["sft"]), init_from=str(pretrained)),
@@ -352,20 +352,23 @@ def test_reward_model_step_is_bradley_terry_on_the_response_scores(task, pretrai
     assert logged["post/rewards/accuracy"] == pytest.approx(right / len(losses))
 
 
-def test_lora_sft_freezes_the_base_trains_only_adapters_and_resumes(
-    task, pretrained, tmp_path, monkeypatch
+@pytest.mark.parametrize("mode", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
+def test_lora_freezes_the_base_trains_only_adapters_and_resumes(
+    mode, task, pretrained, tmp_path, monkeypatch, request
 ):
-    """LoRA on SFT: interrupted after its step-3 checkpoint, the resumed run has the
-    uninterrupted run's losses; the base stays the pretrained parameters bit for bit; the
-    optimizer holds moments of the adapters only; what eval, generate and export read is the
-    merge of base and adapters."""
+    """LoRA on SFT (DPO with --runslow): interrupted after its step-3 checkpoint, the resumed
+    run has the uninterrupted run's losses; the base stays the starting parameters bit for
+    bit; the optimizer holds moments of the adapters only; what eval, generate and export
+    read is the merge of base and adapters."""
     import jax
 
     from research.post import lora
     from research.run import build_run
 
+    start_dir = pretrained if mode == "sft" else request.getfixturevalue("sft_run")
+    data = task["sft"] if mode == "sft" else task["pairs"]
     settings = dict(
-        mode="sft", data=str(task["sft"]), init_from=str(pretrained), lora_rank=4, lora_alpha=8.0
+        mode=mode, data=str(data), init_from=str(start_dir), lora_rank=4, lora_alpha=8.0
     )
     straight = base_config(task, tmp_path / "straight", **settings)
     train(straight)
@@ -380,7 +383,7 @@ def test_lora_sft_freezes_the_base_trains_only_adapters_and_resumes(
     np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
 
     state = build_run(cut, "train").state  # the resumed run's final state (step 6)
-    start = build_run(base_config(task, pretrained), "eval").state["params"]
+    start = build_run(base_config(task, start_dir), "eval").state["params"]
     leaves = jax.tree.leaves
     for x, y in zip(leaves(start), leaves(state["base"]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
