@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -574,11 +575,16 @@ class PostConfig:
             c.add("post.mode=distill needs post.teacher (the teacher's run folder)")
         c.at_least("lora_rank", 0, " (0: no adapters, every weight trains)")
         if self.lora_rank:
-            from research.post.lora import pattern_problems
-
             c.positive("lora_alpha")
-            c.found.extend(pattern_problems(self.lora_targets))
-            c.found.extend(pattern_problems(self.lora_full, "post.lora_full", empty_ok=True))
+            for key, may_be_empty in (("lora_targets", False), ("lora_full", True)):
+                items = [t.strip() for t in getattr(self, key).split(",") if t.strip()]
+                if not items and not may_be_empty:
+                    c.add(f"post.{key} is empty; use all, or some of attn, mlp, q, k, v, o")
+                for item in items:  # aliases are regexes too (research/post/lora.py)
+                    try:
+                        re.compile(item)
+                    except re.error as error:
+                        c.add(f"post.{key}: {item!r} is not a regex ({error})")
         return c.found
 
 

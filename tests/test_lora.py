@@ -166,6 +166,7 @@ def test_a_target_that_matches_nothing_names_the_projections():
         (dict(lora_rank=4, lora_alpha=0.0), "post.lora_alpha"),
         (dict(lora_rank=4, lora_targets=" , "), "post.lora_targets is empty"),
         (dict(lora_rank=4, lora_targets="attn/w[q"), "not a regex"),
+        (dict(lora_rank=4, lora_full="emb[ed"), r"post.lora_full: 'emb\[ed' is not a regex"),
     ],
 )
 def test_bad_lora_settings_are_config_errors(post, message):

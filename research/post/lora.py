@@ -10,8 +10,8 @@ rest, which is the shape rule used here), but it creates the adapters as module 
 during a first call; our blocks run as pure functions (``nnx.merge`` of each block's state
 under ``jax.checkpoint`` and ``jax.lax.scan``: research/models/stack.py), so the adapters it
 creates there are lost (tried: ``nnx.state(model, nnx.LoRAParam)`` comes back empty, and the
-next call fails for want of its RNG). Making it work would put LoRA into the model code; the
-issue asks for parallelism and the like to stay outside it.
+next call fails for want of its RNG). Making it work would put LoRA code into the model, which
+the design keeps free of training and parallelism concerns.
 
 So LoRA here is a parameter view: ``merge(base, adapters)`` gives plain parameters that the
 unchanged model, step, eval, sampling and HF export all read. The train state holds the
@@ -72,22 +72,6 @@ def patterns(targets: str) -> list[str]:
     """``post.lora_targets`` as regexes (aliases expanded)."""
     items = [t.strip() for t in targets.split(",") if t.strip()]
     return [ALIASES.get(t, t) for t in items]
-
-
-def pattern_problems(
-    targets: str, key: str = "post.lora_targets", empty_ok: bool = False
-) -> list[str]:
-    """What is wrong with ``post.lora_targets`` (or ``key``) on its own (the model is checked
-    later)."""
-    if not patterns(targets) and not empty_ok:
-        return [f"{key} is empty; use all, or some of {', '.join(ALIASES)}"]
-    found = []
-    for pattern in patterns(targets):
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            found.append(f"{key}: {pattern!r} is not a regex ({error})")
-    return found
 
 
 def full_paths(params: dict, full: str, targets: list[Target]) -> list[tuple]:
