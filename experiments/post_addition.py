@@ -53,7 +53,8 @@ def config() -> ExperimentConfig:
 def stage(name: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
     """One post-training stage's config, from the pretraining one: sft | sft_more (the SFT
     run continued for as many steps as DPO: the control that DPO's extra steps must beat) |
-    dpo | grpo."""
+    dpo | grpo | reward | sft_lora (SFT with the base frozen and rank-8 adapters on every
+    projection: experiments/post_lora.py compares it with full SFT)."""
     cfg = base or config()
     post = dataclasses.replace(cfg.post, init_from=cfg.train.run_dir)
     train = dataclasses.replace(cfg.train, run_dir=str(RUNS / name), eval_every=100)
@@ -65,6 +66,12 @@ def stage(name: str, base: ExperimentConfig | None = None) -> ExperimentConfig:
         post = dataclasses.replace(post, mode="sft", data=str(DATA / "sft.jsonl"))
         train = dataclasses.replace(train, steps=300)
         optim = dataclasses.replace(optim, lr=1e-3)
+    elif name == "sft_lora":  # the same data and steps as sft; adapters take a larger lr
+        post = dataclasses.replace(
+            post, mode="sft", data=str(DATA / "sft.jsonl"), lora_rank=8, lora_alpha=16.0
+        )
+        train = dataclasses.replace(train, steps=300)
+        optim = dataclasses.replace(optim, lr=3e-3)
     elif name == "sft_more":
         post = dataclasses.replace(post, mode="sft", data=str(DATA / "sft.jsonl"), **after_sft)
         train, optim = dataclasses.replace(train, steps=200), tuned

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib.util
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -534,6 +535,16 @@ class PostConfig:
     teacher: str = ""  # distill: the teacher's run folder (same tokenizer)
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # weight of the teacher's KL; 1 - alpha: the hard-label loss
+    # LoRA (research/post/lora.py): rank 0 trains every weight; > 0 freezes the base and
+    # trains adapters W + (alpha / rank) A B on the projections lora_targets names
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    # comma-separated: all | attn | mlp | q | k | v | o, or regexes over parameter paths
+    # such as blocks/[01]/attn/wq (chosen layers)
+    lora_targets: str = "all"
+    # regexes of parameters trained whole beside the adapters (PEFT's modules_to_save), such
+    # as embed (new template tokens); "": none
+    lora_full: str = ""
 
     def problems(self) -> list[str]:
         c = _Checks("post", self)
@@ -562,6 +573,18 @@ class PostConfig:
             )
         if self.mode == "distill" and not self.teacher:
             c.add("post.mode=distill needs post.teacher (the teacher's run folder)")
+        c.at_least("lora_rank", 0, " (0: no adapters, every weight trains)")
+        if self.lora_rank:
+            c.positive("lora_alpha")
+            for key, may_be_empty in (("lora_targets", False), ("lora_full", True)):
+                items = [t.strip() for t in getattr(self, key).split(",") if t.strip()]
+                if not items and not may_be_empty:
+                    c.add(f"post.{key} is empty; use all, or some of attn, mlp, q, k, v, o")
+                for item in items:  # aliases are regexes too (research/post/lora.py)
+                    try:
+                        re.compile(item)
+                    except re.error as error:
+                        c.add(f"post.{key}: {item!r} is not a regex ({error})")
         return c.found
 
 

@@ -194,7 +194,7 @@ def losses_of(run_dir):
     ],
 )
 def test_each_mode_resumes_after_an_interruption_with_the_same_losses(
-    mode, task, pretrained, sft_run, tmp_path, monkeypatch
+    mode, task, pretrained, tmp_path, monkeypatch, request
 ):
     settings = {
         "sft": dict(data=str(task["sft"]), init_from=str(pretrained)),
@@ -350,3 +350,70 @@ def test_reward_model_step_is_bradley_terry_on_the_response_scores(task, pretrai
         right += margin > 0
     assert logged["train/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
     assert logged["post/rewards/accuracy"] == pytest.approx(right / len(losses))
+
+
+@pytest.mark.parametrize("mode", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])
+def test_lora_freezes_the_base_trains_only_adapters_and_resumes(
+    mode, task, pretrained, tmp_path, monkeypatch, request
+):
+    """LoRA on SFT (DPO with --runslow): interrupted after its step-3 checkpoint, the resumed
+    run has the uninterrupted run's losses; the base stays the starting parameters bit for
+    bit; the optimizer holds moments of the adapters only; what eval, generate and export
+    read is the merge of base and adapters."""
+    import jax
+
+    from research.post import lora
+    from research.run import build_run
+
+    start_dir = pretrained if mode == "sft" else request.getfixturevalue("sft_run")
+    data = task["sft"] if mode == "sft" else task["pairs"]
+    settings = dict(
+        mode=mode, data=str(data), init_from=str(start_dir), lora_rank=4, lora_alpha=8.0
+    )
+    straight = base_config(task, tmp_path / "straight", **settings)
+    train(straight)
+    cut = base_config(task, tmp_path / "cut", **settings)
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, post_data.RowBatches, 4)
+        with pytest.raises(Interrupted):
+            train(cut)
+    train(cut)
+    want, got = losses_of(tmp_path / "straight"), losses_of(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 7))
+    np.testing.assert_allclose([got[s] for s in got], [want[s] for s in got], rtol=1e-5)
+
+    state = build_run(cut, "train").state  # the resumed run's final state (step 6)
+    start = build_run(base_config(task, start_dir), "eval").state["params"]
+    leaves = jax.tree.leaves
+    for x, y in zip(leaves(start), leaves(state["base"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert any(np.any(np.asarray(b) != 0) for b in leaves(state["adapters"])[1::2])
+    moments = [x for x in leaves(state["opt_state"]) if x.ndim]
+    assert sum(x.size for x in moments) == 2 * lora.count(state["adapters"])  # Adam's mu, nu
+    merged = lora.merge(state["base"], state["adapters"], 8.0 / 4)
+    exported = build_run(cut, "generate").state["params"]  # what `research export` writes
+    for x, y, z in zip(leaves(merged), leaves(state["params"]), leaves(exported), strict=True):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(z), np.asarray(y))
+
+
+def test_cli_lora_target_that_matches_nothing_is_one_error_line(task, tmp_path, capsys):
+    status = main(
+        [
+            "train",
+            "post_addition",
+            "--set",
+            f"data.corpus={task['corpus']}",
+            "--set",
+            f"train.run_dir={tmp_path / 'run'}",
+            "--set",
+            "post.lora_rank=4",
+            "--set",
+            "post.lora_targets=q,attn/wqkv",
+        ]
+    )
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "error: post.lora_targets: 'attn/wqkv' matches no projection" in err
+    assert "attn/wq, attn/wv" in err  # the projections there are
+    assert not (tmp_path / "run").exists()  # refused before anything was written

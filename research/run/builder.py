@@ -183,11 +183,19 @@ def _assemble_training(run: Run, resume: bool) -> None:
         from research.post.setup import check_inputs
 
         check_inputs(cfg)
+    if cfg.post.lora_rank:  # the adapters' targets exist in this model, before any work
+        from research.post import lora
+
+        lora.check(cfg)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run.run_dir, cfg.to_dict())
     if not resume:
         _set_aside_previous_run(run.run_dir)
     run.graphdef, run.state, run.tx, run.schedule = init_train_state(cfg, run.mesh)
+    if cfg.post.lora_rank:  # frozen base, adapters and their optimizer state
+        run.state = lora.train_state(cfg, run.state, run.tx, run.mesh)
+        if jax.process_index() == 0:
+            print(lora.summary(run.state))
     run.checkpointer = Checkpointer(run.run_dir / "checkpoints", cfg.train.keep_checkpoints)
     if resume:
         restored = run.checkpointer.restore_latest(abstract_like(run.state))
@@ -200,12 +208,19 @@ def _assemble_training(run: Run, resume: bool) -> None:
 
         if run.step == 0 and cfg.post.init_from:
             run.state["params"] = post.start_params(run)
+            if cfg.post.lora_rank:
+                run.state = lora.start_from(run.state, run.state["params"], lora.scale_of(cfg.post))
         objective = post.objective(run)
     run.train_step = _jit_train_step(run, jax.tree.map(lambda x: x.sharding, run.state), objective)
 
 
 def _jit_train_step(run: Run, shardings, objective=None):
     cfg = run.config
+    params_view = None
+    if cfg.post.lora_rank and run.purpose == "train":
+        from research.post.lora import merge, scale_of
+
+        params_view = functools.partial(merge, scale=scale_of(cfg.post))
     step_fn = make_train_step(
         run.graphdef,
         run.tx,
@@ -214,6 +229,7 @@ def _jit_train_step(run: Run, shardings, objective=None):
         cfg.train.z_loss,
         data_parallel_size(run.mesh),
         objective,
+        params_view,
     )
     return jax.jit(
         on_mesh(step_fn, run.mesh),

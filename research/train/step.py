@@ -22,6 +22,7 @@ def make_train_step(
     z_loss: float,
     batch_shards: int = 1,
     objective=None,
+    params_view=None,
 ):
     """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics).
 
@@ -29,10 +30,17 @@ def make_train_step(
     see ``packed_targets``). ``batch_shards``: how many ways the batch is sharded (MoE dispatch
     runs per shard). ``objective(model, micro_batch, key) -> (loss, metrics with "loss")``
     replaces the language-modelling loss (post-training: DPO, GRPO, distillation); its metrics
-    are averaged over microbatches and logged beside the standard ones."""
-    moe_layers = model_cfg.moe_layers
+    are averaged over microbatches and logged beside the standard ones.
 
-    def loss_fn(params, micro_batch, key):
+    ``params_view(frozen, trainable) -> params`` (LoRA, research/post/lora.py): the state's
+    ``adapters`` train instead of its ``params``, which become the view of the frozen ``base``
+    and the updated adapters after each step."""
+    moe_layers = model_cfg.moe_layers
+    trained = "params" if params_view is None else "adapters"
+
+    def loss_fn(params, micro_batch, key, frozen=None):
+        if params_view is not None:
+            params = params_view(frozen, params)
         model = nnx.merge(graphdef, params)
         if objective is not None:
             loss, extra = objective(model, micro_batch, key)
@@ -59,26 +67,27 @@ def make_train_step(
         step_key = jax.random.fold_in(state["rng"], state["step"])
         accum = jax.tree.leaves(batch)[0].shape[0]
         first = jax.tree.map(lambda x: x[0], batch)
+        trainable, frozen = state[trained], state.get("base")
         if accum == 1:  # skip the scan: it costs compile time and nothing else here
-            (_, (ce, aux, extra)), grads = grad_fn(state["params"], first, step_key)
+            (_, (ce, aux, extra)), grads = grad_fn(trainable, first, step_key, frozen)
         else:
 
             def micro(carry, inputs):
                 index, micro_batch = inputs
                 (_, stats), g = grad_fn(
-                    state["params"], micro_batch, jax.random.fold_in(step_key, index)
+                    trainable, micro_batch, jax.random.fold_in(step_key, index), frozen
                 )
                 return jax.tree.map(jnp.add, carry, (g, stats)), None
 
             (_, stats_shape), grads_shape = jax.eval_shape(
-                grad_fn, state["params"], first, step_key
+                grad_fn, trainable, first, step_key, frozen
             )
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, stats_shape))
             (grads, (ce, aux, extra)), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
             grads, ce, aux, extra = jax.tree.map(lambda x: x / accum, (grads, ce, aux, extra))
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if aux and model_cfg.aux_free_bias_rate:
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        params = optax.apply_updates(trainable, updates)
+        if aux and model_cfg.aux_free_bias_rate and params_view is None:
             params = update_router_biases(
                 params, moe_layers, aux["expert_load"], model_cfg.aux_free_bias_rate
             )
@@ -91,6 +100,8 @@ def make_train_step(
             **extra,
         }
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        if params_view is not None:
+            new_state |= {"adapters": params, "params": params_view(frozen, params)}
         return new_state, metrics
 
     return train_step
