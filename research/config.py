@@ -534,6 +534,10 @@ class PostConfig:
     teacher: str = ""  # distill: the teacher's run folder (same tokenizer)
     distill_temperature: float = 2.0
     distill_alpha: float = 0.5  # weight of the teacher's KL; 1 - alpha: the hard-label loss
+    # distill: "online" (the teacher runs in every step) or a folder of cached top-k logits
+    # written by `research post-teacher-logits` (research/post/teacher_cache.py)
+    teacher_logits: str = "online"
+    teacher_top_k: int = 32  # how many of the teacher's logits per position a cache keeps
 
     def problems(self) -> list[str]:
         c = _Checks("post", self)
@@ -549,7 +553,7 @@ class PostConfig:
         c.within("distill_alpha", 0.0, 1.0)
         for key in ("kl_coef", "simpo_gamma", "eval_problems", "rpo_alpha"):
             c.at_least(key, 0)
-        for key in ("task_digits", "max_new_tokens"):
+        for key in ("task_digits", "max_new_tokens", "teacher_top_k"):
             c.positive(key)
         if self.mode in ("sft", "reward", "dpo", "grpo") and not self.data:
             c.add(
@@ -560,8 +564,11 @@ class PostConfig:
                 f"post.mode={self.mode} needs post.init_from (the SFT run it starts from and "
                 "keeps as its reference)"
             )
-        if self.mode == "distill" and not self.teacher:
-            c.add("post.mode=distill needs post.teacher (the teacher's run folder)")
+        if self.mode == "distill" and not self.teacher and self.teacher_logits == "online":
+            c.add(
+                "post.mode=distill needs post.teacher (the teacher's run folder) or "
+                "post.teacher_logits (a folder of its cached logits)"
+            )
         return c.found
 
 

@@ -1,10 +1,12 @@
 """Post-training through the standard Run builder and loop (research/post/): chat encoding and
 packing against a slow per-example reference, assistant-only masking, each mode resuming after an
 interruption with the losses of an uninterrupted run, DPO starting exactly at its reference,
-distillation at alpha 0 being plain training, and bad inputs as clear errors."""
+distillation at alpha 0 being plain training, cached top-k teacher logits giving the online
+teacher's KL, and bad inputs as clear errors."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from research.models.loss import packed_targets
 from research.post import chat
 from research.post import data as post_data
 from research.post.task import Problem, reward, write_task
+from research.post.teacher_cache import TeacherCache, TeacherCacheError, write_cache
 from research.run import train
 
 TOKENIZER = CharTokenizer.train("User: Assistant:System\n0123456789+= abc")
@@ -248,14 +251,23 @@ def test_dpo_starts_at_its_reference_and_grpo_rewards_its_samples(task, sft_run,
     assert rows[1]["post/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its reference
 
 
-def test_distillation_at_alpha_0_is_training_on_hard_labels(task, pretrained, tmp_path):
+def distill_config(task, pretrained, run_dir, **post):
+    return base_config(
+        task, run_dir, mode="distill", teacher=str(pretrained), distill_alpha=0.0, **post
+    )
+
+
+@pytest.fixture(scope="module")
+def distilled_alpha0(task, pretrained):
+    run_dir = pretrained.parent / "alpha0"
+    train(distill_config(task, pretrained, run_dir))
+    return run_dir
+
+
+def test_distillation_at_alpha_0_is_training_on_hard_labels(pretrained, distilled_alpha0):
     """With no weight on the teacher, distillation is the standard loss: the same losses as
     the pretraining fixture's run, which has this config without post.mode."""
-    distilled = base_config(
-        task, tmp_path / "alpha0", mode="distill", teacher=str(pretrained), distill_alpha=0.0
-    )
-    train(distilled)
-    want, got = losses_of(pretrained), losses_of(tmp_path / "alpha0")
+    want, got = losses_of(pretrained), losses_of(distilled_alpha0)
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
 
@@ -350,3 +362,121 @@ def test_reward_model_step_is_bradley_terry_on_the_response_scores(task, pretrai
         right += margin > 0
     assert logged["train/loss"] == pytest.approx(np.mean(losses), rel=1e-4)
     assert logged["post/rewards/accuracy"] == pytest.approx(right / len(losses))
+
+
+# ---- cached top-k teacher logits (research/post/teacher_cache.py) -------------------------
+
+VOCAB = 96  # the task's character vocabulary (base_config resolves model.vocab_size to it)
+
+
+@pytest.fixture(scope="module")
+def full_cache(task, pretrained, tmp_path_factory):
+    """The teacher's logits over the whole vocabulary, in float32, for distill_config's run."""
+    out = tmp_path_factory.mktemp("cache") / "full"
+    cfg = distill_config(task, pretrained, out.parent / "unused", teacher_top_k=VOCAB)
+    return write_cache(cfg, out, VOCAB, "float32")
+
+
+def test_a_cache_of_the_whole_vocabulary_gives_the_online_teachers_kl(
+    task,
+    pretrained,
+    distilled_alpha0,
+    full_cache,
+    tmp_path,
+):
+    """At alpha 0 the run follows the hard labels only, so both runs see the same student at
+    every step: the KL logged from the cache must be the KL to the teacher run online. (At
+    alpha > 0 the gradients are the same function: tests/test_post_losses.py.)"""
+    cfg = distill_config(
+        task, pretrained, tmp_path / "cached", teacher_logits=str(full_cache), teacher_top_k=VOCAB
+    )
+    train(cfg)
+    want, got = read_metrics(distilled_alpha0), read_metrics(tmp_path / "cached")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for key in ("train/loss", "post/distill/kl"):
+        np.testing.assert_allclose(
+            [got[s][key] for s in want], [want[s][key] for s in want], rtol=1e-5, atol=1e-7
+        )
+    assert want[1]["post/distill/kl"] > 0.01  # the student is not its teacher
+    manifest = TeacherCache(full_cache).manifest
+    assert manifest["k"] == VOCAB and manifest["steps"] == 6 and len(manifest["data_hash"]) == 64
+
+
+def _copy(cache, tmp_path, edit=None):
+    out = tmp_path / "copy"
+    shutil.copytree(cache, out)
+    if edit:
+        manifest = json.loads((out / "manifest.json").read_text())
+        edit(manifest)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("k", "holds the top 96 logits per position, post.teacher_top_k is 32"),
+        ("vocab", "vocabulary of 128 tokens, this student 96"),
+        ("seed", r"written for other batches \(seed: 0 there, 1 here\)"),
+        ("tokens", "step 0 of the cache .* holds logits for other tokens"),
+        ("steps", "covers 6 steps, this run trains 8"),
+        ("missing", "is not a teacher-logit cache"),
+    ],
+)
+def test_a_cache_that_does_not_belong_to_the_run_is_refused(
+    change,
+    message,
+    task,
+    pretrained,
+    full_cache,
+    tmp_path,
+):
+    settings = dict(teacher_top_k=VOCAB)
+    cache = str(full_cache)
+    if change == "k":
+        settings = {}
+    elif change == "vocab":
+        cache = _copy(full_cache, tmp_path, lambda m: m.update(vocab_size=128))
+    elif change == "tokens":
+        cache = _copy(full_cache, tmp_path)
+        shard = dict(np.load(f"{cache}/step_000000.npz"))
+        shard["tokens"] = shard["tokens"][:, ::-1]
+        np.savez(f"{cache}/step_000000.npz", **shard)
+    elif change == "missing":
+        cache = str(tmp_path / "nothing")
+    cfg = distill_config(task, pretrained, tmp_path / "run", teacher_logits=cache, **settings)
+    if change == "seed":
+        cfg.train.seed = 1
+    elif change == "steps":
+        cfg.train.steps = 8
+    with pytest.raises(TeacherCacheError, match=message):
+        train(cfg)
+
+
+def test_the_cli_writes_a_cache_and_refuses_an_existing_folder(
+    task,
+    pretrained,
+    tmp_path,
+    capsys,
+):
+    sets = [
+        f"data.corpus={task['corpus']}",
+        "post.mode=distill",
+        f"post.teacher={pretrained}",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "train.steps=2",
+        "train.batch_size=8",
+        "log.progress=false",
+    ]
+    args = ["post-teacher-logits", "experiments/post_addition.py", "--out", str(tmp_path / "c")]
+    args += [a for s in sets for a in ("--set", s)]
+    assert main([*args, "--k", "4", "--dtype", "bfloat16"]) == 0
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.manifest["k"] == 4 and cache.manifest["dtype"] == "bfloat16"
+    shard = cache.read(1)
+    assert shard["values"].shape == (1, 8, 32, 4) and shard["ids"].dtype == np.int32
+    values = shard["values"].astype(np.float32)
+    assert np.all(np.diff(values, axis=-1) <= 0)  # largest first
+    assert main(args) == 2
+    assert "exists; remove it" in capsys.readouterr().err

@@ -7,15 +7,18 @@ from __future__ import annotations
 import numpy as np
 
 from research.config import ConfigError
+from research.parallel.mesh import batch_sharding
 from research.post import chat
 from research.post import data as post_data
 from research.post.init import check_compatible, load_params
 from research.post.objectives import (
+    cached_distill_objective,
     distill_objective,
     grpo_objective,
     preference_objective,
     reward_objective,
 )
+from research.post.teacher_cache import CachedTeacherBatches, TeacherCache
 from research.train.shardings import abstract_params, param_shardings
 from research.train.state import abstract_like
 
@@ -39,6 +42,8 @@ def check_inputs(cfg) -> None:
     for what, other in (("post.init_from", post.init_from), ("post.teacher", post.teacher)):
         if other:
             check_compatible(cfg, other, what)
+    if post.mode == "distill" and post.teacher_logits != "online":
+        TeacherCache(post.teacher_logits).check(cfg)  # cfg is resolved (vocabulary known)
 
 
 def start_params(run):
@@ -57,23 +62,43 @@ def objective(run):
         )
     if post.mode == "grpo":
         return grpo_objective(post.clip_eps, post.kl_coef)
+    if post.mode == "distill" and post.teacher_logits != "online":
+        return cached_distill_objective(post.distill_temperature, post.distill_alpha)
     if post.mode == "distill":
-        teacher_cfg = check_compatible(run.config, post.teacher, "post.teacher")
-        teacher_model = teacher_cfg.model.resolved(vocab_size=run.data.vocab_size)
-        if teacher_model.vocab_size != run.config.model.vocab_size:
-            raise ConfigError(
-                f"post.teacher={post.teacher} has a vocabulary of {teacher_model.vocab_size} "
-                f"tokens, this student {run.config.model.vocab_size}: distillation compares "
-                "their distributions token by token, so set the same model.vocab_size"
-            )
-        graphdef, _ = param_shardings(teacher_model, run.mesh)
-        teacher_run = type(run.config).from_dict({**run.config.to_dict(), "model": {}})
-        teacher_run.model = teacher_model
-        params = load_params(
-            teacher_run, post.teacher, abstract_params(teacher_model, run.mesh), "post.teacher"
-        )
+        graphdef, params, _ = load_teacher(run)
         return distill_objective(graphdef, params, post.distill_temperature, post.distill_alpha)
     return None
+
+
+def load_teacher(run):
+    """(graphdef, params, config) of post.teacher, in this run's mesh; another vocabulary
+    than the student's is an error."""
+    post = run.config.post
+    teacher_cfg = check_compatible(run.config, post.teacher, "post.teacher")
+    teacher_model = teacher_cfg.model.resolved(vocab_size=run.data.vocab_size)
+    if teacher_model.vocab_size != run.config.model.vocab_size:
+        raise ConfigError(
+            f"post.teacher={post.teacher} has a vocabulary of {teacher_model.vocab_size} "
+            f"tokens, this student {run.config.model.vocab_size}: distillation compares "
+            "their distributions token by token, so set the same model.vocab_size"
+        )
+    graphdef, _ = param_shardings(teacher_model, run.mesh)
+    teacher_run = type(run.config).from_dict({**run.config.to_dict(), "model": {}})
+    teacher_run.model = teacher_model
+    params = load_params(
+        teacher_run, post.teacher, abstract_params(teacher_model, run.mesh), "post.teacher"
+    )
+    return graphdef, params, teacher_cfg
+
+
+def with_teacher_logits(run, standard):
+    """Distillation from a cache: the standard batches with each step's cached teacher
+    logits added (checked against the run first); online: the standard batches."""
+    post = run.config.post
+    if post.mode != "distill" or post.teacher_logits == "online":
+        return standard
+    cache = TeacherCache(post.teacher_logits)  # checked by check_inputs
+    return CachedTeacherBatches(standard, cache, run.step, batch_sharding(run.mesh, 1))
 
 
 def batches(run):
