@@ -480,3 +480,99 @@ def test_the_cli_writes_a_cache_and_refuses_an_existing_folder(
     assert np.all(np.diff(values, axis=-1) <= 0)  # largest first
     assert main(args) == 2
     assert "exists; remove it" in capsys.readouterr().err
+
+
+# ---- starting from an imported Hugging Face model (research/post/init.py) -----------------
+
+HF_LLAMA = "tests/fixtures/hf/llama3"
+
+
+def hf_sft_config(tmp_path, run_dir, steps):
+    from research.post.init import hf_start
+
+    lines = [("hi", "good day"), ("how", "well")]
+    chat_file = tmp_path / "chat.jsonl"
+    chat_file.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for u, a in lines
+        )
+    )
+    corpus = tmp_path / "corpus.txt"  # only for the data section: val loss is off
+    corpus.write_text("hello there good day\n" * 50)
+    task = {"corpus": corpus}
+    cfg = base_config(task, run_dir, mode="sft", data=str(chat_file))
+    cfg = hf_start(cfg, HF_LLAMA)
+    cfg.optim.lr = 1e-2
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = steps, 2, 0
+    return validate(cfg)
+
+
+def test_an_hf_start_loads_the_folders_weights_and_tokenizer(tmp_path):
+    """Fast twin of the slow run below: the starting parameters are the imported ones, in
+    the run's shardings, and post-training data is encoded with the folder's tokenizer."""
+    import jax
+
+    from research.config import MeshConfig
+    from research.hf.load import load_hf
+    from research.parallel.mesh import make_mesh
+    from research.post.init import load_params, post_tokenizer
+    from research.train.shardings import abstract_params
+
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=4)
+    mesh = make_mesh(MeshConfig())
+    got = load_params(cfg, HF_LLAMA, abstract_params(cfg.model, mesh))
+    want = load_hf(HF_LLAMA).params
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want
+    )
+    assert post_tokenizer(cfg, None).encode("well\n").tolist() == [54, 36, 74, 0]
+
+
+@pytest.mark.slow  # two runs with compiles; the fast twin is the test above
+def test_sft_from_an_hf_model_starts_at_its_weights_learns_and_resumes(tmp_path):
+    """The first step's loss is the imported model's SFT loss on that batch (computed here
+    from research.hf.load), the loss falls, and a longer run of the same folder resumes."""
+    import jax
+
+    from research.config import MeshConfig
+    from research.hf.load import load_hf
+    from research.models.loss import packed_targets
+    from research.parallel.mesh import make_mesh
+    from research.post.losses import sft_loss
+
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=4)
+    train(cfg)
+    hf = load_hf(HF_LLAMA)
+    rows = post_data.sft_rows(cfg.post.data, hf.tokenizer, cfg.model.seq_len)
+    source = post_data.RowBatches(rows, 8, 1, cfg.train.seed, make_mesh(MeshConfig()))
+    first = {k: v[source.indices(0)] for k, v in rows.items()}
+    inputs, targets, segments, weights = packed_targets(jax.tree.map(np.asarray, first))
+    want = sft_loss(hf.model()(inputs, segment_ids=segments), targets, weights)
+    got = losses_of(tmp_path / "run")
+    assert got[1] == pytest.approx(float(want), rel=1e-4)
+    assert got[4] < 0.8 * got[1]
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5))
+    train(longer)  # resumes at step 4 (not from the HF weights again)
+    resumed = losses_of(tmp_path / "run")
+    assert sorted(resumed) == [1, 2, 3, 4, 5] and resumed[5] < 0.8 * got[1]
+
+
+def test_an_hf_start_with_another_architecture_or_val_loss_is_refused(tmp_path):
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=3)
+    cfg.model.d_model = 64
+    with pytest.raises(
+        ConfigError, match=r"another model than this config's: set model.d_model=32"
+    ):
+        train(cfg)
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=3)
+    cfg.train.eval_batches, cfg.train.eval_every = 2, 3
+    with pytest.raises(ConfigError, match="set train.eval_batches=0"):
+        train(cfg)
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=3)
+    cfg.post.mode, cfg.post.teacher = "distill", HF_LLAMA
+    with pytest.raises(ConfigError, match="only post.init_from may be one"):
+        train(cfg)

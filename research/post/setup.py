@@ -10,7 +10,7 @@ from research.config import ConfigError
 from research.parallel.mesh import batch_sharding
 from research.post import chat
 from research.post import data as post_data
-from research.post.init import check_compatible, load_params
+from research.post.init import check_compatible, load_params, post_tokenizer
 from research.post.objectives import (
     cached_distill_objective,
     distill_objective,
@@ -105,7 +105,7 @@ def batches(run):
     """SFT, DPO or GRPO batches positioned where the run's checkpoint left off (None: the
     standard corpus batches, as for distillation)."""
     cfg = run.config
-    post, tokenizer = cfg.post, run.data.tokenizer()
+    post, tokenizer = cfg.post, post_tokenizer(cfg, run.data.tokenizer)
     seq, accum = cfg.model.seq_len, cfg.optim.grad_accum
     if post.mode == "sft":
         rows = post_data.sft_rows(post.data, tokenizer, seq)
@@ -151,7 +151,7 @@ def task_accuracy_hook(run, logger, bar=None):
     if post.mode == "reward":
         return _pair_accuracy_hook(run, logger, bar)
     problems = post_data.load_problems(post.eval_data, post.task_digits)[: post.eval_problems]
-    tokenizer = run.data.tokenizer()
+    tokenizer = post_tokenizer(run.config, run.data.tokenizer)
 
     def evaluate(trainer) -> None:
         accuracy = task_accuracy(
@@ -165,9 +165,8 @@ def task_accuracy_hook(run, logger, bar=None):
 
 
 def _pair_accuracy_hook(run, logger, bar=None):
-    rows = post_data.pair_rows(
-        run.config.post.eval_data, run.data.tokenizer(), run.config.model.seq_len
-    )
+    tokenizer = post_tokenizer(run.config, run.data.tokenizer)
+    rows = post_data.pair_rows(run.config.post.eval_data, tokenizer, run.config.model.seq_len)
 
     def evaluate(trainer) -> None:
         accuracy = post_data.pair_accuracy(run.graphdef, trainer.state["params"], rows)
