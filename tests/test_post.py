@@ -576,3 +576,38 @@ def test_an_hf_start_with_another_architecture_or_val_loss_is_refused(tmp_path):
     cfg.post.mode, cfg.post.teacher = "distill", HF_LLAMA
     with pytest.raises(ConfigError, match="only post.init_from may be one"):
         train(cfg)
+
+
+# ---- GRPO's sampler: the batched generator (research/infer/generation.py) -----------------
+
+
+def test_complete_is_the_greedy_answer_of_a_full_forward_loop_and_stops_at_the_newline():
+    """Greedy continuations of ragged prompts from the batched generator against a slow loop
+    that re-runs the whole sequence for every token; a sample depends on its seed only."""
+    import jax
+    from flax import nnx
+
+    from research.config import ModelConfig
+    from research.models import Transformer
+    from research.post.evaluate import complete
+
+    cfg = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=1, n_heads=2)
+    model = Transformer(cfg.resolved(), nnx.Rngs(3))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    prompts = [TOKENIZER.encode(t) for t in ("User: 1+2\nAssistant: ", "User: 12+3\nAs", "U")]
+    newline = int(TOKENIZER.encode("\n")[0])
+    got = complete(graphdef, params, TOKENIZER, prompts, 6, [0, 0, 0])
+    forward = jax.jit(lambda tokens: model(tokens))  # one shape: causal, so right-padding
+    for prompt, row in zip(prompts, got, strict=True):  # changes no earlier position
+        want, seq = [], list(prompt)
+        while len(want) < 6 and newline not in want:
+            padded = np.zeros((1, 32), np.int32)
+            padded[0, : len(seq)] = seq
+            logits = np.asarray(forward(padded)[0, len(seq) - 1, : TOKENIZER.vocab_size])
+            want.append(int(np.argmax(logits)))
+            seq.append(want[-1])
+        assert row.tolist() == want
+    alone = complete(graphdef, params, TOKENIZER, prompts[:1], 6, [7], temperature=1.0)
+    mixed = complete(graphdef, params, TOKENIZER, prompts, 6, [7, 8, 9], temperature=1.0)
+    assert alone[0].tolist() == mixed[0].tolist()

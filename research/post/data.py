@@ -156,8 +156,13 @@ class GroupSamples:
         groups = cfg.train.batch_size // post.group_size
         rng = np.random.default_rng((cfg.train.seed, self.position))
         chosen = [self.problems[int(i)] for i in rng.integers(len(self.problems), size=groups)]
-        prompts = np.repeat(encode_prompts(self.tokenizer, chosen), post.group_size, axis=0)
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), self.position)
+        prompts = [
+            p for p in encode_prompts(self.tokenizer, chosen) for _ in range(post.group_size)
+        ]
+        # One seed per sample, from (run seed, step, sample): a resumed run draws the same.
+        seeds = np.random.default_rng((cfg.train.seed, self.position, 1)).integers(
+            2**31, size=len(prompts)
+        )
         self.position += 1
         new = complete(
             self.graphdef,
@@ -165,16 +170,13 @@ class GroupSamples:
             self.tokenizer,
             prompts,
             post.max_new_tokens,
-            key,
+            seeds.tolist(),
             post.temperature,
         )
-        newline = int(self.tokenizer.encode("\n")[0])
         tokens = np.zeros((len(new), cfg.model.seq_len + 1), np.int32)
         mask = np.zeros_like(tokens)
         rewards = np.zeros(len(new), np.float32)
-        for i, row in enumerate(new):
-            stop = np.flatnonzero(row == newline)
-            answer = row[: stop[0] + 1] if len(stop) else row  # up to and with the newline
+        for i, answer in enumerate(new):  # each up to and with its newline
             full = np.concatenate([prompts[i], answer])[: tokens.shape[1]]
             tokens[i, : len(full)] = full
             mask[i, len(prompts[i]) : len(full)] = 1
