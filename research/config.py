@@ -521,6 +521,9 @@ class PostConfig:
     # accuracy); "": none.
     eval_data: str = ""
     eval_problems: int = 200  # how many of them (greedy answers)
+    # sft, reward, dpo: "" our plain template (research/post/chat.py); "tokenizer": the Jinja
+    # chat_template of post.init_from's HF folder; or a tokenizer folder holding one
+    chat_template: str = ""
     task_digits: int = 2  # the addition task's operand width (research/post/task.py)
     preference_loss: str = "dpo"  # dpo | ipo | simpo
     beta: float = 0.1  # DPO/IPO/SimPO strength

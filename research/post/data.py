@@ -62,8 +62,16 @@ class RowBatches:
         self.position = int(state["position"])
 
 
-def sft_rows(path: str, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    examples = [chat.encode(tokenizer, m) for m in chat.load_conversations(path)]
+def _encoder(tokenizer, template):
+    """(ids, mask) of a conversation: our template, or a tokenizer's chat template."""
+    if template is None:
+        return lambda messages: chat.encode(tokenizer, messages)
+    return lambda messages: template.encode(tokenizer, messages)
+
+
+def sft_rows(path: str, tokenizer, seq_len: int, template=None) -> dict[str, np.ndarray]:
+    encode = _encoder(tokenizer, template)
+    examples = [encode(m) for m in chat.load_conversations(path)]
     return chat.pack(examples, seq_len + 1)
 
 
@@ -79,12 +87,13 @@ def _pad(seqs: list[np.ndarray], length: int, where: str) -> np.ndarray:
     return out
 
 
-def pair_rows(path: str, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def pair_rows(path: str, tokenizer, seq_len: int, template=None) -> dict[str, np.ndarray]:
+    encode = _encoder(tokenizer, template)
     rows: dict[str, list] = {k: [] for k in ("chosen", "chosen_mask", "rejected", "rejected_mask")}
     for pair in chat.load_pairs(path):
         for side in ("chosen", "rejected"):
             answer = {"role": "assistant", "content": getattr(pair, side)}
-            ids, mask = chat.encode(tokenizer, [*pair.prompt, answer])
+            ids, mask = encode([*pair.prompt, answer])
             rows[side].append(ids)
             rows[f"{side}_mask"].append(mask)
     return {k: _pad(v, seq_len + 1, path) for k, v in rows.items()}

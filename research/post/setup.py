@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from research.config import ConfigError
+from research.hf.load import is_hf_folder
 from research.parallel.mesh import batch_sharding
 from research.post import chat
 from research.post import data as post_data
@@ -29,6 +30,7 @@ def check_inputs(cfg) -> None:
     """Read and check every post-training input before anything is allocated: the data file
     (conversations, pairs or problems), the held-out problems and the runs it starts from."""
     post = cfg.post
+    chat_template(cfg)  # readable, before any work
     if post.mode == "sft":
         chat.load_conversations(post.data)
     elif post.mode in ("reward", "dpo"):
@@ -101,17 +103,35 @@ def with_teacher_logits(run, standard):
     return CachedTeacherBatches(standard, cache, run.step, batch_sharding(run.mesh, 1))
 
 
+def chat_template(cfg):
+    """post.chat_template's template (research/post/templates.py), or None: ours."""
+    name = cfg.post.chat_template
+    if not name:
+        return None
+    from research.post.templates import ChatTemplate, ChatTemplateError
+
+    if name == "tokenizer":
+        if not cfg.post.init_from or not is_hf_folder(cfg.post.init_from):
+            raise ChatTemplateError(
+                "post.chat_template=tokenizer takes the template of post.init_from's HF folder, "
+                "but post.init_from is not one; name a tokenizer folder instead"
+            )
+        name = cfg.post.init_from
+    return ChatTemplate.from_folder(name)
+
+
 def batches(run):
     """SFT, DPO or GRPO batches positioned where the run's checkpoint left off (None: the
     standard corpus batches, as for distillation)."""
     cfg = run.config
     post, tokenizer = cfg.post, post_tokenizer(cfg, run.data.tokenizer)
     seq, accum = cfg.model.seq_len, cfg.optim.grad_accum
+    template = chat_template(cfg)
     if post.mode == "sft":
-        rows = post_data.sft_rows(post.data, tokenizer, seq)
+        rows = post_data.sft_rows(post.data, tokenizer, seq, template)
         source = post_data.RowBatches(rows, cfg.train.batch_size, accum, cfg.train.seed, run.mesh)
     elif post.mode in ("reward", "dpo"):
-        rows = post_data.pair_rows(post.data, tokenizer, seq)
+        rows = post_data.pair_rows(post.data, tokenizer, seq, template)
         if post.mode == "dpo":
             rows.update(_reference(run, rows))
         source = post_data.RowBatches(rows, cfg.train.batch_size, accum, cfg.train.seed, run.mesh)
