@@ -402,6 +402,35 @@ def test_a_cache_of_the_whole_vocabulary_gives_the_online_teachers_kl(
     assert manifest["k"] == VOCAB and manifest["steps"] == 6 and len(manifest["data_hash"]) == 64
 
 
+@pytest.mark.slow  # two runs; the fast twin is the test above (one straight run)
+def test_a_run_from_a_cache_resumes_with_the_online_teachers_losses(
+    task, pretrained, distilled_alpha0, full_cache, tmp_path, monkeypatch
+):
+    from research.post.teacher_cache import CachedTeacherBatches
+
+    cfg = distill_config(
+        task, pretrained, tmp_path / "cut", teacher_logits=str(full_cache), teacher_top_k=VOCAB
+    )
+    original = CachedTeacherBatches.__next__
+
+    def dying(self):
+        if self.step >= 4:  # past the step-3 checkpoint
+            raise Interrupted
+        return original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CachedTeacherBatches, "__next__", dying)
+        with pytest.raises(Interrupted):
+            train(cfg)
+    train(cfg)
+    want, got = read_metrics(distilled_alpha0), read_metrics(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 7))
+    for key in ("train/loss", "post/distill/kl"):
+        np.testing.assert_allclose(
+            [got[s][key] for s in want], [want[s][key] for s in want], rtol=1e-5, atol=1e-7
+        )
+
+
 def _copy(cache, tmp_path, edit=None):
     out = tmp_path / "copy"
     shutil.copytree(cache, out)
