@@ -84,6 +84,8 @@ def write_cache(cfg: ExperimentConfig, out: str | Path, k: int, dtype: str = "fl
     from research.run import build_run
     from research.run.training import _standard_batches
 
+    if jax.process_count() > 1:
+        raise TeacherCacheError("write the cache from one process (the files are not split)")
     if dtype not in DTYPES:
         raise TeacherCacheError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     out = Path(out)
@@ -209,9 +211,13 @@ class CachedTeacherBatches:
     def __next__(self):
         batch = next(self.inner)
         shard = self.cache.read(self.step)
-        host = _host_batch(batch)
-        for key, value in host.items():
-            if not np.array_equal(shard.get(key), value):
+        parts = batch if isinstance(batch, dict) else {"tokens": batch}
+        for key, value in parts.items():  # this process' blocks: works on many hosts too
+            cached = shard.get(key)
+            same = cached is not None and cached.shape == value.shape
+            for block in value.addressable_shards if same else ():
+                same = same and np.array_equal(cached[block.index], np.asarray(block.data))
+            if not same:
                 raise TeacherCacheError(
                     f"step {self.step} of the cache {self.cache.folder} holds logits for other "
                     f"{key} than this run's batch (data hash mismatch); rewrite the cache"
