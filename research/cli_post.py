@@ -30,8 +30,17 @@ def cmd_post_eval(args) -> None:
     run = build_run(load_run_config(Path(args.run_dir)), "eval")
     post = run.config.post
     problems = load_problems(args.problems, post.task_digits)[: args.limit or None]
+    from research.post.init import post_tokenizer
+    from research.post.setup import chat_template
+
+    tokenizer = post_tokenizer(run.config, run.data.tokenizer)
     accuracy = task_accuracy(
-        run.graphdef, run.state["params"], run.data.tokenizer(), problems, post.max_new_tokens
+        run.graphdef,
+        run.state["params"],
+        tokenizer,
+        problems,
+        post.max_new_tokens,
+        template=chat_template(run.config),
     )
     print(json.dumps({"step": run.step, "problems": len(problems), "accuracy": accuracy}))
 

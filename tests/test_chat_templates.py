@@ -146,3 +146,22 @@ def test_sft_rows_use_the_configured_template(tmp_path):
     cfg.post.chat_template = "tokenizer"
     with pytest.raises(ChatTemplateError, match="post.init_from is not one"):
         chat_template(cfg)
+
+
+@pytest.mark.parametrize(
+    "source,stop",
+    [(CHATML, "<|im_end|>"), (LLAMA3, "<|eot_id|>"), (CHATML_MARKED, "<|im_end|>")],
+    ids=["chatml", "llama3", "marked"],
+)
+def test_generation_prompts_and_stop_tokens_come_from_the_template(source, stop):
+    from research.post.evaluate import answer_text, encode_prompts, stop_token
+    from research.post.task import Problem
+
+    template, tok = ChatTemplate(source, bos_token="<|begin_of_text|>"), tokenizer()
+    problem = Problem(12, 30, 2)
+    (ids,) = encode_prompts(tok, [problem], template)
+    assert decode(tok, ids) == template.render(problem.messages(), add_generation_prompt=True)
+    eot = stop_token(tok, template)
+    assert eot == tok._tok.token_to_id(stop)
+    answer = np.asarray([*tok.encode("42"), eot])
+    assert answer_text(tok, answer, eot) == "42"

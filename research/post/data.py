@@ -22,7 +22,7 @@ from research.config import ConfigError
 from research.parallel.distributed import put_global
 from research.parallel.mesh import batch_sharding
 from research.post import chat
-from research.post.evaluate import complete, encode_prompts
+from research.post.evaluate import answer_text, complete, encode_prompts, stop_token
 from research.post.losses import group_advantages, sequence_logprobs, token_logprobs
 from research.post.task import problem_from_row, reward
 
@@ -138,8 +138,9 @@ class GroupSamples:
     """GRPO batches: each step, batch_size / group_size problems, each answered group_size
     times by the current policy (``bind`` gives the trainer whose state is sampled)."""
 
-    def __init__(self, run, problems, ref_params, tokenizer):
+    def __init__(self, run, problems, ref_params, tokenizer, template=None):
         cfg = run.config
+        self.template, self.stop = template, stop_token(tokenizer, template)
         self.cfg, self.post, self.problems = cfg, cfg.post, problems
         self.graphdef, self.ref_params, self.tokenizer = run.graphdef, ref_params, tokenizer
         self.sharding = batch_sharding(run.mesh, leading_dims=1)
@@ -166,7 +167,9 @@ class GroupSamples:
         rng = np.random.default_rng((cfg.train.seed, self.position))
         chosen = [self.problems[int(i)] for i in rng.integers(len(self.problems), size=groups)]
         prompts = [
-            p for p in encode_prompts(self.tokenizer, chosen) for _ in range(post.group_size)
+            p
+            for p in encode_prompts(self.tokenizer, chosen, self.template)
+            for _ in range(post.group_size)
         ]
         # One seed per sample, from (run seed, step, sample): a resumed run draws the same.
         seeds = np.random.default_rng((cfg.train.seed, self.position, 1)).integers(
@@ -181,15 +184,17 @@ class GroupSamples:
             post.max_new_tokens,
             seeds.tolist(),
             post.temperature,
+            self.stop,
         )
         tokens = np.zeros((len(new), cfg.model.seq_len + 1), np.int32)
         mask = np.zeros_like(tokens)
         rewards = np.zeros(len(new), np.float32)
-        for i, answer in enumerate(new):  # each up to and with its newline
+        for i, answer in enumerate(new):  # each up to and with its stop token
             full = np.concatenate([prompts[i], answer])[: tokens.shape[1]]
             tokens[i, : len(full)] = full
             mask[i, len(prompts[i]) : len(full)] = 1
-            rewards[i] = reward(self.tokenizer.decode(answer), chosen[i // post.group_size])
+            text = answer_text(self.tokenizer, answer, self.stop)
+            rewards[i] = reward(text, chosen[i // post.group_size])
         advantages = np.asarray(group_advantages(jnp.asarray(rewards.reshape(groups, -1))))
         ref_logp = np.asarray(self._ref(self.ref_params, tokens))
         batch = {

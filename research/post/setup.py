@@ -137,7 +137,7 @@ def batches(run):
         source = post_data.RowBatches(rows, cfg.train.batch_size, accum, cfg.train.seed, run.mesh)
     elif post.mode == "grpo":
         problems = post_data.load_problems(post.data, post.task_digits)
-        source = post_data.GroupSamples(run, problems, start_params(run), tokenizer)
+        source = post_data.GroupSamples(run, problems, start_params(run), tokenizer, template)
     else:
         return None
     if run.data_state is not None:
@@ -172,10 +172,16 @@ def task_accuracy_hook(run, logger, bar=None):
         return _pair_accuracy_hook(run, logger, bar)
     problems = post_data.load_problems(post.eval_data, post.task_digits)[: post.eval_problems]
     tokenizer = post_tokenizer(run.config, run.data.tokenizer)
+    template = chat_template(run.config)
 
     def evaluate(trainer) -> None:
         accuracy = task_accuracy(
-            run.graphdef, trainer.state["params"], tokenizer, problems, post.max_new_tokens
+            run.graphdef,
+            trainer.state["params"],
+            tokenizer,
+            problems,
+            post.max_new_tokens,
+            template=template,
         )
         logger.scalars(trainer.step, {"post/task_accuracy": accuracy})
         line = f"step {trainer.step}: task accuracy {accuracy:.3f} on {len(problems)} problems"

@@ -163,3 +163,23 @@ class ChatTemplate:
             inside[start:end] = True
         mask = [int(inside[start]) if end > start else 0 for start, end in encoding.offsets]
         return np.asarray(encoding.ids, np.int32), np.asarray(mask, np.int32)
+
+    def prompt_ids(self, tokenizer, messages: list[dict]) -> np.ndarray:
+        """The conversation so far, with the generation prompt, as ids (generation input)."""
+        text = self.render(messages, add_generation_prompt=True)
+        return np.asarray(tokenizer._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def end_of_turn(self, tokenizer) -> int:
+        """The first token the template writes after an assistant's text: generation's stop
+        token (ChatML's <|im_end|>, Llama 3's <|eot_id|>)."""
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        text, spans = self.assistant_spans(probe)
+        start, end = spans[-1]
+        tail = text[start:end].split("y", 1)[-1] or text[end:]
+        ids = tokenizer._tok.encode(tail, add_special_tokens=False).ids
+        if not ids:
+            raise ChatTemplateError(
+                "the chat template writes nothing after the assistant's text, so generation "
+                "has no stop token; use a template with an end-of-turn token"
+            )
+        return int(ids[0])
