@@ -522,6 +522,9 @@ class PostConfig:
     # accuracy); "": none.
     eval_data: str = ""
     eval_problems: int = 200  # how many of them (greedy answers)
+    # sft, reward, dpo: "" our plain template (research/post/chat.py); "tokenizer": the Jinja
+    # chat_template of post.init_from's HF folder; or a tokenizer folder holding one
+    chat_template: str = ""
     task_digits: int = 2  # the addition task's operand width (research/post/task.py)
     preference_loss: str = "dpo"  # dpo | ipo | simpo
     beta: float = 0.1  # DPO/IPO/SimPO strength
@@ -545,6 +548,10 @@ class PostConfig:
     # regexes of parameters trained whole beside the adapters (PEFT's modules_to_save), such
     # as embed (new template tokens); "": none
     lora_full: str = ""
+    # distill: "online" (the teacher runs in every step) or a folder of cached top-k logits
+    # written by `research post-teacher-logits` (research/post/teacher_cache.py)
+    teacher_logits: str = "online"
+    teacher_top_k: int = 32  # how many of the teacher's logits per position a cache keeps
 
     def problems(self) -> list[str]:
         c = _Checks("post", self)
@@ -560,7 +567,7 @@ class PostConfig:
         c.within("distill_alpha", 0.0, 1.0)
         for key in ("kl_coef", "simpo_gamma", "eval_problems", "rpo_alpha"):
             c.at_least(key, 0)
-        for key in ("task_digits", "max_new_tokens"):
+        for key in ("task_digits", "max_new_tokens", "teacher_top_k"):
             c.positive(key)
         if self.mode in ("sft", "reward", "dpo", "grpo") and not self.data:
             c.add(
@@ -571,8 +578,11 @@ class PostConfig:
                 f"post.mode={self.mode} needs post.init_from (the SFT run it starts from and "
                 "keeps as its reference)"
             )
-        if self.mode == "distill" and not self.teacher:
-            c.add("post.mode=distill needs post.teacher (the teacher's run folder)")
+        if self.mode == "distill" and not self.teacher and self.teacher_logits == "online":
+            c.add(
+                "post.mode=distill needs post.teacher (the teacher's run folder) or "
+                "post.teacher_logits (a folder of its cached logits)"
+            )
         c.at_least("lora_rank", 0, " (0: no adapters, every weight trains)")
         if self.lora_rank:
             c.positive("lora_alpha")

@@ -1,10 +1,12 @@
 """Post-training through the standard Run builder and loop (research/post/): chat encoding and
 packing against a slow per-example reference, assistant-only masking, each mode resuming after an
 interruption with the losses of an uninterrupted run, DPO starting exactly at its reference,
-distillation at alpha 0 being plain training, and bad inputs as clear errors."""
+distillation at alpha 0 being plain training, cached top-k teacher logits giving the online
+teacher's KL, and bad inputs as clear errors."""
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from research.models.loss import packed_targets
 from research.post import chat
 from research.post import data as post_data
 from research.post.task import Problem, reward, write_task
+from research.post.teacher_cache import TeacherCache, TeacherCacheError, write_cache
 from research.run import train
 
 TOKENIZER = CharTokenizer.train("User: Assistant:System\n0123456789+= abc")
@@ -194,7 +197,7 @@ def losses_of(run_dir):
     ],
 )
 def test_each_mode_resumes_after_an_interruption_with_the_same_losses(
-    mode, task, pretrained, tmp_path, monkeypatch, request
+    mode, task, pretrained, sft_run, tmp_path, monkeypatch
 ):
     settings = {
         "sft": dict(data=str(task["sft"]), init_from=str(pretrained)),
@@ -248,14 +251,23 @@ def test_dpo_starts_at_its_reference_and_grpo_rewards_its_samples(task, sft_run,
     assert rows[1]["post/kl"] == pytest.approx(0.0, abs=1e-5)  # the policy is its reference
 
 
-def test_distillation_at_alpha_0_is_training_on_hard_labels(task, pretrained, tmp_path):
+def distill_config(task, pretrained, run_dir, **post):
+    return base_config(
+        task, run_dir, mode="distill", teacher=str(pretrained), distill_alpha=0.0, **post
+    )
+
+
+@pytest.fixture(scope="module")
+def distilled_alpha0(task, pretrained):
+    run_dir = pretrained.parent / "alpha0"
+    train(distill_config(task, pretrained, run_dir))
+    return run_dir
+
+
+def test_distillation_at_alpha_0_is_training_on_hard_labels(pretrained, distilled_alpha0):
     """With no weight on the teacher, distillation is the standard loss: the same losses as
     the pretraining fixture's run, which has this config without post.mode."""
-    distilled = base_config(
-        task, tmp_path / "alpha0", mode="distill", teacher=str(pretrained), distill_alpha=0.0
-    )
-    train(distilled)
-    want, got = losses_of(pretrained), losses_of(tmp_path / "alpha0")
+    want, got = losses_of(pretrained), losses_of(distilled_alpha0)
     assert sorted(got) == sorted(want)
     np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
 
@@ -410,6 +422,8 @@ def test_cli_lora_target_that_matches_nothing_is_one_error_line(task, tmp_path, 
             "post.lora_rank=4",
             "--set",
             "post.lora_targets=q,attn/wqkv",
+            "--set",
+            f"post.eval_data={task['heldout']}",  # not the experiment's file under data/
         ]
     )
     assert status == 2
@@ -417,3 +431,282 @@ def test_cli_lora_target_that_matches_nothing_is_one_error_line(task, tmp_path, 
     assert "error: post.lora_targets: 'attn/wqkv' matches no projection" in err
     assert "attn/wq, attn/wv" in err  # the projections there are
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# ---- cached top-k teacher logits (research/post/teacher_cache.py) -------------------------
+
+VOCAB = 96  # the task's character vocabulary (base_config resolves model.vocab_size to it)
+
+
+@pytest.fixture(scope="module")
+def full_cache(task, pretrained, tmp_path_factory):
+    """The teacher's logits over the whole vocabulary, in float32, for distill_config's run."""
+    out = tmp_path_factory.mktemp("cache") / "full"
+    cfg = distill_config(task, pretrained, out.parent / "unused", teacher_top_k=VOCAB)
+    return write_cache(cfg, out, VOCAB, "float32")
+
+
+def test_a_cache_of_the_whole_vocabulary_gives_the_online_teachers_kl(
+    task,
+    pretrained,
+    distilled_alpha0,
+    full_cache,
+    tmp_path,
+):
+    """At alpha 0 the run follows the hard labels only, so both runs see the same student at
+    every step: the KL logged from the cache must be the KL to the teacher run online. (At
+    alpha > 0 the gradients are the same function: tests/test_post_losses.py.)"""
+    cfg = distill_config(
+        task, pretrained, tmp_path / "cached", teacher_logits=str(full_cache), teacher_top_k=VOCAB
+    )
+    train(cfg)
+    want, got = read_metrics(distilled_alpha0), read_metrics(tmp_path / "cached")
+    assert sorted(got) == sorted(want) == list(range(1, 7))
+    for key in ("train/loss", "post/distill/kl"):
+        np.testing.assert_allclose(
+            [got[s][key] for s in want], [want[s][key] for s in want], rtol=1e-5, atol=1e-7
+        )
+    assert want[1]["post/distill/kl"] > 0.01  # the student is not its teacher
+    manifest = TeacherCache(full_cache).manifest
+    assert manifest["k"] == VOCAB and manifest["steps"] == 6 and len(manifest["data_hash"]) == 64
+
+
+@pytest.mark.slow  # two runs; the fast twin is the test above (one straight run)
+def test_a_run_from_a_cache_resumes_with_the_online_teachers_losses(
+    task, pretrained, distilled_alpha0, full_cache, tmp_path, monkeypatch
+):
+    from research.post.teacher_cache import CachedTeacherBatches
+
+    cfg = distill_config(
+        task, pretrained, tmp_path / "cut", teacher_logits=str(full_cache), teacher_top_k=VOCAB
+    )
+    original = CachedTeacherBatches.__next__
+
+    def dying(self):
+        if self.step >= 4:  # past the step-3 checkpoint
+            raise Interrupted
+        return original(self)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(CachedTeacherBatches, "__next__", dying)
+        with pytest.raises(Interrupted):
+            train(cfg)
+    train(cfg)
+    want, got = read_metrics(distilled_alpha0), read_metrics(tmp_path / "cut")
+    assert sorted(got) == list(range(1, 7))
+    for key in ("train/loss", "post/distill/kl"):
+        np.testing.assert_allclose(
+            [got[s][key] for s in want], [want[s][key] for s in want], rtol=1e-5, atol=1e-7
+        )
+
+
+def _copy(cache, tmp_path, edit=None):
+    out = tmp_path / "copy"
+    shutil.copytree(cache, out)
+    if edit:
+        manifest = json.loads((out / "manifest.json").read_text())
+        edit(manifest)
+        (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ("k", "holds the top 96 logits per position, post.teacher_top_k is 32"),
+        ("vocab", "vocabulary of 128 tokens, this student 96"),
+        ("seed", r"written for other batches \(seed: 0 there, 1 here\)"),
+        ("tokens", "step 0 of the cache .* holds logits for other tokens"),
+        ("steps", "covers 6 steps, this run trains 8"),
+        ("missing", "is not a teacher-logit cache"),
+    ],
+)
+def test_a_cache_that_does_not_belong_to_the_run_is_refused(
+    change,
+    message,
+    task,
+    pretrained,
+    full_cache,
+    tmp_path,
+):
+    settings = dict(teacher_top_k=VOCAB)
+    cache = str(full_cache)
+    if change == "k":
+        settings = {}
+    elif change == "vocab":
+        cache = _copy(full_cache, tmp_path, lambda m: m.update(vocab_size=128))
+    elif change == "tokens":
+        cache = _copy(full_cache, tmp_path)
+        shard = dict(np.load(f"{cache}/step_000000.npz"))
+        shard["tokens"] = shard["tokens"][:, ::-1]
+        np.savez(f"{cache}/step_000000.npz", **shard)
+    elif change == "missing":
+        cache = str(tmp_path / "nothing")
+    cfg = distill_config(task, pretrained, tmp_path / "run", teacher_logits=cache, **settings)
+    if change == "seed":
+        cfg.train.seed = 1
+    elif change == "steps":
+        cfg.train.steps = 8
+    with pytest.raises(TeacherCacheError, match=message):
+        train(cfg)
+
+
+def test_the_cli_writes_a_cache_and_refuses_an_existing_folder(
+    task,
+    pretrained,
+    tmp_path,
+    capsys,
+):
+    sets = [
+        f"data.corpus={task['corpus']}",
+        "post.mode=distill",
+        f"post.teacher={pretrained}",
+        "model.d_model=32",
+        "model.n_layers=1",
+        "train.steps=2",
+        "train.batch_size=8",
+        "log.progress=false",
+    ]
+    args = ["post-teacher-logits", "experiments/post_addition.py", "--out", str(tmp_path / "c")]
+    args += [a for s in sets for a in ("--set", s)]
+    assert main([*args, "--k", "4", "--dtype", "bfloat16"]) == 0
+    cache = TeacherCache(tmp_path / "c")
+    assert cache.manifest["k"] == 4 and cache.manifest["dtype"] == "bfloat16"
+    shard = cache.read(1)
+    assert shard["values"].shape == (1, 8, 32, 4) and shard["ids"].dtype == np.int32
+    values = shard["values"].astype(np.float32)
+    assert np.all(np.diff(values, axis=-1) <= 0)  # largest first
+    assert main(args) == 2
+    assert "exists; remove it" in capsys.readouterr().err
+
+
+# ---- starting from an imported Hugging Face model (research/post/init.py) -----------------
+
+HF_LLAMA = "tests/fixtures/hf/llama3"
+
+
+def hf_sft_config(tmp_path, run_dir, steps):
+    from research.post.init import hf_start
+
+    lines = [("hi", "good day"), ("how", "well")]
+    chat_file = tmp_path / "chat.jsonl"
+    chat_file.write_text(
+        "".join(
+            json.dumps(
+                {"messages": [{"role": "user", "content": u}, {"role": "assistant", "content": a}]}
+            )
+            + "\n"
+            for u, a in lines
+        )
+    )
+    corpus = tmp_path / "corpus.txt"  # only for the data section: val loss is off
+    corpus.write_text("hello there good day\n" * 50)
+    task = {"corpus": corpus}
+    cfg = base_config(task, run_dir, mode="sft", data=str(chat_file))
+    cfg = hf_start(cfg, HF_LLAMA)
+    cfg.optim.lr = 1e-2
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.train.eval_batches = steps, 2, 0
+    return validate(cfg)
+
+
+def test_an_hf_start_loads_the_folders_weights_and_tokenizer(tmp_path):
+    """Fast twin of the slow run below: the starting parameters are the imported ones, in
+    the run's shardings, and post-training data is encoded with the folder's tokenizer."""
+    import jax
+
+    from research.config import MeshConfig
+    from research.hf.load import load_hf
+    from research.parallel.mesh import make_mesh
+    from research.post.init import load_params, post_tokenizer
+    from research.train.shardings import abstract_params
+
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=4)
+    mesh = make_mesh(MeshConfig())
+    got = load_params(cfg, HF_LLAMA, abstract_params(cfg.model, mesh))
+    want = load_hf(HF_LLAMA).params
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, want
+    )
+    assert post_tokenizer(cfg, None).encode("well\n").tolist() == [54, 36, 74, 0]
+
+
+@pytest.mark.slow  # two runs with compiles; the fast twin is the test above
+def test_sft_from_an_hf_model_starts_at_its_weights_learns_and_resumes(tmp_path):
+    """The first step's loss is the imported model's SFT loss on that batch (computed here
+    from research.hf.load), the loss falls, and a longer run of the same folder resumes."""
+    import jax
+
+    from research.config import MeshConfig
+    from research.hf.load import load_hf
+    from research.models.loss import packed_targets
+    from research.parallel.mesh import make_mesh
+    from research.post.losses import sft_loss
+
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=4)
+    train(cfg)
+    hf = load_hf(HF_LLAMA)
+    rows = post_data.sft_rows(cfg.post.data, hf.tokenizer, cfg.model.seq_len)
+    source = post_data.RowBatches(rows, 8, 1, cfg.train.seed, make_mesh(MeshConfig()))
+    first = {k: v[source.indices(0)] for k, v in rows.items()}
+    inputs, targets, segments, weights = packed_targets(jax.tree.map(np.asarray, first))
+    want = sft_loss(hf.model()(inputs, segment_ids=segments), targets, weights)
+    got = losses_of(tmp_path / "run")
+    assert got[1] == pytest.approx(float(want), rel=1e-4)
+    assert got[4] < 0.8 * got[1]
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=5))
+    train(longer)  # resumes at step 4 (not from the HF weights again)
+    resumed = losses_of(tmp_path / "run")
+    assert sorted(resumed) == [1, 2, 3, 4, 5] and resumed[5] < 0.8 * got[1]
+
+
+def test_an_hf_start_with_another_architecture_or_val_loss_is_refused(tmp_path):
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=3)
+    cfg.model.d_model = 64
+    with pytest.raises(
+        ConfigError, match=r"another model than this config's: set model.d_model=32"
+    ):
+        train(cfg)
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=3)
+    cfg.train.eval_batches, cfg.train.eval_every = 2, 3
+    with pytest.raises(ConfigError, match="set train.eval_batches=0"):
+        train(cfg)
+    cfg = hf_sft_config(tmp_path, tmp_path / "run", steps=3)
+    cfg.post.mode, cfg.post.teacher = "distill", HF_LLAMA
+    with pytest.raises(ConfigError, match="only post.init_from may be one"):
+        train(cfg)
+
+
+# ---- GRPO's sampler: the batched generator (research/infer/generation.py) -----------------
+
+
+def test_complete_is_the_greedy_answer_of_a_full_forward_loop_and_stops_at_the_newline():
+    """Greedy continuations of ragged prompts from the batched generator against a slow loop
+    that re-runs the whole sequence for every token; a sample depends on its seed only."""
+    import jax
+    from flax import nnx
+
+    from research.config import ModelConfig
+    from research.models import Transformer
+    from research.post.evaluate import complete
+
+    cfg = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=1, n_heads=2)
+    model = Transformer(cfg.resolved(), nnx.Rngs(3))
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    prompts = [TOKENIZER.encode(t) for t in ("User: 1+2\nAssistant: ", "User: 12+3\nAs", "U")]
+    newline = int(TOKENIZER.encode("\n")[0])
+    got = complete(graphdef, params, TOKENIZER, prompts, 6, [0, 0, 0])
+    forward = jax.jit(lambda tokens: model(tokens))  # one shape: causal, so right-padding
+    for prompt, row in zip(prompts, got, strict=True):  # changes no earlier position
+        want, seq = [], list(prompt)
+        while len(want) < 6 and newline not in want:
+            padded = np.zeros((1, 32), np.int32)
+            padded[0, : len(seq)] = seq
+            logits = np.asarray(forward(padded)[0, len(seq) - 1, : TOKENIZER.vocab_size])
+            want.append(int(np.argmax(logits)))
+            seq.append(want[-1])
+        assert row.tolist() == want
+    # Same shapes (one compile), other neighbours and seeds around the seed-7 request.
+    one = complete(graphdef, params, TOKENIZER, prompts, 6, [7, 8, 9], temperature=1.0)
+    two = complete(graphdef, params, TOKENIZER, prompts[::-1], 6, [1, 2, 7], temperature=1.0)
+    assert one[0].tolist() == two[2].tolist()

@@ -190,3 +190,51 @@ def test_distillation_forward_kl_at_temperature_mixed_with_hard_labels(temperatu
     )
     assert float(got) == pytest.approx(alpha * kd + (1 - alpha) * ce, rel=1e-5)
     assert float(metrics["distill/kl"]) == pytest.approx(kd, rel=1e-5)
+
+
+@pytest.mark.parametrize("k,temperature,alpha", [(2, 1.0, 1.0), (2, 2.0, 0.7), (1, 0.5, 1.0)])
+def test_topk_distillation_renormalises_the_teacher_on_its_top_k(k, temperature, alpha):
+    """The teacher's k largest logits, renormalised over those k ids; the student's
+    full-vocabulary log-probs at those ids."""
+    teacher = LOGITS[::-1] * 1.3 + 0.2
+    kls, ces = [], []
+    for b in range(2):
+        for t in range(3):
+            if not MASK[b, t]:
+                continue
+            row = list(teacher[b, t])
+            top = sorted(range(3), key=lambda v: -row[v])[:k]
+            z = sum(math.exp(row[v] / temperature) for v in top)
+            kl = 0.0
+            for v in top:
+                p = math.exp(row[v] / temperature) / z
+                kl += p * (math.log(p) - log_softmax_at(LOGITS[b, t], v, temperature))
+            kls.append(kl)
+            ces.append(-log_softmax_at(LOGITS[b, t], TARGETS[b, t]))
+    kd, ce = temperature**2 * sum(kls) / len(kls), sum(ces) / len(ces)
+    order = np.argsort(-teacher, axis=-1)[..., :k]
+    got, metrics = losses.topk_distillation_loss(
+        jnp.asarray(LOGITS),
+        jnp.asarray(np.take_along_axis(teacher, order, -1)),
+        jnp.asarray(order),
+        jnp.asarray(TARGETS),
+        jnp.asarray(MASK),
+        temperature,
+        alpha,
+    )
+    assert float(metrics["distill/kl"]) == pytest.approx(kd, rel=1e-5)
+    assert float(got) == pytest.approx(alpha * kd + (1 - alpha) * ce, rel=1e-5)
+
+
+def test_topk_distillation_over_the_whole_vocabulary_is_the_full_kl():
+    teacher = LOGITS[::-1] * 1.3 + 0.2
+    order = np.argsort(-teacher, axis=-1)
+    args = (jnp.asarray(TARGETS), jnp.asarray(MASK), 2.0, 0.6)
+    full, _ = losses.distillation_loss(jnp.asarray(LOGITS), jnp.asarray(teacher), *args)
+    top, _ = losses.topk_distillation_loss(
+        jnp.asarray(LOGITS),
+        jnp.asarray(np.take_along_axis(teacher, order, -1)),
+        jnp.asarray(order),
+        *args,
+    )
+    assert float(top) == pytest.approx(float(full), rel=1e-6)

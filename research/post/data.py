@@ -22,7 +22,7 @@ from research.config import ConfigError
 from research.parallel.distributed import put_global
 from research.parallel.mesh import batch_sharding
 from research.post import chat
-from research.post.evaluate import complete, encode_prompts
+from research.post.evaluate import answer_text, complete, encode_prompts, stop_token
 from research.post.losses import group_advantages, sequence_logprobs, token_logprobs
 from research.post.task import problem_from_row, reward
 
@@ -62,8 +62,16 @@ class RowBatches:
         self.position = int(state["position"])
 
 
-def sft_rows(path: str, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    examples = [chat.encode(tokenizer, m) for m in chat.load_conversations(path)]
+def _encoder(tokenizer, template):
+    """(ids, mask) of a conversation: our template, or a tokenizer's chat template."""
+    if template is None:
+        return lambda messages: chat.encode(tokenizer, messages)
+    return lambda messages: template.encode(tokenizer, messages)
+
+
+def sft_rows(path: str, tokenizer, seq_len: int, template=None) -> dict[str, np.ndarray]:
+    encode = _encoder(tokenizer, template)
+    examples = [encode(m) for m in chat.load_conversations(path)]
     return chat.pack(examples, seq_len + 1)
 
 
@@ -79,12 +87,13 @@ def _pad(seqs: list[np.ndarray], length: int, where: str) -> np.ndarray:
     return out
 
 
-def pair_rows(path: str, tokenizer, seq_len: int) -> dict[str, np.ndarray]:
+def pair_rows(path: str, tokenizer, seq_len: int, template=None) -> dict[str, np.ndarray]:
+    encode = _encoder(tokenizer, template)
     rows: dict[str, list] = {k: [] for k in ("chosen", "chosen_mask", "rejected", "rejected_mask")}
     for pair in chat.load_pairs(path):
         for side in ("chosen", "rejected"):
             answer = {"role": "assistant", "content": getattr(pair, side)}
-            ids, mask = chat.encode(tokenizer, [*pair.prompt, answer])
+            ids, mask = encode([*pair.prompt, answer])
             rows[side].append(ids)
             rows[f"{side}_mask"].append(mask)
     return {k: _pad(v, seq_len + 1, path) for k, v in rows.items()}
@@ -129,8 +138,9 @@ class GroupSamples:
     """GRPO batches: each step, batch_size / group_size problems, each answered group_size
     times by the current policy (``bind`` gives the trainer whose state is sampled)."""
 
-    def __init__(self, run, problems, ref_params, tokenizer):
+    def __init__(self, run, problems, ref_params, tokenizer, template=None):
         cfg = run.config
+        self.template, self.stop = template, stop_token(tokenizer, template)
         self.cfg, self.post, self.problems = cfg, cfg.post, problems
         self.graphdef, self.ref_params, self.tokenizer = run.graphdef, ref_params, tokenizer
         self.sharding = batch_sharding(run.mesh, leading_dims=1)
@@ -156,8 +166,15 @@ class GroupSamples:
         groups = cfg.train.batch_size // post.group_size
         rng = np.random.default_rng((cfg.train.seed, self.position))
         chosen = [self.problems[int(i)] for i in rng.integers(len(self.problems), size=groups)]
-        prompts = np.repeat(encode_prompts(self.tokenizer, chosen), post.group_size, axis=0)
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), self.position)
+        prompts = [
+            p
+            for p in encode_prompts(self.tokenizer, chosen, self.template)
+            for _ in range(post.group_size)
+        ]
+        # One seed per sample, from (run seed, step, sample): a resumed run draws the same.
+        seeds = np.random.default_rng((cfg.train.seed, self.position, 1)).integers(
+            2**31, size=len(prompts)
+        )
         self.position += 1
         new = complete(
             self.graphdef,
@@ -165,20 +182,19 @@ class GroupSamples:
             self.tokenizer,
             prompts,
             post.max_new_tokens,
-            key,
+            seeds.tolist(),
             post.temperature,
+            self.stop,
         )
-        newline = int(self.tokenizer.encode("\n")[0])
         tokens = np.zeros((len(new), cfg.model.seq_len + 1), np.int32)
         mask = np.zeros_like(tokens)
         rewards = np.zeros(len(new), np.float32)
-        for i, row in enumerate(new):
-            stop = np.flatnonzero(row == newline)
-            answer = row[: stop[0] + 1] if len(stop) else row  # up to and with the newline
+        for i, answer in enumerate(new):  # each up to and with its stop token
             full = np.concatenate([prompts[i], answer])[: tokens.shape[1]]
             tokens[i, : len(full)] = full
             mask[i, len(prompts[i]) : len(full)] = 1
-            rewards[i] = reward(self.tokenizer.decode(answer), chosen[i // post.group_size])
+            text = answer_text(self.tokenizer, answer, self.stop)
+            rewards[i] = reward(text, chosen[i // post.group_size])
         advantages = np.asarray(group_advantages(jnp.asarray(rewards.reshape(groups, -1))))
         ref_logp = np.asarray(self._ref(self.ref_params, tokens))
         batch = {

@@ -147,3 +147,33 @@ def distillation_loss(
     kd = temperature**2 * masked_mean(kl, mask)
     ce = masked_mean(-token_logprobs(student_logits, targets), mask)
     return alpha * kd + (1 - alpha) * ce, {"distill/kl": kd, "distill/ce": ce}
+
+
+def topk_distillation_loss(
+    student_logits: jax.Array,
+    teacher_values: jax.Array,
+    teacher_ids: jax.Array,
+    targets: jax.Array,
+    mask: jax.Array | None,
+    temperature: float,
+    alpha: float,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``distillation_loss`` with the teacher known only by its k largest logits per position
+    (``teacher_values`` [B, T, k] raw logits, ``teacher_ids`` [B, T, k] their token ids).
+
+    The teacher's distribution is renormalised on its top-k support: p = softmax(values / T)
+    over the k ids. The student keeps its full-vocabulary softmax at T, so the KL term is
+    sum_{i in top-k} p_i (log p_i - log q_i): zero only when the student puts all its mass on
+    the teacher's top k in the teacher's proportions, never negative (q sums to at most 1 on
+    the support), and exactly ``distillation_loss``'s KL when k is the whole vocabulary.
+    Renormalising (rather than a tail bucket) needs nothing but the stored logits, so one
+    cache serves every temperature."""
+    if mask is None:
+        mask = jnp.ones(targets.shape, jnp.float32)
+    t_logp = jax.nn.log_softmax(teacher_values.astype(jnp.float32) / temperature, -1)
+    s_all = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, -1)
+    s_logp = jnp.take_along_axis(s_all, teacher_ids, axis=-1)
+    kl = jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), -1)
+    kd = temperature**2 * masked_mean(kl, mask)
+    ce = masked_mean(-token_logprobs(student_logits, targets), mask)
+    return alpha * kd + (1 - alpha) * ce, {"distill/kl": kd, "distill/ce": ce}

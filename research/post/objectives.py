@@ -106,3 +106,25 @@ def distill_objective(teacher_graphdef: nnx.GraphDef, teacher_params, temperatur
         return loss, {"loss": metrics["distill/ce"], **_post(metrics)}
 
     return objective
+
+
+def cached_distill_objective(temperature, alpha):
+    """``distill_objective`` reading the teacher's cached top-k logits from the batch
+    (research/post/teacher_cache.py) instead of running the teacher."""
+    from research.post.teacher_cache import student_batch
+
+    def objective(model, batch, key):
+        inputs, targets, segment_ids, weights = packed_targets(student_batch(batch))
+        logits = model(inputs, segment_ids=segment_ids)
+        loss, metrics = losses.topk_distillation_loss(
+            logits,
+            batch["teacher_values"],
+            batch["teacher_ids"],
+            targets,
+            weights,
+            temperature,
+            alpha,
+        )
+        return loss, {"loss": metrics["distill/ce"], **_post(metrics)}
+
+    return objective

@@ -135,12 +135,18 @@ def _add_standard_hooks(trainer: Trainer, run: Run, batches, logger, peak, progr
 
 def _batches(run: Run):
     """This process' batches, reshaped to [accum, micro_batch, seq + 1] global arrays."""
-    cfg, processes = run.config, jax.process_count()
-    if cfg.post.mode:
-        from research.post.setup import batches
+    if run.config.post.mode:
+        from research.post.setup import batches, with_teacher_logits
 
         if (post_batches := batches(run)) is not None:
             return post_batches
+        return with_teacher_logits(run, _standard_batches(run))  # distillation
+    return _standard_batches(run)
+
+
+def _standard_batches(run: Run):
+    """The corpus' batches (pretraining, distillation)."""
+    cfg, processes = run.config, jax.process_count()
     shape = (cfg.optim.grad_accum, run.micro_batch // processes, cfg.model.seq_len + 1)
     sharding = batch_sharding(run.mesh, leading_dims=1)
     if cfg.data.sources:  # packed whole documents with segment ids
