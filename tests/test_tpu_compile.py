@@ -139,6 +139,31 @@ def test_dense_step_compiles_under_fsdp_and_tensor_on_8_chips(capsys):
     assert "train step (compiled" in text and "decode step (compiled" in text
     assert "verdict: fits" in text
     assert "all-gather" in text  # FSDP gathers each layer's weights where they are used
+    # Collectives collapse by kind and group size: one entry each, however many layers.
+    train_line = next(line for line in text.splitlines() if "collectives:" in line)
+    entries = [entry.split(" x")[0] for entry in train_line.split(": ", 1)[1].split(", ")]
+    assert "all-gather (groups of 2)" in entries and len(entries) == len(set(entries))
+
+
+def test_collectives_are_counted_by_kind_and_group_size():
+    from research.aot.compile import collectives
+
+    hlo = """
+  %a = bf16[8,256]{1,0} all-gather(bf16[2,256]{1,0} %p), replica_groups=[2,4]<=[8], dimensions={0}
+  %b = bf16[8,256]{1,0} all-gather(bf16[2,256]{1,0} %q), replica_groups={{0,1,2,3},{4,5,6,7}}
+  %c = bf16[4,256]{1,0} all-gather(bf16[2,256]{1,0} %r), replica_groups=[4,2]<=[8], dimensions={0}
+  %d = f32[] all-reduce(f32[] %x), replica_groups={}, to_apply=%add
+  %e = (f32[2], bf16[2]) all-reduce((f32[2], bf16[2]) %y), replica_groups=[4,2]<=[2,4]T(1,0)
+  %f = f32[4]{0} collective-permute(f32[4]{0} %z), source_target_pairs={{0,1},{1,0}}
+  %g = (bf16[2,256], bf16[8,256]) all-gather-start(bf16[2,256] %s), replica_groups=[2,4]<=[8]
+"""
+    assert collectives(hlo) == {
+        "all-gather (groups of 4)": (3, 3 * 8 * 256 * 2),
+        "all-gather (groups of 2)": (1, 4 * 256 * 2),
+        "all-reduce (all devices)": (1, 4),
+        "all-reduce (groups of 2)": (1, 2 * 4 + 2 * 2),
+        "collective-permute (pairs)": (1, 16),
+    }
 
 
 @pytest.mark.slow  # ~80 s under load on 2 cores; the dense layout's compile is the fast twin
@@ -202,7 +227,7 @@ def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(capsys, monkey
     )
 
     class Lowered:
-        def compile(self):
+        def compile(self, **options):
             raise jax.errors.JaxRuntimeError(message)
 
     step = aot._read("train step", Lowered(), 0.0)
