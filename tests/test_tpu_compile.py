@@ -245,3 +245,33 @@ def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(capsys, monkey
     text = format_report(report)
     assert "train step: the TPU compiler refused it: RESOURCE_EXHAUSTED" in text
     assert "verdict: does NOT fit" in text
+
+
+# Big enough that the compiler's fixed temporaries (~5 MiB) do not dominate, small enough to
+# compile in seconds: benchmarks/memory_vs_compiler.py has these and two more layouts.
+_ESTIMATE_SHAPE = ("model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4",
+                   "model.n_layers=2", "model.seq_len=256", "model.vocab_size=4096",
+                   "train.batch_size=32")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"),
+        pytest.param(  # ~190 s under load 19 on 2 cores (dense: ~110 s)
+            ("mesh.data=2", "mesh.expert=4", "model.n_experts=8", "model.top_k=2"),
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["dense-fsdp4-tp2", "moe-dp2-ep4-dropless"],
+)
+def test_memory_estimate_is_within_20_percent_of_the_compiler(layout):
+    """research/train/memory.py against the TPU compiler's memory_analysis for the train step
+    (arguments + outputs - donated + temporaries; the estimate does not model code)."""
+    from research.aot.compile import compile_run
+    from research.config import load_experiment
+
+    cfg = load_experiment("tiny", [*_ESTIMATE_SHAPE, *layout])
+    report = compile_run(cfg, parse_topology("v5p-16"), decode=False)
+    ratio = report.estimate.total_bytes / report.steps[0].data_bytes
+    assert 0.8 < ratio < 1.2, (ratio, report.steps[0].memory, report.estimate)

@@ -240,8 +240,8 @@ def knobs(report: CompileReport, cfg: ExperimentConfig) -> list[str]:
     activation = []
     if cfg.model.n_experts and cfg.model.moe_dispatch in ("auto", "dropless"):
         activation.append(
-            "--set model.moe_dispatch=capacity (dropless ragged_dot dispatch sorts the whole "
-            "batch as one group, which the compiler does not split over the batch shards)"
+            "--set model.moe_dispatch=capacity (fixed per-sequence expert buffers instead of "
+            "dropless sorting; with mesh.expert > 1 dropless gathers the expert group's tokens)"
         )
     if cfg.model.remat != "full":
         activation.append("--set model.remat=full (recompute each block in the backward pass)")
