@@ -124,6 +124,8 @@ def main() -> int:
                 "estimate_gib": report.estimate.total_bytes / 2**30,
                 "compile_s": step.seconds,
             }
+            if step.refused:  # the compiler's own out-of-memory message
+                row["refused"] = step.refused[:500]
         row["wall_s"] = time.perf_counter() - started
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")
