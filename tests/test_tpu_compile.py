@@ -156,12 +156,13 @@ def test_collectives_are_counted_by_kind_and_group_size():
   %e = (f32[2], bf16[2]) all-reduce((f32[2], bf16[2]) %y), replica_groups=[4,2]<=[2,4]T(1,0)
   %f = f32[4]{0} collective-permute(f32[4]{0} %z), source_target_pairs={{0,1},{1,0}}
   %g = (bf16[2,256], bf16[8,256]) all-gather-start(bf16[2,256] %s), replica_groups=[2,4]<=[8]
+  %h = f32[2,32]{1,0} all-reduce(%t), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}
 """
     assert collectives(hlo) == {
         "all-gather (groups of 4)": (3, 3 * 8 * 256 * 2),
         "all-gather (groups of 2)": (1, 4 * 256 * 2),
         "all-reduce (all devices)": (1, 4),
-        "all-reduce (groups of 2)": (1, 2 * 4 + 2 * 2),
+        "all-reduce (groups of 2)": (2, 2 * 4 + 2 * 2 + 2 * 32 * 4),
         "collective-permute (pairs)": (1, 16),
     }
 

@@ -9,6 +9,7 @@ run would make (bf16 compute, dropless MoE with ``ragged_dot``, the Mosaic flash
 
 from __future__ import annotations
 
+import math
 import re
 import tempfile
 import time
@@ -73,15 +74,22 @@ class CompileReport:
         return all(not s.refused and s.total_bytes <= self.topology.hbm_bytes for s in self.steps)
 
 
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
 _GROUPS = re.compile(r"replica_groups=(\{\}|\{\{[\d,]*\}|\[(\d+),(\d+)\]<=)")
 
 
 def _group_size(line: str) -> str:
     """How many devices each instance of a collective spans, from its HLO ``replica_groups``
-    (``{{0,1,2,3},...}`` or the iota form ``[groups,size]<=[...]``); ``all`` for ``{}``;
+    (``{{0,1,2,3},...}``, the iota form ``[groups,size]<=[...]`` or the named-mesh form
+    ``mesh['axis_0'=4,'axis_1'=2] {'axis_1'}``); ``all`` for ``{}``;
     ``pairs`` for a collective-permute's source-target pairs."""
     if "source_target_pairs" in line:
         return "pairs"
+    named = _MESH_GROUPS.search(line)
+    if named:  # replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: over the listed axes
+        sizes = {name: int(n) for name, n in re.findall(r"'(\w+)'=(\d+)", named.group(1))}
+        over = re.findall(r"'(\w+)'", named.group(2))
+        return str(math.prod(sizes[a] for a in over)) if over else "1"
     found = _GROUPS.search(line)
     if not found:
         return "?"
