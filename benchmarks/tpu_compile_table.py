@@ -43,12 +43,46 @@ def rows(only: list[str]):
             yield name, topo, LAYOUT[name][1]
 
 
+def estimates(results: Path) -> int:
+    """Our current estimate beside each compiled row's figures (the compiler's without code)."""
+    from research.aot.topology import parse_topology
+    from research.backend import target_backend
+    from research.config import load_experiment
+    from research.run import build_run
+
+    for r in map(json.loads, results.open()):
+        if "error" in r:
+            continue
+        topology = parse_topology(r["topology"])
+        overrides = [*LAYOUT[r["experiment"]][1], f"train.batch_size={r['batch']}"]
+        cfg = load_experiment(LAYOUT[r["experiment"]][0], overrides)
+        with target_backend("tpu"):
+            est = build_run(cfg, "compile", devices=topology.devices()).memory
+        m = r["memory"]
+        data = (m["argument"] + m["output"] - m["alias"] + m["temp"]) / 2**30
+        total = est.total_bytes / 2**30
+        print(
+            f"{r['experiment']} {r['topology']}: compiler {data:.2f} GiB without code "
+            f"(code {m['generated_code'] / 2**20:.0f} MiB), estimate {total:.2f} GiB "
+            f"({total / data:.2f}x; activations {est.activation_bytes / 2**30:.2f}, working "
+            f"{est.working_bytes / 2**30:.2f})",
+            flush=True,
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument(
         "--only", default="", help="comma-separated NAME or NAME:SLICE, in the order to run"
     )
     parser.add_argument("--results", default="runs/tpu_compile_table.jsonl")
+    parser.add_argument(
+        "--estimates",
+        action="store_true",
+        help="only recompute our estimate for the rows already in --results (no compiling: "
+        "seconds), printing estimate / compiler without code per row",
+    )
     args = parser.parse_args()
     from research import runtime
 
@@ -58,6 +92,8 @@ def main() -> int:
     from research.config import load_experiment
 
     results = Path(args.results)
+    if args.estimates:
+        return estimates(results)
     results.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if results.exists():
@@ -88,6 +124,8 @@ def main() -> int:
                 "estimate_gib": report.estimate.total_bytes / 2**30,
                 "compile_s": step.seconds,
             }
+            if step.refused:  # the compiler's own out-of-memory message
+                row["refused"] = step.refused[:500]
         row["wall_s"] = time.perf_counter() - started
         with results.open("a") as f:
             f.write(json.dumps(row) + "\n")

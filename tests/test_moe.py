@@ -357,3 +357,71 @@ def test_moe_training_logs_router_statistics(tiny_config):
         assert loads[-1].step == 10  # the accumulator keeps only the newest histogram
         assert sum(loads[-1].histogram_value.bucket) == pytest.approx(1.0)
     assert "moe/expert_load_heatmap" in events.Tags()["images"]  # drawn at the last step
+
+
+def _sharded_dropless_value_and_grads(moe: MoE, x, mesh=None):
+    """MoE output and the gradients of a fixed projection of it (w.r.t. x and the experts),
+    jitted on ``mesh`` (its expert weights and the batch placed by their logical axes) or on
+    one device."""
+    from jax.sharding import NamedSharding
+
+    from research.parallel.mesh import batch_sharding, logical_to_spec, on_mesh
+
+    graphdef, state = nnx.split(moe)
+    probe = jax.random.normal(jax.random.key(11), x.shape)
+
+    def loss(state, x):
+        return jnp.sum(nnx.merge(graphdef, state)(x)[0] * probe)
+
+    def value_and_grads(state, x):
+        out = nnx.merge(graphdef, state)(x)[0]
+        return out, jax.grad(loss, argnums=(0, 1))(state, x)
+
+    if mesh is None:
+        out, (g_state, g_x) = jax.jit(value_and_grads)(state, x)
+    else:
+
+        def place(variable):
+            axes = variable.get_metadata().get("logical_axes") or (None,) * variable.ndim
+            spec = logical_to_spec(axes, variable.shape, mesh)
+            return variable.replace(jax.device_put(variable[...], NamedSharding(mesh, spec)))
+
+        state = jax.tree.map(place, state, is_leaf=lambda v: isinstance(v, nnx.Variable))
+        x = jax.device_put(x, batch_sharding(mesh))
+        out, (g_state, g_x) = jax.jit(on_mesh(value_and_grads, mesh))(state, x)
+    grads = {name: np.asarray(g_state[name][...]) for name in ("w_gate", "w_up", "w_down")}
+    return np.asarray(out), grads | {
+        "x": np.asarray(g_x),
+        "router": np.asarray(g_state["router"][...]),
+    }
+
+
+@pytest.mark.parametrize("path", ["blocked", "ragged"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(fsdp=2, tensor=2, expert=2),  # fsdp gather, tensor psum, expert gather/scatter
+        pytest.param(dict(data=2, fsdp=2, expert=2), marks=pytest.mark.slow),
+        pytest.param(dict(expert=8), marks=pytest.mark.slow),
+    ],
+    ids=["fsdp2-tp2-ep2", "dp2-fsdp2-ep2", "ep8"],
+)
+def test_sharded_dropless_equals_unsharded_and_the_token_loop(path, layout):
+    """Dropless dispatch per shard (shard_map: local experts, all-gather / reduce-scatter over
+    the expert axis, psum over tensor) gives the unsharded output and gradients, and both the
+    routed experts' per-token loop. ``ragged``: the TPU/GPU path (ragged_dot), run on CPU."""
+    from research.backend import target_backend
+    from research.config import MeshConfig
+    from research.parallel.mesh import make_mesh
+
+    moe = make_moe(moe_dispatch="dropless", n_experts=8, top_k=2, d_model=16, expert_hidden=24)
+    x = jax.random.normal(jax.random.key(3), (8, 6, 16))
+    mesh = make_mesh(MeshConfig(**({"data": 1} | layout)))
+    assert math.prod(mesh.shape.values()) == 8
+    with target_backend("tpu" if path == "ragged" else "cpu"):
+        one, one_grads = _sharded_dropless_value_and_grads(moe, x)
+        sharded, sharded_grads = _sharded_dropless_value_and_grads(moe, x, mesh)
+    np.testing.assert_allclose(one, naive_moe(moe, x), atol=1e-4)
+    np.testing.assert_allclose(sharded, one, atol=1e-5)
+    for name, grad in one_grads.items():
+        np.testing.assert_allclose(sharded_grads[name], grad, atol=1e-5, err_msg=name)

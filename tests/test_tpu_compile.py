@@ -139,6 +139,32 @@ def test_dense_step_compiles_under_fsdp_and_tensor_on_8_chips(capsys):
     assert "train step (compiled" in text and "decode step (compiled" in text
     assert "verdict: fits" in text
     assert "all-gather" in text  # FSDP gathers each layer's weights where they are used
+    # Collectives collapse by kind and group size: one entry each, however many layers.
+    train_line = next(line for line in text.splitlines() if "collectives:" in line)
+    entries = [entry.split(" x")[0] for entry in train_line.split(": ", 1)[1].split(", ")]
+    assert "all-gather (groups of 2)" in entries and len(entries) == len(set(entries))
+
+
+def test_collectives_are_counted_by_kind_and_group_size():
+    from research.aot.compile import collectives
+
+    hlo = """
+  %a = bf16[8,256]{1,0} all-gather(bf16[2,256]{1,0} %p), replica_groups=[2,4]<=[8], dimensions={0}
+  %b = bf16[8,256]{1,0} all-gather(bf16[2,256]{1,0} %q), replica_groups={{0,1,2,3},{4,5,6,7}}
+  %c = bf16[4,256]{1,0} all-gather(bf16[2,256]{1,0} %r), replica_groups=[4,2]<=[8], dimensions={0}
+  %d = f32[] all-reduce(f32[] %x), replica_groups={}, to_apply=%add
+  %e = (f32[2], bf16[2]) all-reduce((f32[2], bf16[2]) %y), replica_groups=[4,2]<=[2,4]T(1,0)
+  %f = f32[4]{0} collective-permute(f32[4]{0} %z), source_target_pairs={{0,1},{1,0}}
+  %g = (bf16[2,256], bf16[8,256]) all-gather-start(bf16[2,256] %s), replica_groups=[2,4]<=[8]
+  %h = f32[2,32]{1,0} all-reduce(%t), replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}
+"""
+    assert collectives(hlo) == {
+        "all-gather (groups of 4)": (3, 3 * 8 * 256 * 2),
+        "all-gather (groups of 2)": (1, 4 * 256 * 2),
+        "all-reduce (all devices)": (1, 4),
+        "all-reduce (groups of 2)": (2, 2 * 4 + 2 * 2 + 2 * 32 * 4),
+        "collective-permute (pairs)": (1, 16),
+    }
 
 
 @pytest.mark.slow  # ~80 s under load on 2 cores; the dense layout's compile is the fast twin
@@ -202,7 +228,7 @@ def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(capsys, monkey
     )
 
     class Lowered:
-        def compile(self):
+        def compile(self, **options):
             raise jax.errors.JaxRuntimeError(message)
 
     step = aot._read("train step", Lowered(), 0.0)
@@ -220,3 +246,33 @@ def test_a_program_the_compiler_refuses_is_a_does_not_fit_verdict(capsys, monkey
     text = format_report(report)
     assert "train step: the TPU compiler refused it: RESOURCE_EXHAUSTED" in text
     assert "verdict: does NOT fit" in text
+
+
+# Big enough that the compiler's fixed temporaries (~5 MiB) do not dominate, small enough to
+# compile in seconds: benchmarks/memory_vs_compiler.py has these and two more layouts.
+_ESTIMATE_SHAPE = ("model.d_model=256", "model.n_heads=4", "model.n_kv_heads=4",
+                   "model.n_layers=2", "model.seq_len=256", "model.vocab_size=4096",
+                   "train.batch_size=32")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ("mesh.data=1", "mesh.fsdp=4", "mesh.tensor=2"),
+        pytest.param(  # ~190 s under load 19 on 2 cores (dense: ~110 s)
+            ("mesh.data=2", "mesh.expert=4", "model.n_experts=8", "model.top_k=2"),
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["dense-fsdp4-tp2", "moe-dp2-ep4-dropless"],
+)
+def test_memory_estimate_is_within_20_percent_of_the_compiler(layout):
+    """research/train/memory.py against the TPU compiler's memory_analysis for the train step
+    (arguments + outputs - donated + temporaries; the estimate does not model code)."""
+    from research.aot.compile import compile_run
+    from research.config import load_experiment
+
+    cfg = load_experiment("tiny", [*_ESTIMATE_SHAPE, *layout])
+    report = compile_run(cfg, parse_topology("v5p-16"), decode=False)
+    ratio = report.estimate.total_bytes / report.steps[0].data_bytes
+    assert 0.8 < ratio < 1.2, (ratio, report.steps[0].memory, report.estimate)

@@ -9,9 +9,12 @@ run would make (bf16 compute, dropless MoE with ``ragged_dot``, the Mosaic flash
 
 from __future__ import annotations
 
+import math
 import re
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +27,8 @@ from research.parallel.mesh import batch_sharding, logical_to_spec, on_mesh
 from research.train.memory import MemoryReport, compiled_memory
 
 _COLLECTIVE = re.compile(
-    r"=\s*(\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-    r"(?:-start)?\("
+    r"=\s*(\([^)]*\)|\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(-start)?\("
 )
 _SHAPE = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
@@ -50,6 +53,12 @@ class CompiledStep:
         m = self.memory
         return m["argument"] + m["output"] - m["alias"] + m["temp"] + m["generated_code"]
 
+    @property
+    def data_bytes(self) -> int:
+        """Peak per device without the generated code (what our estimate models: code is
+        6-25 MiB on the test shapes, a rounding error on big models)."""
+        return self.total_bytes - self.memory["generated_code"]
+
 
 @dataclass
 class CompileReport:
@@ -65,46 +74,94 @@ class CompileReport:
         return all(not s.refused and s.total_bytes <= self.topology.hbm_bytes for s in self.steps)
 
 
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+_GROUPS = re.compile(r"replica_groups=(\{\}|\{\{[\d,]*\}|\[(\d+),(\d+)\]<=)")
+
+
+def _group_size(line: str) -> str:
+    """How many devices each instance of a collective spans, from its HLO ``replica_groups``
+    (``{{0,1,2,3},...}``, the iota form ``[groups,size]<=[...]`` or the named-mesh form
+    ``mesh['axis_0'=4,'axis_1'=2] {'axis_1'}``); ``all`` for ``{}``;
+    ``pairs`` for a collective-permute's source-target pairs."""
+    if "source_target_pairs" in line:
+        return "pairs"
+    named = _MESH_GROUPS.search(line)
+    if named:  # replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_1'}: over the listed axes
+        sizes = {name: int(n) for name, n in re.findall(r"'(\w+)'=(\d+)", named.group(1))}
+        over = re.findall(r"'(\w+)'", named.group(2))
+        return str(math.prod(sizes[a] for a in over)) if over else "1"
+    found = _GROUPS.search(line)
+    if not found:
+        return "?"
+    if found.group(2):
+        return found.group(3)
+    text = found.group(1)
+    return "all" if text == "{}" else str(len(text.strip("{}").split(",")))
+
+
 def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
-    """Collective ops in an optimized HLO module: op -> (count, bytes of their results)."""
+    """Collective ops in an optimized HLO module, collapsed by kind and group size:
+    "all-gather (groups of 4)" -> (count, bytes of their results). A 70B model's thousands of
+    collectives come to a handful of lines."""
     found: dict[str, tuple[int, int]] = {}
-    for match in _COLLECTIVE.finditer(hlo_text):
+    for line in hlo_text.splitlines():
+        match = _COLLECTIVE.search(line)
+        if not match:
+            continue
         shape, op = match.group(1), match.group(2)
+        shapes = _SHAPE.findall(shape)
+        if match.group(3) and op in ("all-gather", "collective-permute") and len(shapes) > 1:
+            shapes = shapes[1:2]  # an asynchronous start's (operand, result, ...): the result
         size = 0
-        for dtype, dims in _SHAPE.findall(shape):
+        for dtype, dims in shapes:
             n = 1
             for d in filter(None, dims.split(",")):
                 n *= int(d)
             size += n * _BYTES[dtype]
-        count, total = found.get(op, (0, 0))
-        found[op] = (count + 1, total + size)
+        group = _group_size(line[match.end() :])
+        key = f"{op} ({'pairs' if group == 'pairs' else f'groups of {group}'})"
+        key = key.replace("groups of all", "all devices")
+        count, total = found.get(key, (0, 0))
+        found[key] = (count + 1, total + size)
     return found
 
 
 _HBM_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
 
 
-def _read(name: str, lowered, started: float) -> CompiledStep:
+def _optimized_hlo(compiled, dump: Path) -> str | None:
+    """The optimized program's text: ``compiled.as_text()``, or the compiler's own dump where
+    that fails (libtpu 0.0.52 cannot turn a program with asynchronous collectives back into
+    text through jax 0.10.2, which every big FSDP program has); None if neither works."""
     try:
-        compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as error:
-        # XLA:TPU refuses a program whose temporaries alone exceed HBM: that is a verdict
-        # (does not fit), not a crash. Its message gives the temporaries in GiB.
-        if "RESOURCE_EXHAUSTED" not in str(error):
-            raise
-        found = _HBM_OOM.search(str(error))
-        temp = int(float(found.group(1)) * 2**30) if found else 0
-        memory = {"argument": 0, "output": 0, "alias": 0, "temp": temp, "generated_code": 0}
-        message = str(error).splitlines()[0]
-        return CompiledStep(name, memory, None, {}, time.perf_counter() - started, message)
-    seconds = time.perf_counter() - started
+        return compiled.as_text()
+    except jax.errors.JaxRuntimeError:
+        dumped = sorted(dump.glob("*.after_optimizations.txt"))
+        return dumped[-1].read_text() if dumped else None
+
+
+def _read(name: str, lowered, started: float) -> CompiledStep:
+    with tempfile.TemporaryDirectory(prefix="research-hlo-") as dump:
+        try:
+            compiled = lowered.compile(
+                compiler_options={"xla_dump_to": dump, "xla_dump_hlo_as_text": True}
+            )
+        except jax.errors.JaxRuntimeError as error:
+            # XLA:TPU refuses a program whose temporaries alone exceed HBM: that is a verdict
+            # (does not fit), not a crash. Its message gives the temporaries in GiB.
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            found = _HBM_OOM.search(str(error))
+            temp = int(float(found.group(1)) * 2**30) if found else 0
+            memory = {"argument": 0, "output": 0, "alias": 0, "temp": temp, "generated_code": 0}
+            message = str(error).splitlines()[0]
+            return CompiledStep(name, memory, None, {}, time.perf_counter() - started, message)
+        seconds = time.perf_counter() - started
+        text = _optimized_hlo(compiled, Path(dump))
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     flops = float(cost["flops"]) if cost and "flops" in cost else None
-    try:
-        found = collectives(compiled.as_text())
-    except jax.errors.JaxRuntimeError:  # some libtpu builds cannot print async collectives
-        found = None
+    found = collectives(text) if text is not None else None
     return CompiledStep(name, compiled_memory(compiled), flops, found, seconds)
 
 
@@ -191,8 +248,8 @@ def knobs(report: CompileReport, cfg: ExperimentConfig) -> list[str]:
     activation = []
     if cfg.model.n_experts and cfg.model.moe_dispatch in ("auto", "dropless"):
         activation.append(
-            "--set model.moe_dispatch=capacity (dropless ragged_dot dispatch sorts the whole "
-            "batch as one group, which the compiler does not split over the batch shards)"
+            "--set model.moe_dispatch=capacity (fixed per-sequence expert buffers instead of "
+            "dropless sorting; with mesh.expert > 1 dropless gathers the expert group's tokens)"
         )
     if cfg.model.remat != "full":
         activation.append("--set model.remat=full (recompute each block in the backward pass)")

@@ -16,6 +16,7 @@ towards equal load by the train step).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -25,6 +26,7 @@ from flax import nnx
 
 from research.backend import backend
 from research.models.layers import SwiGLU, param
+from research.parallel.expert_shard import sharded_dropless
 
 
 class RouterBias(nnx.Variable):
@@ -118,14 +120,16 @@ class MoE(nnx.Module):
         ways the batch is split) keeps each shard's dispatch local while blocks stay large."""
         logits, probs, experts, weights = self.route(x)
         if resolve_dispatch(self.dispatch) == "dropless":
-            batch, length, d = x.shape
-            if backend() == "cpu":
-                grouped = lambda a: a.reshape(batch_shards, -1, a.shape[-1])  # noqa: E731
-                out = jax.vmap(self._dropless_blocked)(*map(grouped, (x, experts, weights)))
-            else:  # ragged_dot has no batching rule: one global group
-                flat = lambda a: a.reshape(batch * length, a.shape[-1])  # noqa: E731
-                out = self._dropless_ragged(*map(flat, (x, experts, weights)))
-            out = out.reshape(x.shape)
+            # On a mesh each device dispatches its own tokens (shard_map); off it, the CPU path
+            # still splits the batch into ``batch_shards`` groups so blocks stay local.
+            groups = batch_shards if jax.sharding.get_abstract_mesh().empty else 1
+            out = sharded_dropless(
+                functools.partial(self._dropless_local, groups=groups),
+                x,
+                experts,
+                weights,
+                self._expert_weights(x.dtype),
+            )
             dropped = jnp.float32(0.0)
         else:
             out, dropped = jax.vmap(self._capacity)(x, experts, weights)
@@ -139,16 +143,41 @@ class MoE(nnx.Module):
         flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
         return out, self._aux(flat(logits), flat(probs), flat(experts), dropped)
 
-    def _experts_swiglu(self, hidden_in, matmul, block_expert=None):
+    def _expert_weights(self, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return tuple(w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+
+    def _dropless_local(self, x, experts, weights, expert_weights, first, groups: int = 1):
+        """Dropless MoE of [b, t, d] tokens through the experts ``first, first + 1, ...`` held
+        in ``expert_weights``; assignments to other experts contribute nothing (they are summed
+        in by the devices holding those experts)."""
+        n_local = expert_weights[0].shape[0]
+        local = experts - first
+        held = (local >= 0) & (local < n_local)
+        local = jnp.where(held, local, n_local)  # n_local: not here
+        weights = jnp.where(held, weights, 0).astype(x.dtype)
+        if backend() == "cpu":
+            grouped = lambda a: a.reshape(groups, -1, a.shape[-1])  # noqa: E731
+            run = functools.partial(self._dropless_blocked, expert_weights=expert_weights)
+            out = jax.vmap(run)(*map(grouped, (x, local, weights)))
+        else:  # ragged_dot has no batching rule: one group per device
+            flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+            out = self._dropless_ragged(*map(flat, (x, local, weights)), expert_weights)
+        return out.reshape(x.shape)
+
+    def _experts_swiglu(self, hidden_in, matmul, block_expert=None, weights=None):
         """SwiGLU of each expert; ``block_expert`` picks the expert of each block of rows."""
         dtype = hidden_in.dtype
-        weights = [w[...].astype(dtype) for w in (self.w_gate, self.w_up, self.w_down)]
+        if weights is None:
+            weights = self._expert_weights(dtype)
+        weights = list(weights)
         if block_expert is not None:
             weights = [jnp.take(w, block_expert, axis=0) for w in weights]
         gate, up = matmul(hidden_in, weights[0]), matmul(hidden_in, weights[1])
         return matmul(jax.nn.silu(gate) * up, weights[2])
 
-    def _run_slots(self, tokens, slot_of, n_blocks: int, block: int, block_expert=None):
+    def _run_slots(
+        self, tokens, slot_of, n_blocks: int, block: int, block_expert=None, expert_weights=None
+    ):
         """Copy each assignment (k-major order) into its slot of [n_blocks, block, d], run the
         experts blockwise, and copy the results back; slot n_blocks * block means dropped."""
         n_assign, d = slot_of.shape[0], tokens.shape[-1]
@@ -163,41 +192,58 @@ class MoE(nnx.Module):
             expert_in.reshape(n_blocks, block, d),
             lambda a, w: jnp.einsum("ecd,edh->ech", a, w),
             block_expert,
+            expert_weights,
         ).reshape(slots, d)
         per_assignment = gather_rows(expert_out, slot_of, assignment_of[:, None])
         return per_assignment.reshape(k, n_tokens, d)
 
-    def _dropless_ragged(self, tokens, experts, weights):
+    def _dropless_ragged(self, tokens, experts, weights, expert_weights=None):
+        """Sorted by expert and run through ``ragged_dot``; expert ids past the weights held
+        (``len(w_gate)``) sort last, outside every group, and give zeros."""
+        if expert_weights is None:
+            expert_weights = self._expert_weights(tokens.dtype)
         n_tokens, k = experts.shape
+        n = expert_weights[0].shape[0]
         flat = experts.reshape(-1)
         order = jnp.argsort(flat, stable=True)
         sorted_tokens = tokens[order // k]
-        group_sizes = jnp.bincount(flat, length=self.n_experts).astype(jnp.int32)
+        group_sizes = jnp.bincount(flat, length=n).astype(jnp.int32)
         out_sorted = self._experts_swiglu(
-            sorted_tokens, lambda a, w: jax.lax.ragged_dot(a, w, group_sizes)
+            sorted_tokens,
+            lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
+            weights=expert_weights,
         )
+        grouped = jnp.arange(n_tokens * k)[:, None] < jnp.sum(group_sizes)
+        out_sorted = jnp.where(grouped, out_sorted, 0)
         per_assignment = jnp.zeros_like(out_sorted).at[order].set(out_sorted)
         per_assignment = per_assignment.reshape(n_tokens, k, -1)
         return jnp.einsum("tkd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
 
-    def _dropless_blocked(self, tokens, experts, weights):
+    def _dropless_blocked(self, tokens, experts, weights, expert_weights=None):
         """Dropless with dense matmuls: each expert's assignments are padded to whole blocks
         (MegaBlocks' layout), at most n_experts * (block - 1) padding rows in all. XLA's CPU
-        ragged_dot computes every row against every expert; this does the work once."""
+        ragged_dot computes every row against every expert; this does the work once. Expert
+        ids past the weights held are dropped."""
+        if expert_weights is None:
+            expert_weights = self._expert_weights(tokens.dtype)
         n_tokens, k = experts.shape
-        n, n_assign = self.n_experts, n_tokens * k
+        n, n_assign = expert_weights[0].shape[0], n_tokens * k
         block = int(min(128, max(8, n_assign // (2 * n))))
         n_blocks = -(-(n_assign + n * (block - 1)) // block)  # enough for any split
         by_rank = experts.T.reshape(-1)
         counts = jnp.bincount(by_rank, length=n)
         padded = (counts + block - 1) // block * block
         padded_start = jnp.cumsum(padded) - padded
-        slot_of = padded_start[by_rank] + _queue_position(by_rank, n)
+        held = by_rank < n
+        slot = padded_start[jnp.minimum(by_rank, n - 1)] + _queue_position(by_rank, n)
+        slot_of = jnp.where(held, slot, n_blocks * block)
         block_starts = jnp.arange(n_blocks) * block
         block_expert = jnp.minimum(
             jnp.searchsorted(jnp.cumsum(padded), block_starts, side="right"), n - 1
         )
-        per_assignment = self._run_slots(tokens, slot_of, n_blocks, block, block_expert)
+        per_assignment = self._run_slots(
+            tokens, slot_of, n_blocks, block, block_expert, expert_weights
+        )
         return jnp.einsum("ktd,tk->td", per_assignment, weights.astype(per_assignment.dtype))
 
     def _capacity(self, tokens, experts, weights):

@@ -10,6 +10,7 @@ benchmarks/parallel_memory.py compare the two.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,8 @@ import optax
 from jax.sharding import Mesh
 
 from research.config import ModelConfig, ResearchError
+from research.models.attention import resolve_implementation
+from research.models.moe import resolve_dispatch
 from research.models.transformer import compute_dtype
 from research.parallel.mesh import data_parallel_size
 from research.train.shardings import abstract_params, optimizer_shardings
@@ -32,18 +35,19 @@ class MemoryReport:
     devices: int
     remat: str
     gradient_bytes: int = 0  # per device: one gradient per parameter, sharded like it
+    working_bytes: int = 0  # per device: the layer being worked on (see ``working_bytes``)
 
     @property
     def total_bytes(self) -> int:
         state = self.params_bytes + self.optimizer_bytes + self.gradient_bytes
-        return state + self.activation_bytes
+        return state + self.activation_bytes + self.working_bytes
 
     def summary(self) -> str:
         return (
             f"memory per device: params {_mib(self.params_bytes)}, optimizer "
             f"{_mib(self.optimizer_bytes)}, gradients {_mib(self.gradient_bytes)}, "
-            f"activations ~{_mib(self.activation_bytes)} "
-            f"(remat={self.remat}), total ~{_mib(self.total_bytes)}"
+            f"activations ~{_mib(self.activation_bytes)} (remat={self.remat}), working set "
+            f"~{_mib(self.working_bytes)}, total ~{_mib(self.total_bytes)}"
         )
 
     def to_dict(self) -> dict:
@@ -63,13 +67,28 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def activation_elements_per_token(cfg: ModelConfig, tensor: int, layer: int) -> int:
-    """Elements one layer keeps per token for the backward pass (attention's T x T included)."""
+def activation_elements_per_token(
+    cfg: ModelConfig, tensor: int, layer: int, expert: int = 1, fused: bool = False
+) -> int:
+    """Elements one layer keeps per token for the backward pass (attention's T x T included).
+    ``expert``: the expert-parallel group size; dropless dispatch runs the group's gathered
+    tokens through each device's experts (research/parallel/expert_shard.py). ``fused``: what
+    the compiled program keeps rather than what ``jax.vjp`` hands XLA (see below)."""
     d, hd, t = cfg.d_model, cfg.head_dim, cfg.seq_len
     q, kv = cfg.n_heads * hd // tensor, cfg.n_kv_heads * hd // tensor
-    scores = cfg.n_heads * t // tensor
+    # Only the reference implementation keeps T x T scores (raw, masked, normalised); the
+    # others keep one float32 log-sum-exp per head and query (about 2 elements).
+    if resolve_implementation(cfg.attention, compute_dtype(cfg.compute_dtype), t) == "xla":
+        scores = 3 * cfg.n_heads * t // tensor
+    else:
+        scores = 2 * cfg.n_heads // tensor
+    dispatch = 0  # MoE: the routed copies of the tokens going in and coming out of the experts
     if cfg.is_moe_layer(layer):
-        hidden = (cfg.top_k + cfg.n_shared_experts) * cfg.expert_hidden * cfg.capacity_factor
+        # Capacity dispatch pads every expert to capacity_factor x its share; dropless does not.
+        dropless = resolve_dispatch(cfg.moe_dispatch) == "dropless"
+        routed = cfg.top_k * (expert if dropless else cfg.capacity_factor)
+        hidden = (routed + cfg.n_shared_experts) * cfg.expert_hidden
+        dispatch = int(2 * routed * d)
     else:
         hidden = cfg.mlp_hidden
     hidden = int(hidden) // tensor
@@ -77,21 +96,64 @@ def activation_elements_per_token(cfg: ModelConfig, tensor: int, layer: int) -> 
         return d  # the block input; the block is recomputed in the backward pass
     if cfg.remat == "save-dots":
         # matmuls against weights: q, k, v, attention output, gate, up, down; plus the input
-        return d + q + 2 * kv + d + 2 * hidden + d
+        return d + q + 2 * kv + d + 2 * hidden + d + dispatch
     # none: both norms' inputs and outputs, q/k/v, the rotated q/k and their RoPE products,
-    # raw, masked and normalised scores, the attention output, and gate, up, sigmoid(gate) and
-    # silu(gate) * up
-    return 4 * d + 4 * q + 4 * kv + 3 * scores + 4 * hidden
+    # the scores, the attention output, and gate, up, sigmoid(gate) and silu(gate) * up
+    if fused:
+        # XLA fuses the norms, RoPE and softmax into their neighbours and recomputes them: the
+        # TPU compiler keeps the matmuls' inputs and outputs, one copy of the scores, and the
+        # residual stream (benchmarks/memory_vs_compiler.py: 1.34x over without this).
+        return 4 * d + 2 * q + 2 * kv + scores // 3 + 3 * hidden + dispatch
+    return 4 * d + 4 * q + 4 * kv + scores + 4 * hidden + dispatch
 
 
-def activation_bytes(cfg: ModelConfig, tokens_per_device: int, tensor: int) -> int:
+def activation_bytes(
+    cfg: ModelConfig, tokens_per_device: int, tensor: int, expert: int = 1, fused: bool = False
+) -> int:
     """What the forward pass leaves for the backward pass. With remat, the backward pass also
     holds one block's recomputed set at a time, on top of this."""
     itemsize = jnp.dtype(compute_dtype(cfg.compute_dtype)).itemsize
-    per_token = sum(activation_elements_per_token(cfg, tensor, i) for i in range(cfg.n_layers))
+    layers = range(cfg.n_layers)
+    per_token = sum(activation_elements_per_token(cfg, tensor, i, expert, fused) for i in layers)
     per_token += 2 * cfg.d_model  # the final norm's input and output
-    logits = 2 * cfg.vocab_size // tensor * 4  # float32 logits and softmax for the loss
+    # One float32 copy of the logits: XLA fuses the softmax into the loss and its gradient (the
+    # TPU compiler's temporaries for Llama-3 and gpt2_small showed 2 copies over-counted).
+    logits = cfg.vocab_size // tensor * 4
     return tokens_per_device * (per_token * itemsize + logits)
+
+
+def layer_weight_elements(cfg: ModelConfig, tensor: int, expert: int, layer: int) -> int:
+    """One layer's weights on a device once FSDP has gathered them (still split by tensor and
+    expert parallelism)."""
+    d, hd = cfg.d_model, cfg.head_dim
+    attention = d * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd // tensor
+    if cfg.is_moe_layer(layer):
+        experts = cfg.n_experts // expert * 3 * d * cfg.expert_hidden // tensor
+        mlp = experts + 3 * d * cfg.expert_hidden * cfg.n_shared_experts // tensor
+    else:
+        mlp = 3 * d * cfg.mlp_hidden // tensor
+    return attention + mlp
+
+
+def working_bytes(cfg: ModelConfig, tokens_per_device: int, mesh_shape: dict) -> int:
+    """Transient memory on top of what the forward pass saves, for the layer being worked on:
+    under remat, its recomputed activations (the remat=none set) in the backward pass; under
+    FSDP, its weights gathered in the compute dtype plus their gradient before the
+    reduce-scatter. The TPU compiler's temporaries hold both (README: estimate vs compiler)."""
+    itemsize = jnp.dtype(compute_dtype(cfg.compute_dtype)).itemsize
+    tensor, expert, fsdp = mesh_shape["tensor"], mesh_shape["expert"], mesh_shape["fsdp"]
+    layers = range(cfg.n_layers)
+    total = 0
+    if cfg.remat != "none":
+        plain = dataclasses.replace(cfg, remat="none")
+        per_token = max(
+            activation_elements_per_token(plain, tensor, i, expert, fused=True) for i in layers
+        )
+        total += tokens_per_device * per_token * itemsize
+    if fsdp > 1:
+        gathered = max(layer_weight_elements(cfg, tensor, expert, i) for i in layers)
+        total += 2 * gathered * itemsize
+    return total
 
 
 def memory_report(
@@ -113,7 +175,10 @@ def memory_report(
         gradient_bytes=per_device_bytes(params),
         params_bytes=per_device_bytes(params),
         optimizer_bytes=per_device_bytes(opt),
-        activation_bytes=activation_bytes(cfg, tokens, mesh.shape["tensor"]),
+        activation_bytes=activation_bytes(
+            cfg, tokens, mesh.shape["tensor"], mesh.shape["expert"], fused=True
+        ),
+        working_bytes=working_bytes(cfg, tokens, dict(mesh.shape)),
         devices=mesh.devices.size,
         remat=cfg.remat,
     )
