@@ -681,8 +681,8 @@ class StreamPrepared:
         return load_tokenizer(self.path / "tokenizer.json")
 
     def tokens(self, split: str) -> np.ndarray:
-        """The split's documents end to end. Read into memory: meant for validation (small);
-        training reads packed documents through ``research.data.packing`` instead."""
+        """The split's documents end to end, read into memory (small splits, tools). Training
+        and evaluation read packed documents lazily through ``research.data.packing``."""
         return np.concatenate([self.stream.tokens(s) for s in self.stream.shards(split)])
 
     def bytes_per_token(self, split: str) -> float:
