@@ -216,15 +216,12 @@ def _hf(spec: str, key: str) -> Iterator[str]:
             f"source {spec} needs the Hugging Face `datasets` package: pip install datasets"
         ) from None
     name, _, split = spec[len(HF_PREFIX) :].partition("@")
-    if name.count("/") > 1:  # OWNER/NAME/CONFIG
-        name, _, config = name.rpartition("/")
-    else:
-        config = ""
-    if name.endswith(SUFFIXES) or "*" in name:  # local files through datasets' json/parquet
+    if name.endswith(SUFFIXES) or "*" in name:  # files (any path) through datasets' json/parquet
         builder = "parquet" if name.endswith(".parquet") else "json"
         ds = datasets.load_dataset(builder, data_files=name, split=split or "train", streaming=True)
-    else:
-        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    else:  # a hub dataset: OWNER/NAME[/CONFIG]
+        name, config = name.rsplit("/", 1) if name.count("/") > 1 else (name, None)
+        ds = datasets.load_dataset(name, config, split=split or "train", streaming=True)
     for record in ds:
         yield record[key]
 
