@@ -16,6 +16,7 @@ shingles of a batch; the parent only looks keys up.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass, field
 
@@ -24,7 +25,7 @@ import numpy as np
 NUM_PERM = 64  # MinHash permutations
 SCHEME = "affine32"  # datasketch 2.0's default for 32-bit hashes; named, since keys are stored
 SHINGLE_WORDS = 5  # FineWeb's and Gopher's near-dedup shingles: lowercase word 5-grams
-CHUNK = 1 << 15  # shingles per vectorised step: [CHUNK, NUM_PERM] uint32 = 8 MB
+CHUNK = 1 << 15  # shingles per vectorised step: [NUM_PERM, CHUNK] uint32 = 8 MB
 
 
 def shingles(text: str) -> list[bytes]:
@@ -37,9 +38,9 @@ def minhashes(texts: list[str]) -> np.ndarray:
     """[docs, NUM_PERM] uint32 MinHash signatures, equal to datasketch's ``MinHash.bulk`` with
     ``hashfunc=zlib.crc32`` (the same in every process, unlike Python's salted hash()), but one
     numpy pass over all the batch's shingles instead of an object per document."""
-    from datasketch.minhash import MinHash, _fmix
+    from datasketch.minhash import _fmix
 
-    a, b = MinHash(NUM_PERM, scheme=SCHEME).permutations
+    a, b = _permutations()
     hashes, starts = [], []
     for text in texts:
         starts.append(len(hashes))
@@ -53,12 +54,21 @@ def minhashes(texts: list[str]) -> np.ndarray:
         last = int(np.searchsorted(starts, starts[first] + CHUNK, side="right"))
         last = max(last, first + 1)
         lo, hi = starts[first], starts[last] if last < len(texts) else len(hv)
-        permuted = hv[lo:hi, None] * a + b  # uint32 arithmetic wraps: mod 2^32, as datasketch
-        out[first:last] = np.minimum.reduceat(permuted, starts[first:last] - lo, axis=0)
+        permuted = a[:, None] * hv[None, lo:hi] + b[:, None]  # wraps mod 2^32, as datasketch's
+        out[first:last] = np.minimum.reduceat(permuted, starts[first:last] - lo, axis=1).T
         first = last
     return out
 
 
+@functools.cache
+def _permutations() -> tuple[np.ndarray, np.ndarray]:
+    from datasketch.minhash import MinHash
+
+    a, b = MinHash(NUM_PERM, scheme=SCHEME).permutations
+    return a, b
+
+
+@functools.cache
 def band_shape(threshold: float) -> tuple[int, int]:
     """(bands, rows) that datasketch's ``MinHashLSH`` would use for ``threshold``."""
     from datasketch.lsh import _optimal_param
