@@ -139,3 +139,74 @@ def test_training_on_a_streamed_corpus_resumes_with_the_same_losses(tmp_path, ti
     for step in (15, 20):
         assert a[step]["train/loss"] == pytest.approx(b[step]["train/loss"], rel=1e-6)
     assert whole.val_bpb and 0 < whole.val_bpb < 8
+
+
+def test_eval_rows_hold_every_token_once_in_order_and_eval_batches_cuts_them():
+    from research.data.packing import packed_eval_batches
+
+    docs = _docs(n=30)
+    batches = list(packed_eval_batches(_index(docs), 16, batch_size=4, padded_rows=6))
+    stream = []
+    for batch, rows in batches:
+        assert batch["tokens"].shape == (6, 17) and not batch["segment_ids"][rows:].any()
+        seg = batch["segment_ids"][:rows]
+        stream += batch["tokens"][:rows][seg > 0].tolist()
+    assert stream == np.concatenate(docs).tolist()  # in stored order, nothing lost or repeated
+    first = list(packed_eval_batches(_index(docs), 16, batch_size=4, max_batches=2))
+    assert len(first) == 2 and all((a[0]["tokens"] == b[0]["tokens"][:4]).all()
+                                   for a, b in zip(first, batches, strict=False))  # fmt: skip
+
+
+def test_streamed_eval_loss_equals_each_document_scored_alone_from_the_whole_array(tmp_path):
+    """The evaluator reads a streamed corpus' validation shards lazily as packed rows; the
+    reference reads the split as one array, cuts it into documents at the stored offsets
+    (pieces of at most seq_len + 1 = 33 tokens, as packing splits them) and scores each alone."""
+    import json
+
+    from research.config import DataConfig, MeshConfig
+    from research.data.packing import rows_in_order
+    from research.data.stream import StreamData, StreamPrepared, prepare_stream
+    from research.infer.evaluate import Evaluator
+    from research.parallel.mesh import make_mesh
+
+    rng = np.random.default_rng(0)
+    words = "the of and to in a is that for it as was with be by on not he this".split()
+    (tmp_path / "c").mkdir()
+    with open(tmp_path / "c" / "docs.jsonl", "w") as handle:
+        for d in range(200):
+            text = " ".join(rng.choice(words, rng.integers(1, 6) if d % 10 else 30)) + f" doc{d}"
+            handle.write(json.dumps({"text": text}) + "\n")
+    cfg = DataConfig(sources=str(tmp_path / "c"), tokenizer="bpe", bpe_vocab_size=200,
+                     shard_tokens=300, cache_dir=str(tmp_path / "cache"), workers=1,
+                     val_fraction=0.3)  # fmt: skip
+    data = StreamPrepared(StreamData.open(prepare_stream(cfg, verbose=False)))
+    assert len(data.stream.shards("val")) > 1  # the rows cross shard boundaries
+    model_cfg = ModelConfig(vocab_size=data.vocab_size, d_model=32, n_layers=2, n_heads=4,
+                            seq_len=32).resolved()  # fmt: skip
+    graphdef, params = nnx.split(Transformer(model_cfg, nnx.Rngs(0)))
+    # Sharpened weights: at initialisation every token's loss is close to log(vocab), which
+    # would hide attention across documents; scaled up, the context matters.
+    params = jax.tree.map(lambda w: w * 4, params)
+    mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    loss, _ = Evaluator(graphdef, data, mesh, seq_len=32, micro_batch=4)(params)
+
+    whole = data.tokens("val")
+    shards = data.stream.shards("val")
+    bases = np.concatenate([[0], np.cumsum([s["tokens"] for s in shards])[:-1]])
+    starts = np.concatenate(
+        [data.stream.offsets(s)[:-1] + base for s, base in zip(shards, bases, strict=True)]
+    )
+    bounds = np.append(starts, len(whole))
+    pieces = [whole[a:b][i : i + 33] for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+              for i in range(0, b - a, 33)]  # fmt: skip
+    padded = np.zeros((len(pieces), 33), np.int32)
+    for i, piece in enumerate(pieces):
+        padded[i, : len(piece)] = piece
+    logits = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))(params, padded[:, :-1])
+    losses = np.asarray(token_losses(logits, jnp.asarray(padded[:, 1:]))[0], np.float64)
+    counted = [losses[i, : len(p) - 1] for i, p in enumerate(pieces)]
+    reference = np.concatenate(counted).mean()
+    assert loss == pytest.approx(reference, rel=1e-5)
+    assert sum(len(p) for p in pieces) == len(whole) > 33 * 20 and max(map(len, pieces)) == 33
+    rows = list(rows_in_order(DocumentIndex.of_stream(data.stream, "val"), 32))
+    assert sum(len(r) > 1 for r in rows) >= 10  # rows holding several documents

@@ -125,3 +125,32 @@ def test_a_hugging_face_source_without_datasets_says_what_to_install():
     assert expand(src) == [src.path]
     with pytest.raises(DataError, match="pip install datasets"):
         list(file_documents(src.path, src))
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_hugging_face_datasets_source_of_local_files_streams_what_our_readers_read(
+    tmp_path, monkeypatch, kind
+):
+    """``hf:FILES`` goes through ``datasets.load_dataset(json|parquet, data_files=...,
+    streaming=True)``; the reference is the same files through our own readers."""
+    pytest.importorskip("datasets")
+    pytest.importorskip("pyarrow")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # local files: never the network
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    folder = tmp_path / "deep" / "folder"  # several slashes: not mistaken for OWNER/NAME/CONFIG
+    folder.mkdir(parents=True)
+    for i, part in enumerate((DOCS[:20], DOCS[20:])):
+        if kind == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            pq.write_table(pa.table({"text": part}), folder / f"p{i}.parquet")
+        else:
+            (folder / f"p{i}.jsonl").write_text(
+                "".join(json.dumps({"text": d}) + "\n" for d in part)
+            )
+    ours = Source(str(folder / f"*.{kind}"))
+    expected = [d for url in expand(ours) for d in file_documents(url, ours)]
+    hub = Source(f"hf:{folder}/*.{kind}@train")
+    assert expand(hub) == [hub.path]
+    assert list(file_documents(hub.path, hub)) == expected == DOCS

@@ -16,7 +16,8 @@ count, so a run checkpointed on N processes resumes on M with the same global ba
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 
 import grain
 import numpy as np
@@ -133,3 +134,51 @@ class PackedBatches:
                 segments[out, at : at + end - start] = segment
                 at += end - start
         return {"tokens": tokens, "segment_ids": segments}
+
+
+def rows_in_order(index: DocumentIndex, seq_len: int) -> Iterator[list[tuple[int, int, int]]]:
+    """One pass over the documents in stored order, packed by ``PackedBatches``' rule (a
+    document that does not fit what is left of a row starts the next one; one longer than a
+    row is split): rows of (document, start, end) pieces. Evaluation uses it: the same rows
+    every time, whatever the seed."""
+    row, pieces, room = seq_len + 1, [], seq_len + 1
+    for doc in range(len(index)):
+        length, offset = index.length(doc), 0
+        while offset < length:
+            if length - offset > room and pieces:  # does not fit: close this row
+                yield pieces
+                pieces, room = [], row
+            take = min(length - offset, room)
+            pieces.append((doc, offset, offset + take))
+            offset, room = offset + take, room - take
+            if not room:
+                yield pieces
+                pieces, room = [], row
+    if pieces:
+        yield pieces
+
+
+def packed_eval_batches(
+    index: DocumentIndex, seq_len: int, batch_size: int, max_batches: int = 0, padded_rows: int = 0
+) -> Iterator[tuple[dict[str, np.ndarray], int]]:
+    """The split's packed rows in order (or the first ``max_batches`` batches), read from the
+    memory-mapped shards a batch at a time: memory is one batch, not the split.
+
+    Yields (``{"tokens", "segment_ids"}`` [max(batch_size, padded_rows), seq_len + 1], rows),
+    zero-padded (segment 0, which no loss counts) like ``loader.eval_batches``."""
+    size = max(batch_size, padded_rows)
+    rows = rows_in_order(index, seq_len)
+    for count in itertools.count(1):
+        chunk = list(itertools.islice(rows, batch_size))
+        if not chunk:
+            return
+        batch = {k: np.zeros((size, seq_len + 1), np.int32) for k in ("tokens", "segment_ids")}
+        for out, pieces in enumerate(chunk):
+            at = 0
+            for segment, (doc, start, end) in enumerate(pieces, 1):
+                batch["tokens"][out, at : at + end - start] = index.tokens(doc, start, end)
+                batch["segment_ids"][out, at : at + end - start] = segment
+                at += end - start
+        yield batch, len(chunk)
+        if max_batches and count >= max_batches:
+            return

@@ -143,14 +143,16 @@ def _decode(raw: bytes, url: str, where: str = "") -> str:
 
 
 def _need(module: str, package: str):
-    """Import an optional reader, or say which package to install (the `data` extra has all)."""
+    """Import an optional reader, or say which package to install (the `data` extra has all
+    but Hugging Face `datasets`, which has its own: `datasets`)."""
     import importlib
 
     try:
         return importlib.import_module(module)
     except ImportError:
         raise DataError(
-            f"reading this corpus needs {package}: pip install {package} (or '.[data]')"
+            f"reading this corpus needs {package}: pip install {package} (or "
+            f"'.[{'datasets' if package == 'datasets' else 'data'}]')"
         ) from None
 
 
@@ -216,15 +218,12 @@ def _hf(spec: str, key: str) -> Iterator[str]:
             f"source {spec} needs the Hugging Face `datasets` package: pip install datasets"
         ) from None
     name, _, split = spec[len(HF_PREFIX) :].partition("@")
-    if name.count("/") > 1:  # OWNER/NAME/CONFIG
-        name, _, config = name.rpartition("/")
-    else:
-        config = ""
-    if name.endswith(SUFFIXES) or "*" in name:  # local files through datasets' json/parquet
+    if name.endswith(SUFFIXES) or "*" in name:  # files (any path) through datasets' json/parquet
         builder = "parquet" if name.endswith(".parquet") else "json"
         ds = datasets.load_dataset(builder, data_files=name, split=split or "train", streaming=True)
-    else:
-        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+    else:  # a hub dataset: OWNER/NAME[/CONFIG]
+        name, config = name.rsplit("/", 1) if name.count("/") > 1 else (name, None)
+        ds = datasets.load_dataset(name, config, split=split or "train", streaming=True)
     for record in ds:
         yield record[key]
 

@@ -3,8 +3,9 @@ removal -> tokenization in worker processes -> fixed-size token shards with a ma
 
 Memory stays bounded by the batches in flight, not the corpus: documents are read one file at a
 time and at most ``2 x workers`` batches wait in the pool. What grows with the corpus is the
-dedup state: a hash per kept document for exact dedup, and the MinHash-LSH index when
-``data.near_dedup`` is on (README: Data at scale has the measured peak memory).
+dedup state, kept compact (research/data/dedup.py): 8 bytes per document for exact dedup, and
+40 more per kept document for the MinHash-LSH band keys when ``data.near_dedup`` is on (README:
+Data at scale has the measured peak memory).
 
 Layout of a prepared folder (``<cache>/prepared/stream-<key>-n<parts>``)::
 
@@ -15,8 +16,8 @@ Layout of a prepared folder (``<cache>/prepared/stream-<key>-n<parts>``)::
 
 A shard is a ``.npy`` token array (uint16, or uint32 for big vocabularies; memory-mapped by the
 loader) holding whole documents, each followed by EOS; its ``.idx.npy`` holds the documents'
-start offsets plus the end, and its ``.dedup.npy`` the kept documents' hashes and MinHash
-signatures, so a resumed prepare rebuilds the dedup state without reading those documents
+start offsets plus the end, and its ``.dedup.npy`` the kept documents' hashes and LSH band
+keys, so a resumed prepare rebuilds the dedup state without reading those documents
 again. Every file is written to a temporary name and renamed; the part's journal
 (``.progress-*.json``) records each finished shard, so an interrupted prepare keeps its shards
 and restarts after the last one.
@@ -34,7 +35,6 @@ import json
 import multiprocessing
 import os
 import time
-import zlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -45,6 +45,7 @@ import numpy as np
 
 from research.config import ConfigError, DataConfig
 from research.data.corpus import DataError, cache_root
+from research.data.dedup import Dedup, band_keys, minhashes
 from research.data.sources import (
     HF_PREFIX,
     Source,
@@ -54,13 +55,8 @@ from research.data.sources import (
     work_units,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: .dedup.npy holds LSH band keys, not MinHash signatures
 BATCH_DOCS = 256  # documents per task sent to a worker
-NUM_PERM = 64  # MinHash permutations: 64 x uint32 = 256 bytes per kept document on disk
-SCHEME = (
-    "affine32"  # datasketch 2.0's default for 32-bit hashes; named, since signatures are stored
-)
-SHINGLE_WORDS = 5  # FineWeb's and Gopher's near-dedup shingles: lowercase word 5-grams
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 
@@ -70,7 +66,7 @@ BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, near_dedup: bool) -> None:
+def _init_worker(tokenizer_json: str, near_dedup: float | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     from tokenizers import Tokenizer
 
@@ -78,29 +74,14 @@ def _init_worker(tokenizer_json: str, near_dedup: bool) -> None:
     _WORKER["near"] = near_dedup
 
 
-def shingles(text: str) -> list[bytes]:
-    words = text.lower().split()
-    n = SHINGLE_WORDS
-    return [" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))]
-
-
-def minhashes(texts: list[str]) -> np.ndarray:
-    """[docs, NUM_PERM] uint32 MinHash signatures (datasketch; crc32 shingle hashes, which are
-    the same in every process, unlike Python's salted hash())."""
-    from datasketch import MinHash
-
-    found = MinHash.bulk(
-        [shingles(t) for t in texts], num_perm=NUM_PERM, hashfunc=zlib.crc32, scheme=SCHEME
-    )
-    return np.stack([m.hashvalues for m in found]).astype(np.uint32)
-
-
 def _work(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(all token ids, per-document lengths, MinHash signatures or None) of a batch."""
+    """(all token ids, per-document lengths, LSH band keys or None) of a batch: the MinHash
+    work happens here, in the workers, not in the parent."""
     encoded = _WORKER["tok"].encode_batch(texts, add_special_tokens=False)
     lengths = np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
     ids = np.fromiter((i for e in encoded for i in e.ids), np.uint32, int(lengths.sum()))
-    return ids, lengths, minhashes(texts) if _WORKER["near"] else None
+    near = _WORKER["near"]
+    return ids, lengths, None if near is None else band_keys(minhashes(texts), near)
 
 
 # ---------- shards ----------
@@ -119,7 +100,7 @@ class _InProcess:
 
     workers = 1
 
-    def __init__(self, tokenizer_json: str, near_dedup: bool):
+    def __init__(self, tokenizer_json: str, near_dedup: float | None):
         _init_worker(tokenizer_json, near_dedup)
 
     def apply_async(self, fn, args):
@@ -135,7 +116,7 @@ class _InProcess:
 class _Processes:
     """Worker processes, started with spawn (no forked copies of a parent's JAX threads)."""
 
-    def __init__(self, workers: int, tokenizer_json: str, near_dedup: bool):
+    def __init__(self, workers: int, tokenizer_json: str, near_dedup: float | None):
         context = multiprocessing.get_context("spawn")
         self.workers = workers
         self.pool = context.Pool(workers, _init_worker, (tokenizer_json, near_dedup))
@@ -151,7 +132,9 @@ class _Processes:
         return False
 
 
-def _pool(workers: int, tokenizer_json: str, near_dedup: bool):
+def _pool(workers: int, tokenizer_json: str, near_dedup: float | None):
+    """``near_dedup``: the near-duplicate threshold the workers compute band keys for, or
+    None (off)."""
     if workers == 1 or multiprocessing.current_process().daemon:
         return _InProcess(tokenizer_json, near_dedup)
     return _Processes(workers, tokenizer_json, near_dedup)
@@ -178,51 +161,6 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class Dedup:
-    """Exact (hash set) and near-duplicate (MinHash-LSH) state, and what each removed."""
-
-    near: bool
-    threshold: float = 0.8
-    seen: set = field(default_factory=set)
-    lsh: object = None
-    counts: dict = field(default_factory=lambda: {"exact": 0, "near": 0})
-    _next: int = 0
-
-    def __post_init__(self):
-        if self.near:
-            from datasketch import MinHashLSH
-
-            self.lsh = MinHashLSH(threshold=self.threshold, num_perm=NUM_PERM)
-
-    def is_exact_dup(self, digest: bytes) -> bool:
-        if digest in self.seen:
-            self.counts["exact"] += 1
-            return True
-        return False
-
-    def is_near_dup(self, signature: np.ndarray | None) -> bool:
-        if signature is None:
-            return False
-        from datasketch import LeanMinHash, MinHash
-
-        mh = LeanMinHash(MinHash(NUM_PERM, hashvalues=signature, scheme=SCHEME))
-        if self.lsh.query(mh):
-            self.counts["near"] += 1
-            return True
-        return False
-
-    def add(self, digest: bytes, signature: np.ndarray | None) -> None:
-        self.seen.add(digest)
-        if signature is not None:
-            from datasketch import LeanMinHash, MinHash
-
-            self.lsh.insert(
-                self._next, LeanMinHash(MinHash(NUM_PERM, hashvalues=signature, scheme=SCHEME))
-            )
-            self._next += 1
-
-
 class ShardWriter:
     """Collects kept documents and writes a shard each time ``shard_tokens`` is reached."""
 
@@ -236,13 +174,13 @@ class ShardWriter:
         self.ids, self.lengths, self.digests, self.sigs, self.tokens = [], [], [], [], 0
         self.bytes = 0
 
-    def add(self, ids: np.ndarray, digest: bytes, signature, nbytes: int) -> bool:
+    def add(self, ids: np.ndarray, digest: bytes, keys: np.ndarray | None, nbytes: int) -> bool:
         """Append one document (``nbytes`` of UTF-8 text); True when that closed a shard."""
         self.bytes += nbytes
         self.ids.append(ids)
         self.lengths.append(len(ids))
         self.digests.append(np.frombuffer(digest, np.uint8))
-        self.sigs.append(signature)
+        self.sigs.append(keys)
         self.tokens += len(ids)
         if self.tokens >= self.shard_tokens:
             self.flush()
@@ -276,9 +214,8 @@ class ShardWriter:
 def _load_dedup(folder: Path, shard: dict, dedup: Dedup) -> None:
     """Rebuild dedup state from a finished shard's sidecar (resume)."""
     rows = np.load(folder / shard["file"].replace(".npy", ".dedup.npy"))
-    for row in rows:
-        sig = row[16:].view(np.uint32) if dedup.near else None
-        dedup.add(row[:16].tobytes(), sig)
+    keys = np.ascontiguousarray(rows[:, 16:]).view(np.uint64) if dedup.near else None
+    dedup.load(rows[:, :16], keys)
 
 
 # ---------- settings, fingerprint, tokenizer ----------
@@ -437,13 +374,18 @@ def _run_split(
     consumed = skip
 
     def submit(batch):
+        dups = dedup.exact_dups([digest for _, digest in batch])
+        batch = [
+            (None if dup else text, digest) for (text, digest), dup in zip(batch, dups, strict=True)
+        ]
         texts = [text for text, _ in batch if text is not None]
         pending.append((batch, pool.apply_async(_work, (texts,))))
 
     def drain_one():
         nonlocal consumed
         batch, result = pending.popleft()
-        ids, lengths, sigs = result.get()
+        ids, lengths, keys = result.get()
+        near = dedup.near_dups(keys)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         j = 0  # index among the batch's tokenized documents
         for text, digest in batch:
@@ -451,13 +393,12 @@ def _run_split(
             nbytes = len(text.encode("utf-8")) if text is not None else 0
             if text is None:  # an exact duplicate, dropped before tokenizing
                 continue
-            sig = None if sigs is None else sigs[j]
+            row = None if keys is None else keys[j]
             doc, j = ids[starts[j] : starts[j + 1]], j + 1
-            if dedup.is_near_dup(sig):
+            if keys is not None and near[j - 1]:
                 continue
-            dedup.add(digest, sig)
             pieces = [[bos]] * (bos is not None) + [doc] + [[eos]] * (eos is not None)
-            if writer.add(np.concatenate(pieces) if len(pieces) > 1 else doc, digest, sig, nbytes):
+            if writer.add(np.concatenate(pieces) if len(pieces) > 1 else doc, digest, row, nbytes):
                 journal(split, consumed)
         progress.advance(len(batch), int(lengths.sum()))
 
@@ -465,11 +406,7 @@ def _run_split(
     for index, (text, digest) in enumerate(docs):
         if index < skip:
             continue
-        if dedup.is_exact_dup(digest):
-            text = None
-        else:
-            dedup.seen.add(digest)  # copies later in this stream are exact duplicates
-        batch.append((text, digest))
+        batch.append((text, digest))  # exact duplicates are marked as the batch is sent
         if len(batch) == BATCH_DOCS:
             submit(batch)
             batch = []
@@ -549,7 +486,8 @@ def prepare_stream(
 
     progress = _Progress([_size(url) for _, url in mine], stats, verbose)
     workers = cfg.workers or os.cpu_count() or 1
-    with _pool(workers, tok.to_str(), cfg.near_dedup) as pool:
+    near = cfg.near_dedup_threshold if cfg.near_dedup else None
+    with _pool(workers, tok.to_str(), near) as pool:
         val_docs = mixture_documents(sources, units, "val", Stats(), cfg.skip_bad_files)
         _run_split("val", val_docs, writers["val"], dedup, pool, specials, record, progress)
         val_counts = dict(dedup.counts)
@@ -681,8 +619,8 @@ class StreamPrepared:
         return load_tokenizer(self.path / "tokenizer.json")
 
     def tokens(self, split: str) -> np.ndarray:
-        """The split's documents end to end. Read into memory: meant for validation (small);
-        training reads packed documents through ``research.data.packing`` instead."""
+        """The split's documents end to end, read into memory (small splits, tools). Training
+        and evaluation read packed documents lazily through ``research.data.packing``."""
         return np.concatenate([self.stream.tokens(s) for s in self.stream.shards(split)])
 
     def bytes_per_token(self, split: str) -> float:

@@ -188,12 +188,20 @@ def set_aside_events(run_dir: Path, stamp: str) -> Path | None:
 class TensorBoardWriter:
     """Event files with the tensorboard package's own writer and protos, no TensorFlow
     (tensorboardX would import torch when present: over a second of start-up for nothing).
-    Each tag's description (``describe``) is attached the first time the tag is written."""
+    Each tag's description (``describe``) is attached the first time the tag is written.
 
-    def __init__(self, logdir: Path):
+    A ``gs://``/``s3://`` logdir: object stores cannot append, and tensorboard's fsspec file
+    system overwrites instead, keeping only the last flush's events; so the event file is
+    written locally and copied whole to the URL at each flush and at close."""
+
+    def __init__(self, logdir: Path | str):
+        import tempfile
+
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self._writer = EventFileWriter(str(logdir))
+        self._remote = str(logdir) if "://" in str(logdir) else None
+        local = tempfile.mkdtemp(prefix="research-tb-") if self._remote else str(logdir)
+        self._writer = EventFileWriter(local)
         self._described: set[str] = set()
 
     def _write(self, step: int, *values) -> None:
@@ -321,9 +329,21 @@ class TensorBoardWriter:
 
     def flush(self) -> None:
         self._writer.flush()
+        self._upload()
 
     def close(self) -> None:
         self._writer.close()
+        self._upload()
+
+    def _upload(self) -> None:
+        if self._remote is None:
+            return
+        import fsspec
+
+        local = Path(self._writer.get_logdir())
+        fs, root = fsspec.core.url_to_fs(self._remote)
+        for path in local.iterdir():  # the whole file each time: one object write
+            fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
 
 
 class MetricsLogger:
