@@ -5,8 +5,9 @@
 
 A grid of Adam LRs (factors of 2) at each width, for the standard parametrisation and for muP
 (base width 64), on tinyshakespeare characters: a 2-layer model (4 heads), context 32, batch
-16, a short cosine schedule with 10 warmup steps, loss on fixed batches of the validation split
-(the last 10% of the text). Prints each width's best LR and the grid, plots loss against LR.
+16, a short cosine schedule with 10 warmup steps, loss on the first 8 batches of the validation
+split; data through the data package (char tokenizer, training loader, eval windows). Prints
+each width's best LR and the grid, plots loss against LR.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from research.config import ModelConfig, OptimConfig  # noqa: E402
-from research.data.corpus import read_text, resolve_corpus  # noqa: E402
+from research.config import DataConfig, ModelConfig, OptimConfig  # noqa: E402
+from research.data.loader import eval_batches, train_dataset  # noqa: E402
+from research.data.shards import prepare  # noqa: E402
 from research.models import Transformer  # noqa: E402
 from research.models.loss import cross_entropy  # noqa: E402
 from research.train.optimizer import make_optimizer  # noqa: E402
@@ -37,20 +39,24 @@ SEQ, BATCH, LAYERS, HEADS = 32, 16, 2, 4
 
 
 def char_tokens() -> tuple[np.ndarray, np.ndarray, int]:
-    text = read_text(resolve_corpus("tinyshakespeare"), "\n")
-    chars = sorted(set(text))
-    lookup = {c: i for i, c in enumerate(chars)}
-    ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
-    split = int(len(ids) * 0.9)
-    return ids[:split], ids[split:], len(chars)
+    """The quickstart's data: tinyshakespeare through the data package's char tokenizer and
+    its train/val split (prepared once, cached like any run's)."""
+    data = prepare(DataConfig(corpus="tinyshakespeare", tokenizer="char"), verbose=False)
+    return data.tokens("train"), data.tokens("val"), data.vocab_size
 
 
-def batches(ids: np.ndarray, count: int, seed: int) -> np.ndarray:
-    starts = np.random.default_rng(seed).integers(0, len(ids) - SEQ - 1, (count, BATCH))
-    return ids[starts[..., None] + np.arange(SEQ + 1)]
+def train_batches(ids: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """The training loader's seeded batches (research/data/loader.py), the first ``count``."""
+    stream = iter(train_dataset(ids, SEQ, BATCH, seed))
+    return np.stack([next(stream) for _ in range(count)])
 
 
-def final_loss(width, base, lr, train_batches, val_batches, vocab) -> float:
+def val_batches(ids: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` full batches of the eval loader's windows over the val split."""
+    return np.stack([batch for batch, _ in eval_batches(ids, SEQ, BATCH, max_batches=count)])
+
+
+def final_loss(width, base, lr, train_set, val_set, vocab) -> float:
     cfg = ModelConfig(
         vocab_size=vocab,
         d_model=width,
@@ -63,7 +69,7 @@ def final_loss(width, base, lr, train_batches, val_batches, vocab) -> float:
     graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
     params = nnx.to_pure_dict(state)
     optim = OptimConfig(lr=lr, schedule="cosine", warmup_steps=10, weight_decay=0.0)
-    tx, _ = make_optimizer(optim, len(train_batches), cfg.width_mult)
+    tx, _ = make_optimizer(optim, len(train_set), cfg.width_mult)
 
     def loss(params, batch):
         logits = nnx.merge(graphdef, params)(batch[:, :-1])
@@ -77,9 +83,9 @@ def final_loss(width, base, lr, train_batches, val_batches, vocab) -> float:
             return (optax.apply_updates(params, updates), opt_state), None
 
         (params, _), _ = jax.lax.scan(body, (params, opt_state), all_batches)
-        return jnp.mean(jax.vmap(lambda b: loss(params, b))(val_batches))
+        return jnp.mean(jax.vmap(lambda b: loss(params, b))(val_set))
 
-    value = float(steps(params, tx.init(params), jnp.asarray(train_batches)))
+    value = float(steps(params, tx.init(params), jnp.asarray(train_set)))
     return value if np.isfinite(value) else float("inf")
 
 
@@ -93,12 +99,12 @@ def main() -> None:
     widths = [int(w) for w in args.widths.split(",")]
     lrs = [2.0 ** int(k) for k in args.log2_lrs.split(",")]
     train_ids, val_ids, vocab = char_tokens()
-    train_batches, val_batches = batches(train_ids, args.steps, 0), batches(val_ids, 8, 1)
+    train, val = train_batches(train_ids, args.steps, 0), val_batches(val_ids, 8)
     print(f"load average before: {os.getloadavg()}", flush=True)
     grid = {}
     for name, base in (("standard", 0), ("muP", widths[0])):
         for width in widths:
-            losses = [final_loss(width, base, lr, train_batches, val_batches, vocab) for lr in lrs]
+            losses = [final_loss(width, base, lr, train, val, vocab) for lr in lrs]
             grid[name, width] = losses
             best = lrs[int(np.argmin(losses))]
             row = " ".join(f"{v:6.3f}" for v in losses)
