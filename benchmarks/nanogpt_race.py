@@ -136,7 +136,7 @@ def main() -> None:
         raise SystemExit(f"{args.nanogpt}/data/shakespeare_char/val.bin missing: run prepare.py")
 
     commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
     ).stdout.strip()
     print(f"machine: {machine()}; load average before: {os.getloadavg()}; commit {commit}")
     with tempfile.TemporaryDirectory() as cache:  # each printed as it ends: runs are long
