@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -101,14 +102,23 @@ def main() -> None:
     parser.add_argument("--log2-lrs", default="-12,-11,-10,-9,-8,-7,-6,-5")
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--out", type=Path, default=Path("docs/mup_lr_transfer.png"))
+    parser.add_argument(
+        "--only", choices=("standard", "muP"), help="one parametrisation (e.g. two processes)"
+    )
+    parser.add_argument("--from-logs", type=Path, nargs="+", help="report rows printed before")
     args = parser.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     lrs = [2.0 ** int(k) for k in args.log2_lrs.split(",")]
+    if args.from_logs:
+        report(grid_from_logs(args.from_logs), widths, lrs, args.steps, args.out)
+        return
     train_ids, val_ids, vocab = char_tokens()
     train, val = train_batches(train_ids, args.steps, 0), val_batches(val_ids, 8)
     print(f"load average before: {os.getloadavg()}", flush=True)
     grid = {}
     for name, base in (("standard", 0), ("muP", widths[0])):
+        if args.only and name != args.only:
+            continue
         for width in widths:
             losses = final_losses(width, base, lrs, train, val, vocab)
             grid[name, width] = losses
@@ -116,7 +126,28 @@ def main() -> None:
             row = " ".join(f"{v:6.3f}" for v in losses)
             print(f"{name:<9} width {width:>4}: best lr 2^{np.log2(best):.0f}   {row}", flush=True)
     print(f"load average after: {os.getloadavg()}")
-    for name in ("standard", "muP"):
+    report(grid, widths, lrs, args.steps, args.out)
+
+
+ROW = re.compile(r"^(standard|muP)\s+width\s+(\d+): best lr \S+\s+([\d.\sinf]+)$")
+
+
+def grid_from_logs(paths: list[Path]) -> dict:
+    """The rows this script printed (e.g. two --only processes), read back for the report."""
+    grid = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if found := ROW.match(line.strip()):
+                grid[found.group(1), int(found.group(2))] = [
+                    float(v) for v in found.group(3).split()
+                ]
+    return grid
+
+
+def report(grid: dict, widths: list[int], lrs: list[float], steps: int, out: Path) -> None:
+    """Each parametrisation's drift of the best LR from the first width, and the plot."""
+    names = [name for name in ("standard", "muP") if all((name, w) in grid for w in widths)]
+    for name in names:
         best = [int(np.argmin(grid[name, w])) for w in widths]
         drift = max(abs(b - best[0]) for b in best)
         print(f"{name}: best LR moves by up to {drift} grid step(s) of 2x from width {widths[0]}")
@@ -126,20 +157,20 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, name in zip(axes, ("standard", "muP"), strict=True):
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
         for width in widths:
             ax.plot(lrs, grid[name, width], "o-", label=f"d_model {width}")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"{name}: val loss after {args.steps} steps")
+        ax.set_title(f"{name}: val loss after {steps} steps")
         ax.set_xlabel("Adam LR")
-    axes[0].set_ylabel("val loss")
-    axes[0].set_ylim(top=min(4.0, axes[0].get_ylim()[1]))
-    axes[0].legend()
+    axes[0][0].set_ylabel("val loss")
+    axes[0][0].set_ylim(top=min(4.0, axes[0][0].get_ylim()[1]))
+    axes[0][0].legend()
     fig.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=80)
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
