@@ -4,13 +4,18 @@
 the speedrun recipe: Muon on the weight matrices (AdamW at 3e-3 on embeddings, head and norms),
 QK-norm, logits soft-capped at 15, ReLU^2 MLPs, an untied head, and a short warmup-stable-decay
 schedule: 300 steps of 16 sequences, half the tokens the AdamW recipe needed for a lower loss.
-One eval (the whole validation split) and one checkpoint, at the end. Time against nanoGPT
-itself: benchmarks/nanogpt_race.py (figures in the README's "Training recipe" section).
+One eval (the whole validation split) and one checkpoint, at the end. The CPU's cores are an
+FSDP mesh, not data-parallel replicas: Muon's Newton-Schulz iterations cost about as much as
+the forward and backward passes at this size, and replicas would each run all of them; FSDP
+splits them (and AdamW's update) between the cores: the same losses in about half the step
+time. Time against nanoGPT itself: benchmarks/nanogpt_race.py (figures in the README's
+"Training recipe" section).
 """
 
 from research.config import (
     DataConfig,
     ExperimentConfig,
+    MeshConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
@@ -49,4 +54,5 @@ def config() -> ExperimentConfig:
             checkpoint_every=0,
             log_every=20,
         ),
+        mesh=MeshConfig(data=1, fsdp=-1),
     )
