@@ -4,19 +4,18 @@
 the speedrun recipe: Muon on the weight matrices (AdamW at 3e-3 on embeddings, head and norms),
 QK-norm, logits soft-capped at 15, ReLU^2 MLPs, an untied head, and a short warmup-stable-decay
 schedule: 330 steps of 16 sequences, about half the tokens the AdamW recipe needed for a lower
-loss (300 steps ended at 1.868 and 1.878 for seeds 0 and 1: too close to the 1.88 target).
-One eval (the whole validation split) and one checkpoint, at the end. The CPU's cores are an
-FSDP mesh, not data-parallel replicas: Muon's Newton-Schulz iterations cost about as much as
-the forward and backward passes at this size, and replicas would each run all of them; FSDP
-splits them (and AdamW's update) between the cores: the same losses (up to float order) in
-less step time (benchmarks/quickstart_mesh.py). Time against nanoGPT itself:
-benchmarks/nanogpt_race.py (figures in the README's "Training recipe" section).
+loss: 1.853 and 1.855 for seeds 0 and 1 (300 steps: 1.864 for seed 0, and on an FSDP mesh
+1.868 and 1.878, too close to the 1.88 target).
+One eval (the whole validation split) and one checkpoint, at the end. The CPU's cores stay
+data-parallel replicas: an FSDP mesh would split Muon's Newton-Schulz iterations between them
+but was slower per step on a quiet 2-core machine (benchmarks/quickstart_mesh.py). Time
+against nanoGPT itself: benchmarks/nanogpt_race.py (figures in the README's "Training recipe"
+section).
 """
 
 from research.config import (
     DataConfig,
     ExperimentConfig,
-    MeshConfig,
     ModelConfig,
     OptimConfig,
     TrainConfig,
@@ -55,5 +54,4 @@ def config() -> ExperimentConfig:
             checkpoint_every=0,
             log_every=20,
         ),
-        mesh=MeshConfig(data=1, fsdp=-1),
     )
