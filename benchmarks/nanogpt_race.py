@@ -5,8 +5,10 @@
 Both run as fresh processes, one after the other, on this machine. The clock starts at process
 launch and stops when the process prints a validation loss <= --target (ours: "val loss" in the
 progress line, on the whole validation split; nanoGPT: its eval line every eval_interval,
-eval_iters=20 batches); the time to exit is printed too. Ours runs with the XLA compile cache
-cold (a fresh, empty folder) and then warm (the same folder again, a fresh run directory).
+eval_iters=20 batches); the time to exit is printed too, and when set-up ended (the first line:
+imports, data check, model init) and, for ours, the train step's compile. Ours runs with the XLA
+compile cache cold (a fresh, empty folder) and then warm (the same folder again, a fresh run
+directory).
 
 nanoGPT is not vendored: --nanogpt is a checkout (``git clone
 https://github.com/karpathy/nanoGPT``) whose data/shakespeare_char holds train.bin / val.bin
@@ -32,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_LINE = re.compile(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)")
+MODEL_LINE = re.compile(r"^(model:|number of parameters)")  # ours / nanoGPT: set-up done
+COMPILE = re.compile(r"compile ([\d.]+) s")  # ours: the train step's first call, in "done:"
 NANOGPT_FLAGS = [
     "config/train_shakespeare_char.py",
     "--device=cpu",
@@ -61,7 +65,7 @@ def machine() -> str:
 def race(command: list[str], target: float, cwd: Path, env: dict) -> dict:
     """Launch, timestamp every eval line, return the evals and the time to the target."""
     start = time.perf_counter()
-    evals = []
+    evals, ready, compile_seconds = [], None, None
     with subprocess.Popen(
         command,
         cwd=cwd,
@@ -72,6 +76,10 @@ def race(command: list[str], target: float, cwd: Path, env: dict) -> dict:
         bufsize=1,
     ) as proc:
         for line in proc.stdout:
+            if ready is None and MODEL_LINE.search(line):
+                ready = time.perf_counter() - start
+            if line.startswith("done:") and (found := COMPILE.search(line)):
+                compile_seconds = float(found.group(1))
             found = EVAL_LINE.search(line)
             if found:
                 step, val = int(found.group(1)), float(found.group(3))
@@ -85,6 +93,8 @@ def race(command: list[str], target: float, cwd: Path, env: dict) -> dict:
         "evals": evals,
         "reached": reached[0] if reached else None,
         "best": best,
+        "ready_seconds": ready,  # imports, data check, model init: the first line printed
+        "compile_seconds": compile_seconds,
     }
 
 
@@ -107,7 +117,12 @@ def describe(name: str, result: dict) -> str:
     hit = result["reached"]
     t, step, val = hit if hit else result["best"]
     what = f"reached {val:.4f} at step {step}" if hit else f"best {val:.4f} at step {step}"
-    return f"{name:<26} {what:<30} {t:7.1f} s  (exit {result['exit_seconds']:.1f} s)"
+    phases = f"exit {result['exit_seconds']:.1f} s"
+    if result["ready_seconds"] is not None:
+        phases += f"; set-up done at {result['ready_seconds']:.1f} s"
+    if result["compile_seconds"] is not None:
+        phases += f"; train-step compile {result['compile_seconds']:.1f} s"
+    return f"{name:<26} {what:<30} {t:7.1f} s  ({phases})"
 
 
 def main() -> None:
@@ -120,7 +135,10 @@ def main() -> None:
     if not (args.nanogpt / "data" / "shakespeare_char" / "val.bin").exists():
         raise SystemExit(f"{args.nanogpt}/data/shakespeare_char/val.bin missing: run prepare.py")
 
-    print(f"machine: {machine()}; load average before: {os.getloadavg()}")
+    commit = subprocess.run(
+        ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
+    print(f"machine: {machine()}; load average before: {os.getloadavg()}; commit {commit}")
     with tempfile.TemporaryDirectory() as cache:  # each printed as it ends: runs are long
         cold = ours(args.target, Path(cache), args.overrides)
         print(describe("ours, compile cache cold", cold), flush=True)

@@ -37,6 +37,14 @@ def enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def run_once_options(platform: str) -> dict:
+    """XLA compiler options for a program that runs once or briefly (parameter init, the
+    sample printed after training): on CPU, LLVM's optimisation passes take seconds to compile
+    such a program and save less than that when it runs (same results; README, "Training
+    recipe"). Other backends compile it as usual."""
+    return {"xla_backend_optimization_level": 0} if platform == "cpu" else {}
+
+
 def has_tpu_chips() -> bool:
     """Whether this machine has TPU chips: Google's PCI vendor id, as JAX itself checks."""
     for vendor in Path("/sys/bus/pci/devices").glob("*/vendor"):

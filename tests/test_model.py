@@ -181,3 +181,28 @@ def test_sampling_filters():
     assert np.isinf(np.asarray(nucleus[0, 2:])).all()
     everything = filter_logits(logits, 1.0, 0, 1.0)
     assert np.isfinite(np.asarray(everything)).all()
+
+
+def test_sample_compiled_for_a_quick_compile_gives_the_same_tokens():
+    """The end-of-training sample is compiled without LLVM's optimisations on CPU: the tokens
+    must be those of the program compiled as usual."""
+    from research.infer.sampling import generate
+
+    model = tiny_model(n_layers=1)
+    prompt, key = jnp.array([[3, 1, 4]]), jax.random.key(0)
+    usual = generate(model, prompt, 8, key, temperature=0.0)
+    quick = generate(model, prompt, 8, key, temperature=0.0, once=True)
+    np.testing.assert_array_equal(quick, usual)
+
+
+def test_parameters_initialised_by_the_quick_compile_equal_the_usual_ones():
+    """build_model compiles its init without LLVM's optimisations on CPU (it runs once); the
+    reference is the same init jitted as usual."""
+    from research.config import MeshConfig
+    from research.parallel.mesh import make_mesh
+    from research.train.state import build_model
+
+    cfg = ModelConfig(vocab_size=50, d_model=32, n_layers=1, n_heads=4, seq_len=16).resolved()
+    _, quick = build_model(cfg, 0, make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+    usual = jax.jit(lambda: nnx.to_pure_dict(nnx.state(Transformer(cfg, nnx.Rngs(0)))))()
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), quick, usual)

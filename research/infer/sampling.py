@@ -7,12 +7,12 @@ as in Mistral's rolling cache), so relative positions never exceed what training
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from research.runtime import run_once_options
 
 
 def filter_logits(logits: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -38,7 +38,6 @@ def sample_token(logits, key, temperature: float, top_k: int, top_p: float) -> j
     return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnums=(0, 3, 5, 6, 7, 8, 9))
 def _generate(
     graphdef, params, prompt, max_new_tokens, key, temperature, top_k, top_p, width, vocab_limit
 ):
@@ -61,6 +60,14 @@ def _generate(
     return tokens.T
 
 
+_STATIC = (0, 3, 5, 6, 7, 8, 9)
+_generate_fast = jax.jit(_generate, static_argnums=_STATIC)
+# A short sample on CPU: compiled for a quick compile rather than a fast run (research.runtime).
+_generate_once_cpu = jax.jit(
+    _generate, static_argnums=_STATIC, compiler_options=run_once_options("cpu")
+)
+
+
 def generate(
     model: nnx.Module,
     prompt: jax.Array,
@@ -70,14 +77,18 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     vocab_limit: int = 0,
+    once: bool = False,
 ) -> jax.Array:
     """Sample max_new_tokens continuations of prompt [B, P]; returns the new tokens [B, N].
-    ``vocab_limit``: the tokenizer's vocabulary size when the model's is padded beyond it."""
+    ``vocab_limit``: the tokenizer's vocabulary size when the model's is padded beyond it.
+    ``once``: a short sample in a process that samples once (the text printed after
+    training): compiled quickly rather than for speed; the same tokens."""
     # The cache holds what a token may see: the model's attention window, else its context.
     width = model.cfg.attention_window or model.cfg.seq_len
     prompt = jnp.asarray(prompt, jnp.int32)[:, -width:]
     graphdef, state = nnx.split(model)
-    return _generate(
+    once_cpu = once and jax.default_backend() == "cpu"
+    return (_generate_once_cpu if once_cpu else _generate_fast)(
         graphdef,
         nnx.to_pure_dict(state),
         prompt,
@@ -101,8 +112,10 @@ def sample_text(
     temperature: float = 0.8,
     top_k: int = 0,
     top_p: float = 0.95,
+    once: bool = False,
 ) -> str:
-    """The prompt and ``n_tokens`` sampled after it, as text (params: host or global arrays)."""
+    """The prompt and ``n_tokens`` sampled after it, as text (params: host or global arrays).
+    ``once``: see ``generate`` (the sample printed after training)."""
     model = nnx.merge(graphdef, jax.device_get(params))
     prompt_ids = tokenizer.encode(prompt)[None, :]
     new = generate(
@@ -114,5 +127,6 @@ def sample_text(
         top_k,
         top_p,
         tokenizer.vocab_size,
+        once=once,
     )
     return prompt + tokenizer.decode(np.asarray(new[0]))

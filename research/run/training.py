@@ -200,8 +200,9 @@ def _sample(run: Run, params) -> str:
     if jax.process_index():
         return ""
     cfg = run.config.train
+    tokenizer, prompt = run.data.tokenizer(), cfg.sample_prompt
     return sample_text(
-        run.graphdef, params, run.data.tokenizer(), cfg.sample_prompt, cfg.sample_tokens, cfg.seed
+        run.graphdef, params, tokenizer, prompt, cfg.sample_tokens, cfg.seed, once=True
     )
 
 

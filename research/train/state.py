@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from research.config import ExperimentConfig, ModelConfig
 from research.models import Transformer
+from research.runtime import run_once_options
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, optimizer_shardings, param_shardings
 
@@ -21,7 +22,8 @@ def build_model(model_cfg: ModelConfig, seed: int, mesh: Mesh) -> tuple[nnx.Grap
     def init():
         return nnx.to_pure_dict(nnx.state(Transformer(model_cfg, nnx.Rngs(seed))))
 
-    params = jax.jit(init, out_shardings=shardings)()
+    platform = mesh.devices.flat[0].platform
+    params = jax.jit(init, out_shardings=shardings, compiler_options=run_once_options(platform))()
     return graphdef, params
 
 
