@@ -34,7 +34,7 @@ runtime.setup()
 import post_addition  # noqa: E402
 
 from research.post.task import write_task  # noqa: E402
-from research.post.teacher_cache import write_cache  # noqa: E402
+from research.run.teacher_logits import write_cache  # noqa: E402
 
 
 def step_ms(run_dir: str) -> float:

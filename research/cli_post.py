@@ -47,7 +47,7 @@ def cmd_post_eval(args) -> None:
 
 def cmd_post_teacher_logits(args) -> None:
     from research.config import load_experiment
-    from research.post.teacher_cache import write_cache
+    from research.run.teacher_logits import write_cache
 
     cfg = load_experiment(args.experiment, args.overrides)
     out = write_cache(cfg, Path(args.out), args.k or cfg.post.teacher_top_k, args.dtype)

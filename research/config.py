@@ -764,6 +764,18 @@ def _parse_value(raw: str, target: Any, key: str) -> Any:
     raise ConfigError(f"--set {key}: fields of type {target} cannot be set from the command line")
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"model": {"d_model": 64}} -> {"model.d_model": 64}, as ``--set`` spells the keys."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def apply_overrides(config: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
     """Apply ``section.key=value`` overrides, returning a new config; unknown keys are errors."""
     config = _deepcopy(config)

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from research.train.metrics import DESCRIPTIONS, MetricsLogger, describe, flatten
+from research.config import flatten
+from research.train.metrics import DESCRIPTIONS, MetricsLogger, describe
 from research.train.norms import tree_norms
 from research.train.run_info import git_state, metadata_markdown, run_metadata
 

@@ -19,8 +19,9 @@ from research.models.loss import packed_targets
 from research.post import chat
 from research.post import data as post_data
 from research.post.task import Problem, reward, write_task
-from research.post.teacher_cache import TeacherCache, TeacherCacheError, write_cache
+from research.post.teacher_cache import TeacherCache, TeacherCacheError
 from research.run import train
+from research.run.teacher_logits import write_cache
 
 TOKENIZER = CharTokenizer.train("User: Assistant:System\n0123456789+= abc")
 

@@ -21,7 +21,14 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from research.config import ConfigError, DataConfig, ExperimentConfig, MeshConfig, validate
+from research.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    MeshConfig,
+    flatten,
+    validate,
+)
 from research.config import load_run_config as read_run_config
 from research.data.corpus import resolve_corpus
 from research.data.shards import PreparedData, prepare
@@ -251,23 +258,13 @@ def _restore_params(run: Run) -> None:
     run.state, run.step = {"params": restored.state["params"]}, restored.step
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _check_same_run(run_dir: Path, cfg_dict: dict) -> None:
     saved_path = run_dir / "config.json"
     if not saved_path.exists():
         return
-    old, new = _flatten(json.loads(saved_path.read_text())), _flatten(cfg_dict)
+    old, new = flatten(json.loads(saved_path.read_text())), flatten(cfg_dict)
     # A key added to the config since the run was saved reads as its default there.
-    defaults = _flatten(ExperimentConfig().to_dict())
+    defaults = flatten(ExperimentConfig().to_dict())
     changed = [
         k
         for k in sorted(set(old) | set(new))

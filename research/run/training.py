@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from research.config import ExperimentConfig
+from research.config import ExperimentConfig, flatten
 from research.data.loader import train_dataset
 from research.infer.sampling import sample_text
 from research.parallel.distributed import gather_to_host, initialize
@@ -22,7 +22,7 @@ from research.run.builder import Run, build_run
 from research.train.accounting import Peak, job_peak
 from research.train.ledger import record_energy, record_work
 from research.train.loop import Trainer
-from research.train.metrics import MetricsLogger, flatten
+from research.train.metrics import MetricsLogger
 from research.train.power import PowerMeter
 from research.train.run_info import run_metadata
 

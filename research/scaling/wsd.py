@@ -21,7 +21,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from research.config import ConfigError, ExperimentConfig, apply_overrides
+from research.config import ConfigError, ExperimentConfig, apply_overrides, flatten
 from research.scaling.shapes import shape_for_params
 from research.scaling.sweep import SweepRun, _short, _vocab_size, tokens_per_step
 from research.train.optimizer import wsd_decay_steps
@@ -172,7 +172,7 @@ def _check_branch(run: SweepRun, stable: SweepRun) -> None:
             f"(it is {run.config.optim.schedule}) starting at step {expected} (its branch "
             f"point is {run.branch_step}); build branches with wsd_branches"
         )
-    mine, theirs = _flat(run.config.to_dict()), _flat(stable.config.to_dict())
+    mine, theirs = flatten(run.config.to_dict()), flatten(stable.config.to_dict())
     keys = (set(mine) | set(theirs)) - _BRANCH_MAY_CHANGE
     changed = sorted(k for k in keys if mine.get(k) != theirs.get(k))
     if changed:
@@ -180,16 +180,6 @@ def _check_branch(run: SweepRun, stable: SweepRun) -> None:
             f"branch '{run.name}' differs from its stable run '{stable.name}' in {changed[:6]}: "
             "a branch continues that run, so only the schedule and length may change"
         )
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def snapshot_dir(root: Path, stable_name: str) -> Path:

@@ -112,18 +112,6 @@ def _hparam_value(value):
     return json.dumps(value, default=str)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{"model": {"d_model": 64}} -> {"model.d_model": 64}, as ``--set`` spells the keys."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def expert_load_png(load, layers: list[int] | None = None) -> tuple[bytes, int, int]:
     """A layers x experts heat map of load x n_experts (1.0 = fair share) with its colour bar.
 
