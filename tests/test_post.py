@@ -403,6 +403,11 @@ def test_lora_freezes_the_base_trains_only_adapters_and_resumes(
     assert any(np.any(np.asarray(b) != 0) for b in leaves(state["adapters"])[1::2])
     moments = [x for x in leaves(state["opt_state"]) if x.ndim]
     assert sum(x.size for x in moments) == 2 * lora.count(state["adapters"])  # Adam's mu, nu
+    # memory.json counts those moments, not a full optimizer's, and the base twice
+    report = json.loads((tmp_path / "cut" / "memory.json").read_text())
+    adapter_bytes = lora.nbytes(state["adapters"])
+    assert 2 * adapter_bytes <= report["optimizer_bytes"] <= 2 * adapter_bytes + 64
+    assert report["params_bytes"] == 2 * lora.nbytes(state["base"]) + adapter_bytes
     merged = lora.merge(state["base"], state["adapters"], 8.0 / 4)
     exported = build_run(cut, "generate").state["params"]  # what `research export` writes
     for x, y, z in zip(leaves(merged), leaves(state["params"]), leaves(exported), strict=True):

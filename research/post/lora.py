@@ -32,6 +32,7 @@ output axes; the rank axis is replicated.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from flax import nnx, traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 
 from research.config import ConfigError, ModelConfig
+from research.train.memory import MemoryReport, per_device_bytes
 
 ALIASES = {
     "q": r"attn/wq$",
@@ -269,6 +271,18 @@ def count(tree) -> int:
 def nbytes(tree) -> int:
     """Bytes of a tree of arrays (global sizes, all shards together)."""
     return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+def memory(report: MemoryReport, state: dict) -> MemoryReport:
+    """``report`` with a LoRA run's state as it is: the base held twice (frozen ``base`` and
+    the merged ``params``) beside the adapters, and optimizer moments of the adapters only
+    (the report made before LoRA counted a full optimizer). Gradients stay full-size: the
+    step differentiates through the merged weights."""
+    return dataclasses.replace(
+        report,
+        params_bytes=per_device_bytes([state["base"], state["params"], state["adapters"]]),
+        optimizer_bytes=per_device_bytes(state["opt_state"]),
+    )
 
 
 def summary(state: dict) -> str:

@@ -201,6 +201,7 @@ def _assemble_training(run: Run, resume: bool) -> None:
     run.graphdef, run.state, run.tx, run.schedule = init_train_state(cfg, run.mesh)
     if cfg.post.lora_rank:  # frozen base, adapters and their optimizer state
         run.state = lora.train_state(cfg, run.state, run.tx, run.mesh)
+        run.memory = lora.memory(run.memory, run.state)
         if jax.process_index() == 0:
             print(lora.summary(run.state))
     run.checkpointer = Checkpointer(run.run_dir / "checkpoints", cfg.train.keep_checkpoints)
