@@ -3,6 +3,7 @@ compiler (XLA:TPU, Mosaic). `research compile`, the Mosaic flash-attention kerne
 backward, and dense/MoE train steps under fsdp x tensor and expert layouts on 8 chips."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +89,8 @@ def _compile_flash(generation, head_dim, variant, dtype=jnp.bfloat16, seq=512):
     text = grad.lower(q, kv, kv, seg).as_text()
     # Our three kernels are in the program as Mosaic custom calls, not an XLA fallback.
     assert text.count("tpu_custom_call") >= 3
+    # Row statistics (lse, delta) are lane-dense [B, H, 1, T], never [B, H, T, 1] (128x padded).
+    assert not re.search(r"tensor<\d+x\d+x\d+x1xf32>", text)
     return compiled
 
 

@@ -7,6 +7,9 @@ into SMEM: the index maps clamp each grid step into the band of visible blocks, 
 block is neither fetched (same block index as the step before: no new DMA) nor computed.
 Grouped-query attention maps query head h onto KV head h // group in the index maps; the dK/dV
 kernel walks (group member, query block) as its two innermost axes into one accumulator.
+Row statistics (lse out of the forward, lse and delta into the backward) are stored lane-dense
+as [batch, heads, 1, seq] with the query block on the lanes: a [.., seq, 1] array is padded to
+128 lanes in HBM and VMEM, 128x its bytes.
 """
 
 from __future__ import annotations
@@ -81,6 +84,18 @@ def _split(refs, has_seg: bool, n_tensors: int):
     return refs[:n_tensors], mask_refs, refs[n_tensors + n_mask :]
 
 
+def _row(col: jax.Array) -> jax.Array:
+    """A [bq, 1] column of row statistics as the [1, bq] row it is stored as. Mosaic lowers a
+    2-D transpose of whole (bq, 128) tiles; a (bq, 1) -> (1, bq) reshape needs a sublane
+    gather, which v4 lacks."""
+    return jnp.broadcast_to(col, (col.shape[0], 128)).T[:1]
+
+
+def _column(ref) -> jax.Array:
+    """A stored [1, bq] row of row statistics as the [bq, 1] column the tile math uses."""
+    return ref[0][:, None]
+
+
 def _fwd_kernel(qs_ref, ks_ref, *refs, causal, window, scale, nq, nk, has_seg):
     (q_ref, k_ref, v_ref), mask_refs, (o_ref, lse_ref, acc_ref, m_ref, l_ref) = _split(
         refs, has_seg, 3
@@ -109,7 +124,7 @@ def _fwd_kernel(qs_ref, ks_ref, *refs, causal, window, scale, nq, nk, has_seg):
     def _():
         out, lse = tiles.forward_finish(acc_ref[...], m_ref[...], l_ref[...])
         o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        lse_ref[...] = _row(lse)
 
 
 def _dq_kernel(qs_ref, ks_ref, *refs, causal, window, scale, sm_scale, nq, nk, has_seg):
@@ -128,8 +143,8 @@ def _dq_kernel(qs_ref, ks_ref, *refs, causal, window, scale, sm_scale, nq, nk, h
     def step(masked: bool):
         ok = _mask(masked, mask_refs, causal, window)
         acc_ref[...] = tiles.dq_step(
-            q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref[...], v_ref[...],
-            acc_ref[...], scale, sm_scale, ok,
+            q_ref[...], do_ref[...], _column(lse_ref), _column(delta_ref), k_ref[...],
+            v_ref[...], acc_ref[...], scale, sm_scale, ok,
         )  # fmt: skip
 
     _when_visible(kind, in_band, step)
@@ -158,8 +173,8 @@ def _dkv_kernel(qs_ref, ks_ref, *refs, causal, window, scale, sm_scale, nq, nk, 
     def step(masked: bool):
         ok = _mask(masked, mask_refs, causal, window)
         dk_acc[...], dv_acc[...] = tiles.dkv_step(
-            q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], k_ref[...], v_ref[...],
-            (dk_acc[...], dv_acc[...]), scale, sm_scale, ok,
+            q_ref[...], do_ref[...], _column(lse_ref), _column(delta_ref), k_ref[...],
+            v_ref[...], (dk_acc[...], dv_acc[...]), scale, sm_scale, ok,
         )  # fmt: skip
 
     _when_visible(kind, in_band, step)
@@ -248,7 +263,7 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
         nk=nk,
         has_seg=has_seg,
     )
-    row = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0))
+    row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
     out, lse = _call(
         kernel,
         (batch, n_heads, nq, nk),
@@ -256,14 +271,14 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
         [q_spec, row],
         [
             jax.ShapeDtypeStruct((batch, n_heads, t_pad, head_dim), q.dtype),
-            jax.ShapeDtypeStruct((batch, n_heads, t_pad, 1), jnp.float32),
+            jax.ShapeDtypeStruct((batch, n_heads, 1, t_pad), jnp.float32),
         ],
         [pltpu.VMEM((bq, head_dim), jnp.float32)] + [pltpu.VMEM((bq, 1), jnp.float32)] * 2,
         ("parallel", "parallel", "parallel", "arbitrary"),
         interpret,
         "flash_attention_fwd",
     )(*prefetch, _heads_first(p.q), _heads_first(p.k), _heads_first(p.v), *mask_ops)
-    return _heads_first(out), lse[..., 0]
+    return _heads_first(out), lse[:, :, 0]
 
 
 def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal, window,
@@ -282,8 +297,8 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     )  # fmt: skip
     qh, kh, vh = _heads_first(p.q), _heads_first(p.k), _heads_first(p.v)
     doh = _heads_first(common.pad_seq(d_out.astype(q.dtype), t_pad, 1))
-    lse = common.pad_seq(lse, t_pad, 2)[..., None]
-    delta = common.pad_seq(delta, t_pad, 2)[..., None]
+    lse = common.pad_seq(lse, t_pad, 2)[:, :, None]
+    delta = common.pad_seq(delta, t_pad, 2)[:, :, None]
     q_stats, kv_stats = _Stats(None, nq, has_seg), _Stats(None, nk, has_seg)
 
     # dQ: grid (batch, head, q block, step along its band of kv blocks).
@@ -292,7 +307,7 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
         return q_stats.band_block(b, i, j)[0]
 
     q_tile = pl.BlockSpec((None, None, bq, head_dim), lambda b, h, i, j, *_: (b, h, i, 0))
-    row = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0))
+    row = pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))
     kv_tile = pl.BlockSpec(
         (None, None, bk, head_dim),
         lambda b, h, i, j, *s: (b, jax.lax.div(h, group), kv_block(b, h, i, j, *s), 0),
@@ -317,7 +332,8 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
 
     q_rows = lambda b, h, j, g, i, *s: (b, h * group + g, q_block(b, h, j, g, i, *s), 0)  # noqa: E731
     q_spec = pl.BlockSpec((None, None, bq, head_dim), q_rows)
-    row_spec = pl.BlockSpec((None, None, bq, 1), q_rows)
+    q_cols = lambda b, h, j, g, i, *s: (b, h * group + g, 0, q_block(b, h, j, g, i, *s))  # noqa: E731
+    row_spec = pl.BlockSpec((None, None, 1, bq), q_cols)
     kv_spec = pl.BlockSpec((None, None, bk, head_dim), lambda b, h, j, g, i, *_: (b, h, j, 0))
     dk, dv = _call(
         functools.partial(_dkv_kernel, **consts),
