@@ -218,6 +218,40 @@ def test_full_disk_surfaces_before_the_next_checkpoint(tmp_path, capsys):
         subprocess.run(["umount", "--lazy", str(mountpoint)], check=False)
 
 
+def test_a_full_disk_while_logging_stops_cleanly_and_resumes(tmp_path, capsys, monkeypatch):
+    """The disk may fill at a metrics write rather than a save: the same clean stop (one
+    error line naming the last durable checkpoint, exit 2), then the same command resumes."""
+    import errno
+
+    from research.train.metrics import MetricsLogger
+
+    scalars = MetricsLogger.scalars
+
+    def full_after_step_30(self, step, values, tokens=None):
+        if step > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return scalars(self, step, values, tokens)
+
+    command = [
+        "train",
+        "tiny",
+        f"--set=train.run_dir={tmp_path / 'run'}",
+        *TINY,
+        "--set=train.steps=40",
+        "--set=train.checkpoint_every=20",
+        "--set=train.eval_every=0",
+        "--set=log.tensorboard=false",
+    ]
+    with monkeypatch.context() as patch:
+        patch.setattr(MetricsLogger, "scalars", full_after_step_30)
+        assert cli_main(command) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "No space left on device" in err
+    assert "last durable checkpoint is step 20;" in err
+    assert cli_main(command) == 0
+    assert "from step 20" in capsys.readouterr().out  # resumed from the durable checkpoint
+
+
 def test_is_corruption_classification(tmp_path):
     step_dir = tmp_path / "7"
     step_dir.mkdir()

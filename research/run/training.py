@@ -6,13 +6,14 @@ the same loss curve as an uninterrupted run.
 
 from __future__ import annotations
 
+import errno
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 
-from research.config import ExperimentConfig, flatten
+from research.config import ExperimentConfig, ResearchError, flatten
 from research.data.loader import train_dataset
 from research.infer.sampling import sample_text
 from research.parallel.distributed import gather_to_host, initialize
@@ -25,6 +26,13 @@ from research.train.loop import Trainer
 from research.train.metrics import MetricsLogger
 from research.train.power import PowerMeter
 from research.train.run_info import run_metadata
+
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EFBIG)
+
+
+class RunStorageError(ResearchError):
+    """Writing the run's logs failed (a full disk, a storage error): the message names the last
+    durable checkpoint, which the same command resumes from."""
 
 
 @dataclass
@@ -65,6 +73,16 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     try:
         try:
             trainer.run()
+        except OSError as error:
+            run.checkpointer.close(quiet=True)
+            if error.errno not in STORAGE_ERRNOS:
+                raise
+            # metrics.jsonl or TensorBoard could not be written: the run stops like a failed save
+            raise RunStorageError(
+                f"writing to {run.run_dir} failed ({error}). The last durable checkpoint is "
+                f"step {run.checkpointer.durable_step}; free space or fix the storage, then "
+                "re-run the same command to resume from it."
+            ) from error
         except BaseException:
             run.checkpointer.close(quiet=True)  # let a save in flight finish; keep this error
             raise
