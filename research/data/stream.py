@@ -44,7 +44,7 @@ import fsspec
 import numpy as np
 
 from research.config import ConfigError, DataConfig
-from research.data.corpus import DataError, cache_root
+from research.data.corpus import DataError, cache_root, sha256_file
 from research.data.dedup import Dedup, band_keys, minhashes
 from research.data.sources import (
     HF_PREFIX,
@@ -153,14 +153,6 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ShardWriter:
     """Collects kept documents and writes a shard each time ``shard_tokens`` is reached."""
 
@@ -205,8 +197,8 @@ class ShardWriter:
                 dedup = np.concatenate([dedup, np.stack(self.sigs).view(np.uint8)], axis=1)
             _atomic_save(self.folder / f"{name}.dedup.npy", dedup)
             _atomic_save(self.folder / info["file"], np.concatenate(self.ids).astype(self.dtype))
-            info["sha256"] = sha256_of(self.folder / info["file"])
-            info["idx_sha256"] = sha256_of(self.folder / f"{name}.idx.npy")
+            info["sha256"] = sha256_file(self.folder / info["file"])
+            info["idx_sha256"] = sha256_file(self.folder / f"{name}.idx.npy")
         self.shards.append(info)
         self._reset()
 
@@ -581,7 +573,7 @@ class StreamData:
         for split in ("val", "train"):
             for shard in self.shards(split):
                 for key, name in (("sha256", shard["file"]), ("idx_sha256", _idx(shard["file"]))):
-                    if sha256_of(self.path / name) != shard[key]:
+                    if sha256_file(self.path / name) != shard[key]:
                         raise DataError(
                             f"{self.path / name} does not match its manifest checksum: the file "
                             "is damaged; delete the prepared folder and prepare again"
