@@ -89,7 +89,7 @@ def _saved_run(run_dir: str, purpose: str):
     """A trained run's parameters (only: no optimizer state), read-only."""
     from research.run import build_run, load_run_config
 
-    return build_run(load_run_config(Path(run_dir)), purpose)
+    return build_run(load_run_config(run_dir), purpose)  # a path or a gs:// URL
 
 
 def _hf_model(path: str):

@@ -35,6 +35,7 @@ from research.data.shards import PreparedData, prepare
 from research.models.accounting import ModelSize, count_params
 from research.parallel.distributed import initialize
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
+from research.storage import check_writable, run_path
 from research.train.checkpoint import Checkpointer
 from research.train.memory import MemoryReport, check_fits, device_memory_bytes, memory_report
 from research.train.metrics import set_aside_events
@@ -63,7 +64,7 @@ class Run:
 
     config: ExperimentConfig  # resolved: every derived value filled in
     purpose: str
-    run_dir: Path
+    run_dir: Path  # an etils epath.Path: local, or a gs:// / s3:// URL (research/storage.py)
     data: PreparedData
     mesh: Mesh
     graphdef: nnx.GraphDef
@@ -90,8 +91,9 @@ class Run:
         return self.size.flops_per_token * self.tokens_per_step
 
 
-def run_directory(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.train.run_dir or f"runs/{cfg.name}")
+def run_directory(cfg: ExperimentConfig):
+    """The run's directory: a local path or a gs:// / s3:// URL (an ``epath.Path`` either way)."""
+    return run_path(cfg.train.run_dir or f"runs/{cfg.name}")
 
 
 @functools.lru_cache(maxsize=16)
@@ -127,7 +129,7 @@ def resolve_config(cfg: ExperimentConfig) -> tuple[ExperimentConfig, PreparedDat
     return resolved, data
 
 
-def load_run_config(run_dir: Path) -> ExperimentConfig:
+def load_run_config(run_dir: Path | str) -> ExperimentConfig:
     """The config saved in a run directory (validated), with the mesh reset to this machine's
     devices: eval and generate run data-parallel on whatever is here."""
     cfg = read_run_config(run_dir)
@@ -146,6 +148,8 @@ def build_run(
     if purpose not in PURPOSES:
         raise ValueError(f"purpose must be one of {PURPOSES}, not {purpose!r}")
     validate(cfg)  # every mistake in the config, before any work
+    if purpose == "train":  # a bucket that cannot be written: one line now, not after the data
+        check_writable(run_directory(cfg))
     initialize(cfg.mesh)  # multi-process runs join up before JAX touches a device
     cfg, data = resolve_config(cfg)
     batch_size, accum = cfg.train.batch_size, cfg.optim.grad_accum

@@ -59,7 +59,12 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     peak = job_peak(run.config.log.peak_flops, list(run.mesh.devices.flat))  # a CPU host: 1 chip
     _record_start(run, logger, peak)
     ledger = _Ledger(run, meter, peak)
-    run.checkpointer.on_durable = ledger.add_durable  # the ledger counts only durable work
+
+    def on_durable(step: int) -> None:
+        ledger.add_durable(step)  # the ledger counts only durable work
+        logger.flush()  # a gs:// run directory gets metrics.jsonl and the events whole, now
+
+    run.checkpointer.on_durable = on_durable
     batches = _batches(run)
     trainer = Trainer(run.train_step, run.state, batches, run.step, run.config.train.steps)
     if hasattr(batches, "bind"):  # GRPO samples from the current policy

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from research.config import ResearchError
+from research.storage import crc32, file_size, files_under, is_remote, run_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +87,16 @@ class Checkpointer:
 
     def __init__(
         self,
-        directory: Path,
+        directory: Path | str,
         keep: int = 3,
         use_async: bool = True,
         read_only: bool = False,
         on_durable: Callable[[int], None] | None = None,
     ):
-        """``on_durable(step)`` is called once each save is known to be on disk for good."""
-        self.directory = Path(directory).absolute()
+        """``on_durable(step)`` is called once each save is known to be on disk for good.
+        ``directory``: a local path or a ``gs://`` URL (orbax 0.12.8 refuses ``s3://``)."""
+        directory = run_path(directory)
+        self.directory = directory if is_remote(directory) else directory.absolute()
         self.on_durable = on_durable
         for logger in ("absl", "asyncio"):  # added once: a logger's filters are a set
             logging.getLogger(logger).addFilter(_quiet_orbax)
@@ -249,32 +249,32 @@ class Checkpointer:
             )
         raise CheckpointLayoutError(message)
 
-    def _move_aside(self, step: int) -> Path:
+    def _move_aside(self, step: int):
         source = self.directory / str(step)
         target = self.directory.parent / "checkpoints_unreadable" / str(step)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
-            shutil.rmtree(target)
-        shutil.move(str(source), str(target))
+            target.rmtree()
+        source.rename(target)  # a local rename; on an object store a copy, then a delete
         self.manager.reload()
         return target
 
 
-def write_manifest(step_dir: Path) -> None:
+def write_manifest(step_dir: Path | str) -> None:
     """Record every file's size and CRC32 (atomically: a half-written manifest never exists)."""
+    step_dir = run_path(step_dir)
     files = {
-        str(path.relative_to(step_dir)): {"size": path.stat().st_size, "crc32": _crc32(path)}
-        for path in sorted(step_dir.rglob("*"))
-        if path.is_file() and path.name != MANIFEST
+        str(path.relative_to(step_dir)): {"size": file_size(path), "crc32": crc32(path)}
+        for path in sorted(files_under(step_dir))
+        if path.name not in (MANIFEST, f".{MANIFEST}.tmp")
     }
-    temporary = step_dir / f".{MANIFEST}.tmp"
-    temporary.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(temporary, step_dir / MANIFEST)
+    write_text_atomic(step_dir / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
-def verify_manifest(step_dir: Path) -> str | None:
+def verify_manifest(step_dir: Path | str) -> str | None:
     """What is wrong with a checkpoint's files against its manifest; None if nothing (or no
     manifest: checkpoints from before manifests, or a crash just after the save)."""
+    step_dir = run_path(step_dir)
     path = step_dir / MANIFEST
     if not path.exists():
         return None
@@ -286,20 +286,12 @@ def verify_manifest(step_dir: Path) -> str | None:
         file = step_dir / name
         if not file.exists():
             return f"{name} is missing"
-        size = file.stat().st_size
+        size = file_size(file)
         if size != expected["size"]:
             return f"{name} has {size} bytes, {expected['size']} were written"
-        if _crc32(file) != expected["crc32"]:
+        if crc32(file) != expected["crc32"]:
             return f"{name} does not match its checksum"
     return None
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 22):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _is_corruption(error: BaseException, step_dir: Path) -> bool:

@@ -19,6 +19,7 @@ from pathlib import Path
 import jax
 
 from research.config import EnergyConfig
+from research.storage import run_path
 from research.train.accounting import CPU, Peak, chips, cpu_threads, lookup
 from research.train.power import EnergyReading
 
@@ -50,7 +51,9 @@ def price_per_device_hour(cfg: EnergyConfig, hardware: str) -> float | None:
     return entry.price_per_hour
 
 
-def record_work(run_dir: Path, tokens: int, flops: float, seconds: float, mesh, peak: Peak) -> dict:
+def record_work(
+    run_dir: Path | str, tokens: int, flops: float, seconds: float, mesh, peak: Peak
+) -> dict:
     """Add a stretch of training's tokens, FLOPs and time to ledger.json (process 0 writes).
 
     device_seconds is seconds x ``chips(mesh)``: a CPU host counts once per process, whatever
@@ -58,7 +61,7 @@ def record_work(run_dir: Path, tokens: int, flops: float, seconds: float, mesh, 
     """
     if jax.process_index() != 0:  # one writer; the others' time is the same wall time
         return {"wall_seconds": seconds}
-    path = Path(run_dir) / "ledger.json"
+    path = run_path(run_dir) / "ledger.json"
     ledger = json.loads(path.read_text()) if path.exists() else {}
     count = chips(mesh)
     ledger["tokens"] = ledger.get("tokens", 0) + tokens
@@ -90,9 +93,9 @@ def derive(ledger: dict, cfg: EnergyConfig) -> dict:
     return out
 
 
-def record_energy(run_dir: Path, cfg: EnergyConfig, reading: EnergyReading) -> dict:
+def record_energy(run_dir: Path | str, cfg: EnergyConfig, reading: EnergyReading) -> dict:
     """Add this call's energy to run_dir/ledger.json and rewrite the derived figures."""
-    path = Path(run_dir) / "ledger.json"
+    path = run_path(run_dir) / "ledger.json"
     ledger = json.loads(path.read_text()) if path.exists() else {}
     previous = ledger.get("energy_device_joules", 0.0)
     if reading.joules is None or previous is None:

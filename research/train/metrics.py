@@ -8,6 +8,8 @@ from pathlib import Path
 
 import jax
 
+from research.storage import AppendFile, run_path
+
 # What each scalar means, shown beside its chart in TensorBoard (the `/by_tokens` twin of a tag
 # shares its description). "prefix/*" entries cover tags named at run time, such as per-group norms.
 DESCRIPTIONS: dict[str, str] = {
@@ -152,21 +154,21 @@ def expert_load_png(load, layers: list[int] | None = None) -> tuple[bytes, int, 
     return buffer.getvalue(), height, width
 
 
-def events_dir(run_dir: Path) -> Path:
+def events_dir(run_dir: Path | str):
     """Where a run's TensorBoard events are: the run directory itself, so that
     ``tensorboard --logdir runs`` names the run after it; ``tensorboard/`` inside it for runs
     written before that (still read, and still appended to when such a run resumes)."""
-    legacy = Path(run_dir) / "tensorboard"
-    return legacy if legacy.is_dir() else Path(run_dir)
+    legacy = run_path(run_dir) / "tensorboard"
+    return legacy if legacy.is_dir() else run_path(run_dir)
 
 
-def set_aside_events(run_dir: Path, stamp: str) -> Path | None:
+def set_aside_events(run_dir: Path | str, stamp: str):
     """Move a run's event files into ``tensorboard.before-restart-STAMP/`` (``--restart``): the
     old curves stay readable in TensorBoard as their own run, apart from the new ones."""
-    files = sorted(Path(run_dir).glob("events.out.tfevents.*"))
+    files = sorted(run_path(run_dir).glob("events.out.tfevents.*"))
     if not files:
         return None
-    folder = Path(run_dir) / f"tensorboard.before-restart-{stamp}"
+    folder = run_path(run_dir) / f"tensorboard.before-restart-{stamp}"
     folder.mkdir()
     for file in files:
         file.rename(folder / file.name)
@@ -338,12 +340,14 @@ class MetricsLogger:
     """Writes scalars to TensorBoard and to metrics.jsonl; only process 0 writes.
 
     TensorBoard events go into the run directory itself (``events_dir``), with the Custom
-    Scalars layout written on opening."""
+    Scalars layout written on opening. In a ``gs://``/``s3://`` run directory both files are
+    written locally and uploaded whole at each ``flush`` (the trainer flushes as each checkpoint
+    becomes durable) and at ``close``."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path | str, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.run_name = Path(run_dir).name
-        self.jsonl = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.run_name = run_path(run_dir).name
+        self.jsonl = AppendFile(run_path(run_dir) / "metrics.jsonl") if self.enabled else None
         self.writer = (
             TensorBoardWriter(events_dir(run_dir)) if self.enabled and tensorboard else None
         )
@@ -362,7 +366,7 @@ class MetricsLogger:
             return
         row = {"step": step} if tokens is None else {"step": step, "tokens": int(tokens)}
         self.jsonl.write(json.dumps({**row, **values}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.flush(upload=False)  # on disk now; an object store gets it at flush()
         if self.writer:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)

@@ -1,0 +1,158 @@
+"""Run directories on local disk or on object storage (``gs://``, ``s3://``) through one path type.
+
+Everything that touches a run directory (the builder, checkpoints and their manifests, metrics,
+TensorBoard, the ledger, sweeps) takes its paths from ``run_path``: an etils ``epath.Path``,
+which is the os module for a local path and fsspec (gcsfs, s3fs) for a URL, with pathlib's API.
+Orbax takes the same ``epath.Path``. Two things differ on an object store and are handled here:
+an object cannot be appended to (``AppendFile`` keeps a local copy and uploads it whole), and
+there is no atomic rename (but a single object write is atomic: it appears whole or not at all).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import zlib
+from collections.abc import Iterator
+
+import fsspec
+from etils import epath
+
+from research.config import ResearchError
+
+URL_SCHEMES = ("gs://", "s3://")
+# What each scheme needs installed (etils reaches them through fsspec).
+_PACKAGES = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
+
+
+class StorageError(ResearchError):
+    """A run directory that cannot be used: an unknown scheme, a missing driver, an unreachable
+    bucket or missing credentials. The message names the URL and the fix."""
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an object-store URL (``gs://``, ``s3://``) rather than a local path."""
+    return os.fspath(path).startswith(URL_SCHEMES)
+
+
+def run_path(path: str | os.PathLike) -> epath.Path:
+    """``path`` (a local path or a ``gs://``/``s3://`` URL) as an ``epath.Path``.
+
+    Local paths keep their meaning exactly (relative stays relative); another scheme is an error
+    here rather than a folder named ``memory:`` in the working directory."""
+    text = os.fspath(path)
+    if "://" in text and not is_remote(text):
+        raise StorageError(
+            f"{text}: a run directory is a local path or a gs:// or s3:// URL; "
+            f"{text.split('://')[0]}:// is not supported"
+        )
+    return epath.Path(text)
+
+
+def check_writable(directory: epath.Path) -> None:
+    """For a URL, prove the run directory can be written (one small object written and deleted),
+    so that a missing bucket, missing credentials or an absent driver stop the run at once with
+    one line, before any data or model work. Local paths: nothing (the builder creates them)."""
+    if not is_remote(directory):
+        return
+    url = os.fspath(directory)
+    scheme = url[: url.index("://")]
+    if scheme == "s3":  # orbax 0.12.8 keeps only gs:// in its path normalisation
+        raise StorageError(
+            f'{url}: orbax cannot write checkpoints to s3:// at this version ("Checkpoint path '
+            'should be absolute"); train into gs:// or a local path and copy the run to S3'
+        )
+    try:
+        fsspec.get_filesystem_class(scheme)  # gcsfs / s3fs, the drivers etils epath uses
+    except ImportError:
+        module, extra = _PACKAGES[scheme]
+        raise StorageError(
+            f"{url}: {scheme}:// run directories need {module}; pip install {module} "
+            f"(or this package's `{extra}` extra)"
+        ) from None
+    probe = directory / ".research-write-probe"
+    try:
+        probe.write_text("probe")
+        probe.unlink()
+    except Exception as error:  # noqa: BLE001 - auth, HTTP, DNS and bucket errors vary by driver
+        raise StorageError(
+            f"cannot write to {url} ({type(error).__name__}: {str(error)[:200]}). Check that the "
+            "bucket exists and that this machine has credentials that may write to it (gs://: "
+            "`gcloud auth application-default login` or GOOGLE_APPLICATION_CREDENTIALS; s3://: "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials)"
+        ) from None
+
+
+def write_text_atomic(path: epath.Path, text: str) -> None:
+    """Write ``path`` so that no reader ever sees half of it: locally a temporary file renamed
+    over it (``os.replace``); on an object store one object write, which is atomic already."""
+    if is_remote(path):
+        path.write_text(text)
+        return
+    temporary = path.parent / f".{path.name}.tmp"
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def files_under(directory: epath.Path) -> Iterator[epath.Path]:
+    """Every file below ``directory``, recursively (epath's ``rglob`` refuses ``**``)."""
+    top = None
+    for root, _, names in directory.walk():  # top first; fsspec gives roots without gs://
+        top = os.fspath(root) if top is None else top
+        relative = os.path.relpath(os.fspath(root), top)
+        folder = directory if relative == "." else directory / relative
+        for name in names:
+            yield folder / name
+
+
+def file_size(path: epath.Path) -> int:
+    return path.stat().length
+
+
+def crc32(path: epath.Path) -> int:
+    crc = 0
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+class AppendFile:
+    """A text file opened for appending, on any storage.
+
+    A local path is appended to in place. An object cannot be appended to, so for a URL the file
+    is kept in a local temporary copy (seeded with the object, if there is one: a resumed run
+    goes on adding to it) and uploaded whole at each ``flush``: one object write, so a reader
+    sees the previous or the new version, never a part."""
+
+    def __init__(self, path: epath.Path):
+        self.path = path
+        self._local: str | None = None
+        if is_remote(path):
+            handle, self._local = tempfile.mkstemp(prefix="research-", suffix=f"-{path.name}")
+            os.close(handle)
+            if path.exists():
+                with path.open("rb") as remote, open(self._local, "wb") as local:
+                    shutil.copyfileobj(remote, local)
+            self._file = open(self._local, "a")
+        else:
+            self._file = open(path, "a")
+
+    def write(self, text: str) -> None:
+        self._file.write(text)
+
+    def flush(self, upload: bool = True) -> None:
+        """Flush the local file; for a URL, ``upload`` also copies it whole to the object."""
+        self._file.flush()
+        if self._local is not None and upload:
+            with open(self._local, "rb") as local, self.path.open("wb") as remote:
+                shutil.copyfileobj(local, remote)
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        self.flush()
+        self._file.close()
+        if self._local is not None:
+            os.unlink(self._local)

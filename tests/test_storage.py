@@ -1,0 +1,149 @@
+"""Run files on an object store, fast: an in-memory gs:// (fsspec's memory file system, refusing
+appends as an object store does) stands in for GCS, so metrics, TensorBoard, the ledger, the
+checkpoint manifests and the --restart set-aside are checked without an emulator or orbax
+(tests/test_object_storage.py trains against a real GCS emulator where one is installed)."""
+
+import json
+
+import fsspec
+import pytest
+from etils.epath import backend
+from fsspec.implementations.memory import MemoryFileSystem
+from fsspec.registry import _registry
+
+from research import storage
+from research.storage import StorageError, run_path
+
+
+class _ObjectStore(MemoryFileSystem):
+    """gs:// in memory: objects are written whole, never appended to."""
+
+    protocol = ("gs", "gcs")
+    store: dict = {}
+    pseudo_dirs = [""]
+
+    def __init__(self, *args, finalize_on_close=None, **kwargs):  # epath passes gcsfs' option
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        for prefix in ("gs://", "gcs://"):
+            path = path.removeprefix(prefix)
+        return super()._strip_protocol(path)
+
+    def _open(self, path, mode="rb", **kwargs):
+        if "a" in mode:
+            raise OSError(f"{path}: an object cannot be appended to")
+        return super()._open(path, mode, **kwargs)
+
+
+@pytest.fixture
+def bucket(monkeypatch):
+    """gs://bucket in memory, for etils epath and fsspec alike."""
+    for protocol in ("gs", "gcs"):
+        monkeypatch.setitem(_registry, protocol, _ObjectStore)
+    _ObjectStore.store.clear()
+    _ObjectStore.pseudo_dirs[:] = [""]
+    _ObjectStore.clear_instance_cache()
+    backend.fsspec_backend._get_filesystem.cache_clear()  # epath caches the file system
+    yield "gs://bucket"
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    _ObjectStore.clear_instance_cache()
+
+
+def _object(url: str) -> bytes:
+    return fsspec.filesystem("gs").cat_file(url)
+
+
+def test_metrics_reach_the_bucket_whole_at_each_flush_and_a_resume_adds_to_them(bucket):
+    from research.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(f"{bucket}/run", tensorboard=True)
+    logger.scalars(5, {"train/loss": 3.0})
+    assert not run_path(f"{bucket}/run/metrics.jsonl").exists()  # local until a flush
+    logger.flush()  # the trainer flushes as each checkpoint becomes durable
+    logger.scalars(10, {"train/loss": 2.0})
+    logger.close()
+    resumed = MetricsLogger(f"{bucket}/run", tensorboard=False)  # the same command, again
+    resumed.scalars(15, {"train/loss": 1.0})
+    resumed.close()
+    rows = [json.loads(line) for line in _object(f"{bucket}/run/metrics.jsonl").splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(5, 3.0), (10, 2.0), (15, 1.0)]
+    events = [p.name for p in run_path(f"{bucket}/run").iterdir() if "tfevents" in p.name]
+    assert len(events) == 1
+
+
+def test_the_ledger_accumulates_in_the_bucket(bucket):
+    import jax
+
+    from research.config import MeshConfig
+    from research.parallel.mesh import make_mesh
+    from research.train.accounting import Peak
+    from research.train.ledger import record_work
+
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    peak = Peak(per_chip=None, chips=1, source="unknown")
+    record_work(f"{bucket}/run", 100, 1e6, 2.0, mesh, peak)
+    record_work(f"{bucket}/run", 50, 5e5, 1.0, mesh, peak)
+    ledger = json.loads(_object(f"{bucket}/run/ledger.json"))
+    assert ledger["tokens"] == 150 and ledger["wall_seconds"] == 3.0
+
+
+def test_checkpoint_manifests_in_the_bucket_prove_changed_bytes(bucket):
+    from research.train.checkpoint import MANIFEST, verify_manifest, write_manifest
+
+    step = run_path(f"{bucket}/run/checkpoints/20")
+    (step / "state" / "d").mkdir(parents=True, exist_ok=True)
+    (step / "state" / "d" / "chunk").write_bytes(b"\x00" * 100)
+    (step / "_CHECKPOINT_METADATA").write_text("{}")
+    write_manifest(step)
+    files = json.loads((step / MANIFEST).read_text())["files"]
+    assert sorted(files) == ["_CHECKPOINT_METADATA", "state/d/chunk"]
+    assert files["state/d/chunk"]["size"] == 100
+    assert verify_manifest(step) is None
+    (step / "state" / "d" / "chunk").write_bytes(b"\x01" + b"\x00" * 99)
+    assert verify_manifest(step) == "state/d/chunk does not match its checksum"
+    (step / "state" / "d" / "chunk").unlink()
+    assert verify_manifest(step) == "state/d/chunk is missing"
+
+
+def test_restart_sets_the_previous_run_aside_in_the_bucket(bucket):
+    from research.run.builder import _set_aside_previous_run
+
+    run = run_path(f"{bucket}/run")
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    (run / "checkpoints" / "5").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints" / "5" / "x").write_text("x")
+    (run / "events.out.tfevents.1.host").write_bytes(b"e")
+    _set_aside_previous_run(run)
+    names = sorted(p.name for p in run.iterdir())
+    assert not {"metrics.jsonl", "checkpoints", "events.out.tfevents.1.host"} & set(names)
+    assert any(n.startswith("metrics.before-restart-") for n in names)
+    assert any(n.startswith("checkpoints.before-restart-") for n in names)
+    (kept,) = [n for n in names if n.startswith("tensorboard.before-restart-")]
+    assert [p.name for p in (run / kept).iterdir()] == ["events.out.tfevents.1.host"]
+
+
+def test_an_unwritable_bucket_is_one_clear_error_naming_the_url(bucket, monkeypatch):
+    def refuse(self, path, mode="rb", **kwargs):
+        raise PermissionError("403 Forbidden: caller does not have storage.objects.create")
+
+    monkeypatch.setattr(_ObjectStore, "_open", refuse)
+    with pytest.raises(StorageError, match=r"cannot write to gs://bucket/run .*403.*credentials"):
+        storage.check_writable(run_path(f"{bucket}/run"))
+
+
+def test_unsupported_schemes_are_refused_with_the_fix():
+    with pytest.raises(StorageError, match="memory:// is not supported"):
+        run_path("memory://x/run")
+    with pytest.raises(StorageError, match="orbax cannot write checkpoints to s3://"):
+        storage.check_writable(run_path("s3://bucket/run"))
+
+
+def test_local_paths_keep_their_meaning(tmp_path):
+    assert str(run_path("runs/x")) == "runs/x"
+    assert not storage.is_remote(tmp_path) and storage.is_remote("gs://b/x")
+    path = run_path(tmp_path) / "a.json"
+    storage.write_text_atomic(path, "{}")
+    assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
