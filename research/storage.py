@@ -10,6 +10,8 @@ there is no atomic rename (but a single object write is atomic: it appears whole
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import tempfile
@@ -72,6 +74,9 @@ def check_writable(directory: epath.Path) -> None:
             f"(or this package's `{extra}` extra)"
         ) from None
     probe = directory / ".research-write-probe"
+    driver_log = logging.getLogger(_PACKAGES[scheme][0])
+    level = driver_log.level
+    driver_log.setLevel(logging.CRITICAL)  # its retries' tracebacks: the error below says it all
     try:
         probe.write_text("probe")
         probe.unlink()
@@ -82,6 +87,8 @@ def check_writable(directory: epath.Path) -> None:
             "`gcloud auth application-default login` or GOOGLE_APPLICATION_CREDENTIALS; s3://: "
             "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or ~/.aws/credentials)"
         ) from None
+    finally:
+        driver_log.setLevel(level)
 
 
 def write_text_atomic(path: epath.Path, text: str) -> None:
@@ -93,6 +100,33 @@ def write_text_atomic(path: epath.Path, text: str) -> None:
     temporary = path.parent / f".{path.name}.tmp"
     temporary.write_text(text)
     os.replace(temporary, path)
+
+
+def append_text(path: epath.Path, text: str) -> None:
+    """Add ``text`` to the end of ``path``: locally one short append (safe for parallel writers);
+    an object cannot be appended to, so for a URL it is read and written back whole (parallel
+    writers to one object can lose each other's lines: last write wins)."""
+    if not is_remote(path):
+        with open(path, "a") as file:
+            file.write(text)
+        return
+    previous = path.read_text() if path.exists() else ""
+    path.write_text(previous + text)
+
+
+@contextlib.contextmanager
+def local_folder(directory: epath.Path) -> Iterator[str]:
+    """A local folder to write files for ``directory`` into: ``directory`` itself when local; for
+    a URL a temporary folder whose files are uploaded into it, each whole, on leaving."""
+    if not is_remote(directory):
+        yield os.fspath(directory)
+        return
+    with tempfile.TemporaryDirectory(prefix="research-") as local:
+        yield local
+        for name in sorted(os.listdir(local)):
+            with open(os.path.join(local, name), "rb") as source:
+                with (directory / name).open("wb") as target:
+                    shutil.copyfileobj(source, target)
 
 
 def files_under(directory: epath.Path) -> Iterator[epath.Path]:

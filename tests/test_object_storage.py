@@ -150,3 +150,44 @@ def test_a_run_at_a_gs_url_trains_resumes_and_matches_a_local_run(gcs, tmp_path,
     assert json.loads((run / "config.json").read_text())["run"]["command"]
     assert any("tfevents" in p.name for p in run.iterdir())
     assert cli_main(["eval", url]) == 0  # read back from the bucket, params only
+
+
+SWEEP = """
+from research.config import load_experiment
+from research.scaling.sweep import SweepRun
+
+def sweep():
+    cfg = load_experiment("tiny", [
+        "train.steps=20", "train.checkpoint_every=20", "train.sample_tokens=0",
+        "train.eval_batches=2", "mesh.data=1", "log.progress=false",
+    ])
+    yield SweepRun("narrow", cfg, budget=1e9)
+"""
+
+
+def test_a_sweep_with_a_gs_root_writes_its_results_and_ledger_there(gcs, tmp_path):
+    from etils import epath
+
+    from research.cli import main as cli_main
+
+    experiment = tmp_path / "one_run.py"
+    experiment.write_text(SWEEP)
+    root = epath.Path(f"{gcs}/sweeps/one")
+    assert cli_main(["sweep", str(experiment), "--root", str(root), "--quiet"]) == 0
+    (row,) = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines()]
+    assert row["name"] == "narrow" and row["run_dir"] == f"{root}/narrow"
+    assert json.loads((root / "ledger.json").read_text())["tokens"] == 20 * 8 * 32
+    events = [p for p in (root / "narrow").iterdir() if "tfevents" in p.name]
+    assert len(events) == 2  # the run's scalars and the sweep's hparams summary
+    assert cli_main(["sweep", str(experiment), "--root", str(root), "--quiet"]) == 0  # done: skip
+    assert len((root / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_missing_bucket_is_one_error_line_before_any_work(gcs, capsys):
+    from research.cli import main as cli_main
+
+    assert cli_main(["train", "tiny", "--set=train.run_dir=gs://no-such-bucket/x", *TINY]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: cannot write to gs://no-such-bucket/x (")
+    assert "bucket exists" in line and "prepare:" not in captured.out  # before the data

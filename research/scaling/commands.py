@@ -16,7 +16,9 @@ FMT = argparse.RawDescriptionHelpFormatter
 
 def _sweep_root(args) -> Path:
     if args.root:
-        return Path(args.root)
+        from research.storage import run_path
+
+        return run_path(args.root)  # a folder or a gs:// URL
     from research.config import find_experiment
 
     return Path("runs") / find_experiment(args.experiment).stem

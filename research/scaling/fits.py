@@ -28,7 +28,6 @@ import json
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
@@ -36,6 +35,7 @@ from scipy.special import logsumexp
 from threadpoolctl import threadpool_limits
 
 from research.config import ResearchError
+from research.storage import run_path
 
 HUBER_DELTA = 1e-3
 # L-BFGS stopping rules for the bootstrap refits. They start at the full fit's optimum, where
@@ -111,7 +111,7 @@ def load_runs(
 def training_curve(row: dict, smooth: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """(FLOPs so far, train loss averaged over `smooth` logged steps) from a run's metrics."""
     points: dict[int, float] = {}
-    path = Path(row["run_dir"]) / "metrics.jsonl" if row.get("run_dir") else None
+    path = run_path(row["run_dir"]) / "metrics.jsonl" if row.get("run_dir") else None
     if path is not None and path.exists():
         for line in path.read_text().splitlines():
             record = json.loads(line)

@@ -30,6 +30,14 @@ from research.config import (
 )
 from research.models.accounting import ModelSize, count_params
 from research.scaling.shapes import shape_for_params
+from research.storage import (
+    StorageError,
+    append_text,
+    check_writable,
+    is_remote,
+    local_folder,
+    run_path,
+)
 
 RESULTS = "results.jsonl"
 
@@ -195,8 +203,8 @@ def config_hash(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_results(root: Path) -> list[dict]:
-    path = Path(root) / RESULTS
+def read_results(root: Path | str) -> list[dict]:
+    path = run_path(root) / RESULTS
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -242,7 +250,7 @@ def manifest_lines(runs: list[SweepRun], experiment: str, root: Path, overrides:
     """One shell command per run, for a cluster scheduler (each appends its own result row)."""
     path = find_experiment(experiment).resolve()
     sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
-    folder = Path(root).resolve()
+    folder = root if is_remote(root) else Path(root).resolve()
     head = f"research sweep {shlex.quote(str(path))} --root {shlex.quote(str(folder))}"
     for run in runs:
         yield f"{head} --only {shlex.quote(run.name)}" + (f" {sets}" if sets else "")
@@ -263,21 +271,24 @@ def _write_hparams(run: SweepRun, row: dict, logdir: Path) -> None:
         "lr": run.config.optim.lr,
         "holdout": run.holdout,
     }
-    writer = EventFileWriter(str(logdir))
-    now = time.time()
-    writer.add_event(
-        event_pb2.Event(wall_time=now, step=0, summary=summary_v2.hparams_pb(hparams, run.name))
-    )
-    for key in ("val_loss", "train_loss", "flops", "energy_kwh"):
-        if row.get(key) is not None:
-            value = summary_pb2.Summary.Value(tag=f"hparams/{key}", simple_value=float(row[key]))
-            event = event_pb2.Event(
-                wall_time=now,
-                step=run.config.train.steps,
-                summary=summary_pb2.Summary(value=[value]),
-            )
-            writer.add_event(event)
-    writer.close()
+    with local_folder(run_path(logdir)) as folder:  # a gs:// logdir gets the file whole
+        writer = EventFileWriter(folder)
+        now = time.time()
+        writer.add_event(
+            event_pb2.Event(wall_time=now, step=0, summary=summary_v2.hparams_pb(hparams, run.name))
+        )
+        for key in ("val_loss", "train_loss", "flops", "energy_kwh"):
+            if row.get(key) is not None:
+                value = summary_pb2.Summary.Value(
+                    tag=f"hparams/{key}", simple_value=float(row[key])
+                )
+                event = event_pb2.Event(
+                    wall_time=now,
+                    step=run.config.train.steps,
+                    summary=summary_pb2.Summary(value=[value]),
+                )
+                writer.add_event(event)
+        writer.close()
 
 
 def _result_row(run: SweepRun, result, ledger: dict, seconds: float) -> dict:
@@ -323,11 +334,11 @@ def write_sweep_ledger(root: Path) -> dict:
 
     ledgers = []
     for row in read_results(root):
-        path = Path(row["run_dir"]) / "ledger.json"
+        path = run_path(row["run_dir"]) / "ledger.json"
         if path.exists():
             ledgers.append(json.loads(path.read_text()))
     total = sum_ledgers(ledgers)
-    (Path(root) / "ledger.json").write_text(json.dumps(total, indent=2))
+    (run_path(root) / "ledger.json").write_text(json.dumps(total, indent=2))
     return total
 
 
@@ -339,7 +350,13 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
     from research.scaling import wsd
     from research.train.metrics import events_dir
 
-    root = Path(root)
+    root = run_path(root)  # a local folder or a gs:// URL
+    if is_remote(root) and any(run.kind in ("stable", "branch") for run in runs):
+        raise StorageError(
+            f"{root}: WSD sweeps (stable runs and their branches) copy checkpoint folders, "
+            "which is only built for a local --root; use a local --root for this sweep"
+        )
+    check_writable(root)
     root.mkdir(parents=True, exist_ok=True)
     finished = {row["name"]: row for row in read_results(root)}
     for run in wsd.check_branches(runs, root):  # stable runs before their branches
@@ -362,8 +379,8 @@ def run_sweep(runs: list[SweepRun], root: Path, progress: bool = True) -> Iterat
         ledger = json.loads((result.run_dir / "ledger.json").read_text())
         row = _result_row(run, result, ledger, time.perf_counter() - start)
         _write_hparams(run, row, events_dir(result.run_dir))
-        with open(root / RESULTS, "a") as f:  # one short append per run: safe for parallel jobs
-            f.write(json.dumps(row) + "\n")
+        # One short append per run: safe for parallel jobs on a local disk (not on gs://).
+        append_text(root / RESULTS, json.dumps(row) + "\n")
         write_sweep_ledger(root)
         jax.clear_caches()  # compiled programs of earlier shapes are not needed again
         yield row
