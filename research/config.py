@@ -689,11 +689,11 @@ def _mesh_problems(cfg: ExperimentConfig) -> list[str]:
 
 def load_run_config(run_dir: str | Path) -> ExperimentConfig:
     """The validated config saved in a run folder (``config.json``), local or a gs:// URL."""
-    from research.storage import run_path  # it builds on this module's ResearchError
+    from etils import epath  # research/storage.py's path type (local, or gs:// via gcsfs)
 
-    path = run_path(run_dir) / "config.json"
+    path = epath.Path(run_dir) / "config.json"
     if not path.is_file():
-        what = "does not exist" if not run_path(run_dir).exists() else "is not a run folder"
+        what = "does not exist" if not epath.Path(run_dir).exists() else "is not a run folder"
         raise RunDirError(
             f"{run_dir} {what} (no config.json); give the folder `research train` wrote, "
             "e.g. runs/shakespeare_char"
