@@ -147,3 +147,12 @@ def test_local_paths_keep_their_meaning(tmp_path):
     path = run_path(tmp_path) / "a.json"
     storage.write_text_atomic(path, "{}")
     assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_a_missing_driver_names_the_package_to_install(monkeypatch):
+    def absent(protocol):
+        raise ImportError("Install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec, "get_filesystem_class", absent)
+    with pytest.raises(StorageError, match=r"gs://bucket/run: gs:// run directories need gcsfs"):
+        storage.check_writable(run_path("gs://bucket/run"))

@@ -10,6 +10,7 @@ import jax
 
 from research.config import ConfigError, ExperimentConfig, ModelConfig, load_run_config
 from research.hf.load import is_hf_folder, load_hf, load_tokenizer, read_hf_config
+from research.storage import run_path
 from research.train.checkpoint import Checkpointer
 
 # How this run computes, not what the model is: kept from the run's own config on an HF start.
@@ -108,7 +109,7 @@ def load_params(cfg: ExperimentConfig, run_dir: str, abstract_params, what: str 
             f"{what}={run_dir} holds another model ({'; '.join(diff[:5])}); set the same "
             "model.* values as that run"
         )
-    checkpointer = Checkpointer(Path(run_dir) / "checkpoints", read_only=True)
+    checkpointer = Checkpointer(run_path(run_dir) / "checkpoints", read_only=True)
     restored = checkpointer.restore_latest({"params": abstract_params}, params_only=True)
     checkpointer.close()
     if restored is None:

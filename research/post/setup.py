@@ -150,7 +150,8 @@ def _reference(run, rows) -> dict[str, np.ndarray]:
     (a resumed run's parameters are no longer the reference)."""
     path = run.run_dir / REFERENCE_FILE
     if path.exists():
-        return dict(np.load(path))
+        with path.open("rb") as file:  # through the run's path type: local or gs://
+            return dict(np.load(file))
     if run.step:
         raise ConfigError(
             f"{path} is missing but {run.run_dir} is resumed at step {run.step}: its reference "
@@ -158,7 +159,8 @@ def _reference(run, rows) -> dict[str, np.ndarray]:
             "--restart"
         )
     refs = post_data.reference_logprobs(run.graphdef, start_params(run), rows)
-    np.savez(path, **refs)
+    with path.open("wb") as file:
+        np.savez(file, **refs)
     return refs
 
 
