@@ -140,6 +140,26 @@ def files_under(directory: epath.Path) -> Iterator[epath.Path]:
             yield folder / name
 
 
+def stored_checksums(directory: epath.Path) -> dict[str, dict] | None:
+    """For a URL, ``{name relative to directory: {"size", "crc32c"}}`` of every object below it,
+    from one listing: the store's own CRC32C, computed as each object was uploaded, so nothing
+    is downloaded (checksumming a checkpoint by reading it back would download all of it at each
+    save). None for a local path, or where the store reports no CRC32C (s3://)."""
+    if not is_remote(directory):
+        return None
+    fs, root = fsspec.core.url_to_fs(os.fspath(directory))
+    root = root.rstrip("/")
+    fs.invalidate_cache(root)  # TensorStore wrote these objects, not this client
+    found = {}
+    for path, info in fs.find(root, detail=True).items():
+        if info.get("type") == "directory":
+            continue
+        if not info.get("crc32c"):
+            return None
+        found[path[len(root) + 1 :]] = {"size": int(info["size"]), "crc32c": info["crc32c"]}
+    return found
+
+
 def file_size(path: epath.Path) -> int:
     return path.stat().length
 

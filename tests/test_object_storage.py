@@ -150,6 +150,14 @@ def test_a_run_at_a_gs_url_trains_resumes_and_matches_a_local_run(gcs, tmp_path,
     assert json.loads((run / "config.json").read_text())["run"]["command"]
     assert any("tfevents" in p.name for p in run.iterdir())
     assert cli_main(["eval", url]) == 0  # read back from the bucket, params only
+    # The manifest holds the store's own CRC32C (no download); a replaced object is caught.
+    manifest = json.loads((run / "checkpoints" / "40" / MANIFEST).read_text())["files"]
+    assert all("crc32c" in entry for entry in manifest.values())
+    metadata = run / "checkpoints" / "40" / "_CHECKPOINT_METADATA"
+    text = metadata.read_text()
+    metadata.write_text(text.replace("0", "1", 1) if "0" in text else text.replace("1", "0", 1))
+    problem = verify_manifest(run / "checkpoints" / "40")
+    assert problem == "_CHECKPOINT_METADATA does not match its checksum"
 
 
 SWEEP = """
@@ -165,6 +173,7 @@ def sweep():
 """
 
 
+@pytest.mark.slow  # ~11 s; its fast twin: test_storage.py's results append in a bucket
 def test_a_sweep_with_a_gs_root_writes_its_results_and_ledger_there(gcs, tmp_path):
     from etils import epath
 

@@ -156,3 +156,12 @@ def test_a_missing_driver_names_the_package_to_install(monkeypatch):
     monkeypatch.setattr(fsspec, "get_filesystem_class", absent)
     with pytest.raises(StorageError, match=r"gs://bucket/run: gs:// run directories need gcsfs"):
         storage.check_writable(run_path("gs://bucket/run"))
+
+
+def test_a_sweeps_results_grow_by_whole_rewrites_in_the_bucket(bucket):
+    from research.scaling.sweep import RESULTS, read_results
+
+    root = run_path(f"{bucket}/sweep")
+    for name in ("narrow", "wide"):  # what run_sweep does after each finished run
+        storage.append_text(root / RESULTS, json.dumps({"name": name}) + "\n")
+    assert [row["name"] for row in read_results(f"{bucket}/sweep")] == ["narrow", "wide"]

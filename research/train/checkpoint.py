@@ -28,7 +28,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from research.config import ResearchError
-from research.storage import crc32, file_size, files_under, is_remote, run_path, write_text_atomic
+from research.storage import (
+    crc32,
+    file_size,
+    files_under,
+    is_remote,
+    run_path,
+    stored_checksums,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -261,13 +269,19 @@ class Checkpointer:
 
 
 def write_manifest(step_dir: Path | str) -> None:
-    """Record every file's size and CRC32 (atomically: a half-written manifest never exists)."""
+    """Record every file's size and CRC32 (atomically: a half-written manifest never exists).
+    In a bucket, the size and CRC32C the store computed on upload (one listing, no download)."""
     step_dir = run_path(step_dir)
-    files = {
-        str(path.relative_to(step_dir)): {"size": file_size(path), "crc32": crc32(path)}
-        for path in sorted(files_under(step_dir))
-        if path.name not in (MANIFEST, f".{MANIFEST}.tmp")
-    }
+    ours = (MANIFEST, f".{MANIFEST}.tmp")
+    stored = stored_checksums(step_dir)
+    if stored is not None:
+        files = {k: v for k, v in sorted(stored.items()) if k.split("/")[-1] not in ours}
+    else:
+        files = {
+            str(path.relative_to(step_dir)): {"size": file_size(path), "crc32": crc32(path)}
+            for path in sorted(files_under(step_dir))
+            if path.name not in ours
+        }
     write_text_atomic(step_dir / MANIFEST, json.dumps({"files": files}, indent=1))
 
 
@@ -282,7 +296,19 @@ def verify_manifest(step_dir: Path | str) -> str | None:
         files = json.loads(path.read_text())["files"]
     except (ValueError, KeyError):
         return "its manifest is unreadable"
+    stored = None
     for name, expected in files.items():
+        if "crc32c" in expected:  # written in a bucket: against the store's own checksums
+            if stored is None:
+                stored = stored_checksums(step_dir) or {}
+            if name not in stored:
+                return f"{name} is missing"
+            size = stored[name]["size"]
+            if size != expected["size"]:
+                return f"{name} has {size} bytes, {expected['size']} were written"
+            if stored[name]["crc32c"] != expected["crc32c"]:
+                return f"{name} does not match its checksum"
+            continue
         file = step_dir / name
         if not file.exists():
             return f"{name} is missing"
