@@ -24,8 +24,8 @@ from etils import epath
 from research.config import ResearchError
 
 URL_SCHEMES = ("gs://", "s3://")
-# What each scheme needs installed (etils reaches them through fsspec).
-_PACKAGES = {"gs": ("gcsfs", "gcs"), "s3": ("s3fs", "s3")}
+# What a scheme needs installed (etils reaches it through fsspec), and the extra that has it.
+_PACKAGES = {"gs": ("gcsfs", "gcs")}
 
 
 class StorageError(ResearchError):

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -64,7 +65,7 @@ class Run:
 
     config: ExperimentConfig  # resolved: every derived value filled in
     purpose: str
-    run_dir: Path  # an etils epath.Path: local, or a gs:// / s3:// URL (research/storage.py)
+    run_dir: epath.Path  # local, or a gs:// URL (research/storage.py)
     data: PreparedData
     mesh: Mesh
     graphdef: nnx.GraphDef
@@ -91,8 +92,8 @@ class Run:
         return self.size.flops_per_token * self.tokens_per_step
 
 
-def run_directory(cfg: ExperimentConfig):
-    """The run's directory: a local path or a gs:// / s3:// URL (an ``epath.Path`` either way)."""
+def run_directory(cfg: ExperimentConfig) -> epath.Path:
+    """The run's directory: a local path or a gs:// URL (an ``epath.Path`` either way)."""
     return run_path(cfg.train.run_dir or f"runs/{cfg.name}")
 
 
