@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 import zlib
 from collections.abc import Iterator
 
@@ -73,7 +74,8 @@ def check_writable(directory: epath.Path) -> None:
             f"{url}: {scheme}:// run directories need {module}; pip install {module} "
             f"(or this package's `{extra}` extra)"
         ) from None
-    probe = directory / ".research-write-probe"
+    # A name of its own: every host of a multi-host run probes at once (before JAX starts).
+    probe = directory / f".research-write-probe-{uuid.uuid4().hex}"
     driver_log = logging.getLogger(_PACKAGES[scheme][0])
     level = driver_log.level
     driver_log.setLevel(logging.CRITICAL)  # its retries' tracebacks: the error below says it all
