@@ -186,8 +186,9 @@ class AppendFile:
         self.path = path
         self._local: str | None = None
         if is_remote(path):
-            handle, self._local = tempfile.mkstemp(prefix="research-", suffix=f"-{path.name}")
-            os.close(handle)
+            # Removed at close, or when the process ends after an error that skipped the close.
+            self._folder = tempfile.TemporaryDirectory(prefix="research-")
+            self._local = os.path.join(self._folder.name, path.name)
             if path.exists():
                 with path.open("rb") as remote, open(self._local, "wb") as local:
                     shutil.copyfileobj(remote, local)
@@ -211,4 +212,4 @@ class AppendFile:
         self.flush()
         self._file.close()
         if self._local is not None:
-            os.unlink(self._local)
+            self._folder.cleanup()
