@@ -55,7 +55,7 @@ from research.data.sources import (
     work_units,
 )
 
-FORMAT_VERSION = 2  # 2: .dedup.npy holds LSH band keys, not MinHash signatures
+FORMAT_VERSION = 3  # 2: .dedup.npy holds LSH band keys; 3: of numpy word-hash shingles
 BATCH_DOCS = 256  # documents per task sent to a worker
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
