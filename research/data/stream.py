@@ -16,16 +16,18 @@ Layout of a prepared folder (``<cache>/prepared/stream-<key>-n<parts>``)::
 
 A shard is a ``.npy`` token array (uint16, or uint32 for big vocabularies; memory-mapped by the
 loader) holding whole documents, each followed by EOS; its ``.idx.npy`` holds the documents'
-start offsets plus the end, and its ``.dedup.npy`` the kept documents' hashes and LSH band
-keys, so a resumed prepare rebuilds the dedup state without reading those documents
-again. Every file is written to a temporary name and renamed; the part's journal
-(``.progress-*.json``) records each finished shard, so an interrupted prepare keeps its shards
-and restarts after the last one.
+start offsets plus the end, and its ``.dedup.npy`` the kept documents' hashes, UTF-8 sizes and
+LSH band keys, so a resumed prepare rebuilds the dedup state without reading those documents
+again (and the pass across parts, research/data/across_parts.py, without reading any text).
+Every file is written to a temporary name and renamed; the part's journal (``.progress-*.json``)
+records each finished shard, so an interrupted prepare keeps its shards and restarts after the
+last one.
 
 Parts: ``--num-shards N --shard-index I`` gives part I the I-th contiguous slice of the files
 (in source order); its output is a function of (files, settings, N, I) alone. Dedup is global
-within a part and against all validation documents; duplicates across parts are not removed
-(the counts in each manifest say what was removed). The whole dataset is the parts in order.
+within a part and against all validation documents; duplicates across parts stay until the
+global pass (``--dedup-parts``) removes them (the counts in each manifest say what was
+removed). The whole dataset is the parts in order.
 """
 
 from __future__ import annotations
@@ -55,8 +57,9 @@ from research.data.sources import (
     work_units,
 )
 
-FORMAT_VERSION = 3  # 2: .dedup.npy holds LSH band keys; 3: of numpy word-hash shingles
+FORMAT_VERSION = 3  # 2: .dedup.npy holds band keys; 3: numpy shingles, documents' bytes too
 BATCH_DOCS = 256  # documents per task sent to a worker
+SIDECAR_KEYS = 24  # .dedup.npy rows: 16-byte hash, UTF-8 bytes (uint64), then the band keys
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 
@@ -164,11 +167,12 @@ class ShardWriter:
 
     def _reset(self):
         self.ids, self.lengths, self.digests, self.sigs, self.tokens = [], [], [], [], 0
-        self.bytes = 0
+        self.bytes, self.doc_bytes = 0, []
 
     def add(self, ids: np.ndarray, digest: bytes, keys: np.ndarray | None, nbytes: int) -> bool:
         """Append one document (``nbytes`` of UTF-8 text); True when that closed a shard."""
         self.bytes += nbytes
+        self.doc_bytes.append(nbytes)
         self.ids.append(ids)
         self.lengths.append(len(ids))
         self.digests.append(np.frombuffer(digest, np.uint8))
@@ -192,7 +196,8 @@ class ShardWriter:
         if self.write:
             offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
             _atomic_save(self.folder / f"{name}.idx.npy", offsets)
-            dedup = np.stack(self.digests)
+            nbytes = np.asarray(self.doc_bytes, "<u8").view(np.uint8).reshape(-1, 8)
+            dedup = np.concatenate([np.stack(self.digests), nbytes], axis=1)
             if self.sigs[0] is not None:
                 dedup = np.concatenate([dedup, np.stack(self.sigs).view(np.uint8)], axis=1)
             _atomic_save(self.folder / f"{name}.dedup.npy", dedup)
@@ -206,7 +211,7 @@ class ShardWriter:
 def _load_dedup(folder: Path, shard: dict, dedup: Dedup) -> None:
     """Rebuild dedup state from a finished shard's sidecar (resume)."""
     rows = np.load(folder / shard["file"].replace(".npy", ".dedup.npy"))
-    keys = np.ascontiguousarray(rows[:, 16:]).view(np.uint64) if dedup.near else None
+    keys = np.ascontiguousarray(rows[:, SIDECAR_KEYS:]).view(np.uint64) if dedup.near else None
     dedup.load(rows[:, :16], keys)
 
 
