@@ -81,8 +81,9 @@ def _work(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(all token ids, per-document lengths, LSH band keys or None) of a batch: the MinHash
     work happens here, in the workers, not in the parent."""
     encoded = _WORKER["tok"].encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
-    ids = np.fromiter((i for e in encoded for i in e.ids), np.uint32, int(lengths.sum()))
+    arrays = [np.array(e.ids, np.uint32) for e in encoded]  # e.ids builds a list: once each
+    lengths = np.fromiter(map(len, arrays), np.int64, len(arrays))
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
     near = _WORKER["near"]
     return ids, lengths, None if near is None else band_keys(minhashes(texts), near)
 
