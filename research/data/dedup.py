@@ -31,10 +31,11 @@ import numpy as np
 NUM_PERM = 64  # MinHash permutations
 SCHEME = "affine32"  # the permutation form (datasketch's name), for datasketch's LSH in tests
 SHINGLE_WORDS = 5  # FineWeb's and Gopher's near-dedup shingles: lowercase word 5-grams
+GROUP_CHARS = 1 << 20  # texts hashed together (a longer text is a group alone)
 _PRIME = 0x100000001B3  # FNV-1a's 64-bit prime: odd, so invertible mod 2^64
 
 
-@functools.lru_cache(maxsize=4)  # by batch size rounded up: few sizes; a rare huge one ages out
+@functools.lru_cache(maxsize=2)  # by group size rounded up: few sizes; a huge one ages out
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     """PRIME^i and PRIME^-i mod 2^64 for i < n (n a power of two)."""
     inverse = pow(_PRIME, -1, 1 << 64)
@@ -91,8 +92,22 @@ def shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def minhashes(texts: list[str]) -> np.ndarray:
-    """[docs, NUM_PERM] uint32 MinHash signatures of the texts' word 5-grams: one numpy pass
-    over all the batch's shingles; a text's signature does not depend on its batch."""
+    """[docs, NUM_PERM] uint32 MinHash signatures of the texts' word 5-grams: numpy passes over
+    all the shingles of a group of texts of up to GROUP_CHARS (the per-byte arrays take ~32
+    bytes per byte of text, so a batch of long documents is cut up); a text's signature does
+    not depend on its batch or group."""
+    out = np.empty((len(texts), NUM_PERM), np.uint32)
+    first = 0
+    while first < len(texts):
+        last, size = first + 1, len(texts[first])
+        while last < len(texts) and size + len(texts[last]) <= GROUP_CHARS:
+            size, last = size + len(texts[last]), last + 1
+        out[first:last] = _group_minhashes(texts[first:last])
+        first = last
+    return out
+
+
+def _group_minhashes(texts: list[str]) -> np.ndarray:
     a, b = _permutations()
     hashes, starts = shingle_hashes(texts)
     hv = (hashes >> np.uint64(32)).astype(np.uint32)
