@@ -5,8 +5,9 @@ all validation documents), so a document and its copy or near copy in two differ
 survive. This pass reads only the parts' ``.dedup.npy`` sidecars (each kept document's hash and
 LSH band keys, 48 bytes), in part order, and drops a train document whose exact key or any band
 key meets a document kept by an EARLIER part: the first by (part, position) is kept, as the
-single-process prepare keeps the first in stream order. The index is the prepare's own
-``KeySet``, so memory is that of a one-part prepare's dedup state.
+single-process prepare keeps the first in stream order. (It cannot bring back a document its
+part dropped for a near copy that this pass then drops: one process would keep that one.) The
+index is the prepare's own ``KeySet``, so memory is that of a one-part prepare's dedup state.
 
 Applying it rewrites only the shards that lose documents, each under a new name (``...-dG``,
 generation G), then the part's manifest (atomically: counts, checksums, ``removed`` with the
