@@ -140,7 +140,7 @@ def test_signatures_are_the_same_in_every_worker_process(monkeypatch):
     expected = band_keys(minhashes(texts), 0.8)
     monkeypatch.setenv("PYTHONHASHSEED", "12345")  # the spawned workers' string hashes differ
     tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")).to_str()
-    with _Processes(2, tok, 0.8) as pool:
+    with _Processes(2, tok, band_shape(0.8)) as pool:
         results = [pool.apply_async(_work, (batch,)) for batch in (texts, texts[::-1], texts[5:])]
         got = [r.get()[2] for r in results]
     np.testing.assert_array_equal(got[0], expected)

@@ -147,7 +147,12 @@ def _mix(h: np.ndarray) -> np.ndarray:
 def band_keys(signatures: np.ndarray, threshold: float) -> np.ndarray:
     """[docs, bands] uint64: each LSH band of each signature hashed with its band number, so
     the keys of all bands share one index."""
-    bands, rows = band_shape(threshold)
+    return banded_keys(signatures, *band_shape(threshold))
+
+
+def banded_keys(signatures: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """``band_keys`` for a known banding (the tokenizer workers get it from the parent, so
+    they never import datasketch's banding, and scipy with it)."""
     cut = signatures[:, : bands * rows].reshape(len(signatures), bands, rows).astype(np.uint64)
     with np.errstate(over="ignore"):
         h = np.broadcast_to(_mix(np.arange(1, bands + 1, dtype=np.uint64)), cut.shape[:2])

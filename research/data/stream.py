@@ -47,7 +47,7 @@ import numpy as np
 
 from research.config import ConfigError, DataConfig
 from research.data.corpus import DataError, cache_root, sha256_file
-from research.data.dedup import Dedup, band_keys, minhashes
+from research.data.dedup import Dedup, band_shape, banded_keys, minhashes
 from research.data.sources import (
     HF_PREFIX,
     Source,
@@ -69,7 +69,7 @@ BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, near_dedup: float | None) -> None:
+def _init_worker(tokenizer_json: str, near_dedup: tuple[int, int] | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     from tokenizers import Tokenizer
 
@@ -85,7 +85,7 @@ def _work(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     lengths = np.fromiter(map(len, arrays), np.int64, len(arrays))
     ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
     near = _WORKER["near"]
-    return ids, lengths, None if near is None else band_keys(minhashes(texts), near)
+    return ids, lengths, None if near is None else banded_keys(minhashes(texts), *near)
 
 
 # ---------- shards ----------
@@ -104,7 +104,7 @@ class _InProcess:
 
     workers = 1
 
-    def __init__(self, tokenizer_json: str, near_dedup: float | None):
+    def __init__(self, tokenizer_json: str, near_dedup: tuple[int, int] | None):
         _init_worker(tokenizer_json, near_dedup)
 
     def apply_async(self, fn, args):
@@ -120,7 +120,7 @@ class _InProcess:
 class _Processes:
     """Worker processes, started with spawn (no forked copies of a parent's JAX threads)."""
 
-    def __init__(self, workers: int, tokenizer_json: str, near_dedup: float | None):
+    def __init__(self, workers: int, tokenizer_json: str, near_dedup: tuple[int, int] | None):
         context = multiprocessing.get_context("spawn")
         self.workers = workers
         self.pool = context.Pool(workers, _init_worker, (tokenizer_json, near_dedup))
@@ -136,9 +136,8 @@ class _Processes:
         return False
 
 
-def _pool(workers: int, tokenizer_json: str, near_dedup: float | None):
-    """``near_dedup``: the near-duplicate threshold the workers compute band keys for, or
-    None (off)."""
+def _pool(workers: int, tokenizer_json: str, near_dedup: tuple[int, int] | None):
+    """``near_dedup``: the LSH (bands, rows) the workers compute band keys for, or None (off)."""
     if workers == 1 or multiprocessing.current_process().daemon:
         return _InProcess(tokenizer_json, near_dedup)
     return _Processes(workers, tokenizer_json, near_dedup)
@@ -484,7 +483,7 @@ def prepare_stream(
 
     progress = _Progress([_size(url) for _, url in mine], stats, verbose)
     workers = cfg.workers or os.cpu_count() or 1
-    near = cfg.near_dedup_threshold if cfg.near_dedup else None
+    near = band_shape(cfg.near_dedup_threshold) if cfg.near_dedup else None
     with _pool(workers, tok.to_str(), near) as pool:
         val_docs = mixture_documents(sources, units, "val", Stats(), cfg.skip_bad_files)
         _run_split("val", val_docs, writers["val"], dedup, pool, specials, record, progress)
