@@ -2,13 +2,16 @@
 
     python benchmarks/near_dedup.py --docs 20000
 
-Documents of ~2 KB (40 random tinyshakespeare lines; every 10th is a copy of an earlier one
+Documents of ~1.35 KB (40 random tinyshakespeare lines; every 10th is a copy of an earlier one
 with one line changed). The reference is datasketch as the prepare used it before: per-document
-``MinHash.bulk`` signatures, then ``MinHashLSH`` query and insert in stream order. Ours:
-``minhashes`` (vectorised over a batch's shingles) + ``band_keys`` + ``Dedup.near_dups`` in
-batches of 256. Both flag the same documents (checked). Memory is the index alone, holding the
-kept documents, traced by tracemalloc in a second pass (numpy arrays are traced too). Single
-process: in the prepare, the MinHash half runs in the tokenizer workers.
+string shingles (lowercase word 5-grams) hashed with crc32, ``MinHash.bulk`` signatures, then
+``MinHashLSH`` query and insert in stream order. Ours: ``minhashes`` (words hashed once in numpy,
+shingles and permutations vectorised over a batch) + ``band_keys`` + ``Dedup.near_dups`` in
+batches of 256. The two use different hash functions, so they may differ on a borderline
+document: the script counts the planted copies each catches and the documents they disagree
+on. Memory is the index alone, holding the kept documents, traced by tracemalloc in a second
+pass (numpy arrays are traced too). Single process: in the prepare, the MinHash half runs in
+the tokenizer workers.
 """
 
 from __future__ import annotations
@@ -30,13 +33,20 @@ sys.path.insert(0, str(ROOT))
 from research.data.dedup import (  # noqa: E402
     NUM_PERM,
     SCHEME,
+    SHINGLE_WORDS,
     Dedup,
     band_keys,
     minhashes,
-    shingles,
 )
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def shingles(text: str) -> list[bytes]:
+    """The string shingles the prepare hashed before (datasketch's input)."""
+    words = text.lower().split()
+    n = SHINGLE_WORDS
+    return [" ".join(words[i : i + n]).encode() for i in range(max(1, len(words) - n + 1))]
 
 
 def documents(n: int, seed: int = 0) -> list[str]:
@@ -111,15 +121,21 @@ def main() -> None:
     ref_flags, ref_s = reference(docs)
     our_flags, our_s = ours(docs)
     ref_mem, our_mem = index_bytes(minhashes(docs), our_flags)
-    assert our_flags == ref_flags, "the two disagree on which documents are near duplicates"
+    planted = np.arange(len(docs)) % 10 == 9
     kept = len(docs) - sum(our_flags)
-    print(f"{len(docs):,} documents ({mb:.1f} MB), {sum(our_flags):,} near duplicates, both")
-    print(f"datasketch MinHash.bulk + MinHashLSH: {len(docs) / ref_s:,.0f} docs/s, index "
-          f"{ref_mem / kept:,.0f} bytes per kept document")  # fmt: skip
-    print(f"ours: {len(docs) / our_s:,.0f} docs/s, index {our_mem / kept:,.0f} bytes per kept "
-          f"document")  # fmt: skip
+    print(f"{len(docs):,} documents ({mb:.1f} MB), {planted.sum():,} planted near copies")
+    for name, flags, seconds, mem in (
+        ("datasketch MinHash.bulk + MinHashLSH", ref_flags, ref_s, ref_mem),
+        ("ours", our_flags, our_s, our_mem),
+    ):
+        flags = np.asarray(flags)
+        print(f"{name}: {len(docs) / seconds:,.0f} docs/s, index {mem / kept:,.0f} bytes per "
+              f"kept document; flagged {flags[planted].sum():,} planted copies and "
+              f"{flags[~planted].sum():,} others")  # fmt: skip
+    disagree = int((np.asarray(our_flags) != np.asarray(ref_flags)).sum())
     print(f"speed ratio (ours / datasketch): {ref_s / our_s:.2f}x; memory ratio: "
-          f"{our_mem / ref_mem:.3f}x; load average at end {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"{our_mem / ref_mem:.3f}x; documents flagged differently: {disagree}; load average "
+          f"at end {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -41,12 +41,20 @@ def _load(args) -> ExperimentConfig:
 
 def cmd_prepare(args) -> None:
     cfg = _load(args)
+    if args.dedup_parts and not cfg.data.sources:
+        raise ConfigError("--dedup-parts needs a streamed corpus in parts: set data.sources")
     if cfg.data.sources and args.engine == "datatrove":  # every part, as datatrove tasks
         from research.data.engine import prepare_with_datatrove
 
         logs = Path(args.engine_logs or "runs/prepare-logs")
         path = prepare_with_datatrove(cfg.data, args.num_shards, args.parallel, logs)
         print(f"prepared {args.num_shards} parts in {path} (datatrove logs in {logs})")
+        if not args.dedup_parts:
+            return
+    if args.dedup_parts:  # after every part: research/data/across_parts.py
+        from research.data.across_parts import dedup_across_parts
+
+        dedup_across_parts(cfg.data, args.num_shards)
         return
     if cfg.data.sources:  # many files, streamed: research/data/stream.py
         from research.data.stream import prepare_stream
@@ -221,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="deduplicate, tokenize and shard an experiment's corpus",
         epilog="examples:\n  research prepare shakespeare_char\n"
         "  research prepare gpt2_small --set data.sources=gs://bucket/fineweb/ "
-        "--num-shards 64 --shard-index 3",
+        "--num-shards 64 --shard-index 3\n"
+        "  research prepare gpt2_small --set data.sources=... --num-shards 64 --dedup-parts",
         formatter_class=fmt,
     )
     _add_experiment_args(p)
@@ -239,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--parallel", type=positive_int, default=1, help="datatrove tasks at a time")
     p.add_argument("--engine-logs", default="", help="datatrove's logging folder")
+    p.add_argument(
+        "--dedup-parts",
+        action="store_true",
+        help="once every one of the --num-shards parts is prepared: remove documents that repeat "
+        "or nearly repeat one in an earlier part (rewrites only the shards that lose some)",
+    )
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser(

@@ -322,7 +322,7 @@ class DataConfig:
     bos_token: str = "auto"  # prepended to each document: a token name, auto, or "" for none
     eos_token: str = "auto"  # appended to each document
     shard_tokens: int = 1 << 24  # tokens per shard file (whole documents: a shard may run over)
-    near_dedup: bool = True  # MinHash-LSH near-duplicate removal (datasketch)
+    near_dedup: bool = True  # MinHash-LSH near-duplicate removal (data/dedup.py)
     near_dedup_threshold: float = 0.8  # estimated Jaccard similarity of word 5-grams
     skip_bad_files: bool = False  # skip (and count) corrupt / non-UTF-8 files instead of stopping
     workers: int = 0  # tokenizer processes; 0: one per CPU core

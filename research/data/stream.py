@@ -16,16 +16,18 @@ Layout of a prepared folder (``<cache>/prepared/stream-<key>-n<parts>``)::
 
 A shard is a ``.npy`` token array (uint16, or uint32 for big vocabularies; memory-mapped by the
 loader) holding whole documents, each followed by EOS; its ``.idx.npy`` holds the documents'
-start offsets plus the end, and its ``.dedup.npy`` the kept documents' hashes and LSH band
-keys, so a resumed prepare rebuilds the dedup state without reading those documents
-again. Every file is written to a temporary name and renamed; the part's journal
-(``.progress-*.json``) records each finished shard, so an interrupted prepare keeps its shards
-and restarts after the last one.
+start offsets plus the end, and its ``.dedup.npy`` the kept documents' hashes, UTF-8 sizes and
+LSH band keys, so a resumed prepare rebuilds the dedup state without reading those documents
+again (and the pass across parts, research/data/across_parts.py, without reading any text).
+Every file is written to a temporary name and renamed; the part's journal (``.progress-*.json``)
+records each finished shard, so an interrupted prepare keeps its shards and restarts after the
+last one.
 
 Parts: ``--num-shards N --shard-index I`` gives part I the I-th contiguous slice of the files
 (in source order); its output is a function of (files, settings, N, I) alone. Dedup is global
-within a part and against all validation documents; duplicates across parts are not removed
-(the counts in each manifest say what was removed). The whole dataset is the parts in order.
+within a part and against all validation documents; duplicates across parts stay until the
+global pass (``--dedup-parts``) removes them (the counts in each manifest say what was
+removed). The whole dataset is the parts in order.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import numpy as np
 
 from research.config import ConfigError, DataConfig
 from research.data.corpus import DataError, cache_root, sha256_file
-from research.data.dedup import Dedup, band_keys, minhashes
+from research.data.dedup import Dedup, band_shape, banded_keys, minhashes
 from research.data.sources import (
     HF_PREFIX,
     Source,
@@ -55,8 +57,9 @@ from research.data.sources import (
     work_units,
 )
 
-FORMAT_VERSION = 2  # 2: .dedup.npy holds LSH band keys, not MinHash signatures
+FORMAT_VERSION = 3  # 2: .dedup.npy holds band keys; 3: numpy shingles, documents' bytes too
 BATCH_DOCS = 256  # documents per task sent to a worker
+SIDECAR_KEYS = 24  # .dedup.npy rows: 16-byte hash, UTF-8 bytes (uint64), then the band keys
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 
@@ -66,7 +69,7 @@ BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>")
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer_json: str, near_dedup: float | None) -> None:
+def _init_worker(tokenizer_json: str, near_dedup: tuple[int, int] | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     from tokenizers import Tokenizer
 
@@ -78,10 +81,11 @@ def _work(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(all token ids, per-document lengths, LSH band keys or None) of a batch: the MinHash
     work happens here, in the workers, not in the parent."""
     encoded = _WORKER["tok"].encode_batch(texts, add_special_tokens=False)
-    lengths = np.fromiter((len(e.ids) for e in encoded), np.int64, len(encoded))
-    ids = np.fromiter((i for e in encoded for i in e.ids), np.uint32, int(lengths.sum()))
+    arrays = [np.array(e.ids, np.uint32) for e in encoded]  # e.ids builds a list: once each
+    lengths = np.fromiter(map(len, arrays), np.int64, len(arrays))
+    ids = np.concatenate(arrays) if arrays else np.zeros(0, np.uint32)
     near = _WORKER["near"]
-    return ids, lengths, None if near is None else band_keys(minhashes(texts), near)
+    return ids, lengths, None if near is None else banded_keys(minhashes(texts), *near)
 
 
 # ---------- shards ----------
@@ -100,7 +104,7 @@ class _InProcess:
 
     workers = 1
 
-    def __init__(self, tokenizer_json: str, near_dedup: float | None):
+    def __init__(self, tokenizer_json: str, near_dedup: tuple[int, int] | None):
         _init_worker(tokenizer_json, near_dedup)
 
     def apply_async(self, fn, args):
@@ -116,7 +120,7 @@ class _InProcess:
 class _Processes:
     """Worker processes, started with spawn (no forked copies of a parent's JAX threads)."""
 
-    def __init__(self, workers: int, tokenizer_json: str, near_dedup: float | None):
+    def __init__(self, workers: int, tokenizer_json: str, near_dedup: tuple[int, int] | None):
         context = multiprocessing.get_context("spawn")
         self.workers = workers
         self.pool = context.Pool(workers, _init_worker, (tokenizer_json, near_dedup))
@@ -132,9 +136,8 @@ class _Processes:
         return False
 
 
-def _pool(workers: int, tokenizer_json: str, near_dedup: float | None):
-    """``near_dedup``: the near-duplicate threshold the workers compute band keys for, or
-    None (off)."""
+def _pool(workers: int, tokenizer_json: str, near_dedup: tuple[int, int] | None):
+    """``near_dedup``: the LSH (bands, rows) the workers compute band keys for, or None (off)."""
     if workers == 1 or multiprocessing.current_process().daemon:
         return _InProcess(tokenizer_json, near_dedup)
     return _Processes(workers, tokenizer_json, near_dedup)
@@ -164,11 +167,12 @@ class ShardWriter:
 
     def _reset(self):
         self.ids, self.lengths, self.digests, self.sigs, self.tokens = [], [], [], [], 0
-        self.bytes = 0
+        self.bytes, self.doc_bytes = 0, []
 
     def add(self, ids: np.ndarray, digest: bytes, keys: np.ndarray | None, nbytes: int) -> bool:
         """Append one document (``nbytes`` of UTF-8 text); True when that closed a shard."""
         self.bytes += nbytes
+        self.doc_bytes.append(nbytes)
         self.ids.append(ids)
         self.lengths.append(len(ids))
         self.digests.append(np.frombuffer(digest, np.uint8))
@@ -192,7 +196,8 @@ class ShardWriter:
         if self.write:
             offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
             _atomic_save(self.folder / f"{name}.idx.npy", offsets)
-            dedup = np.stack(self.digests)
+            nbytes = np.asarray(self.doc_bytes, "<u8").view(np.uint8).reshape(-1, 8)
+            dedup = np.concatenate([np.stack(self.digests), nbytes], axis=1)
             if self.sigs[0] is not None:
                 dedup = np.concatenate([dedup, np.stack(self.sigs).view(np.uint8)], axis=1)
             _atomic_save(self.folder / f"{name}.dedup.npy", dedup)
@@ -206,7 +211,7 @@ class ShardWriter:
 def _load_dedup(folder: Path, shard: dict, dedup: Dedup) -> None:
     """Rebuild dedup state from a finished shard's sidecar (resume)."""
     rows = np.load(folder / shard["file"].replace(".npy", ".dedup.npy"))
-    keys = np.ascontiguousarray(rows[:, 16:]).view(np.uint64) if dedup.near else None
+    keys = np.ascontiguousarray(rows[:, SIDECAR_KEYS:]).view(np.uint64) if dedup.near else None
     dedup.load(rows[:, :16], keys)
 
 
@@ -478,7 +483,7 @@ def prepare_stream(
 
     progress = _Progress([_size(url) for _, url in mine], stats, verbose)
     workers = cfg.workers or os.cpu_count() or 1
-    near = cfg.near_dedup_threshold if cfg.near_dedup else None
+    near = band_shape(cfg.near_dedup_threshold) if cfg.near_dedup else None
     with _pool(workers, tok.to_str(), near) as pool:
         val_docs = mixture_documents(sources, units, "val", Stats(), cfg.skip_bad_files)
         _run_split("val", val_docs, writers["val"], dedup, pool, specials, record, progress)
