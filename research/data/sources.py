@@ -37,7 +37,8 @@ class Source:
     """Where one part of a mixture comes from.
 
     ``path``: a file, folder (searched recursively), glob or URL, or ``hf:NAME[/CONFIG][@SPLIT]``.
-    ``weight``: copies per document: 2.0 keeps every document twice, 0.5 a hash-chosen half.
+    ``weight``: copies per train document: 2.0 keeps every document twice, 0.5 a hash-chosen
+    half (the copies are repeats, not duplicates: dedup sees the document once).
     ``val_fraction``: the share of this source's documents held out for validation.
     ``txt_separator``: a .txt file is one document, or several split on this separator."""
 
@@ -291,6 +292,28 @@ def work_units(sources: list[Source]) -> list[tuple[int, str]]:
     return [(i, url) for i, source in enumerate(sources) for url in expand(source)]
 
 
+def mixture_distinct(
+    sources: list[Source],
+    units: list[tuple[int, str]],
+    split: str,
+    stats: Stats,
+    skip_bad: bool = False,
+) -> Iterator[tuple[str, bytes, int]]:
+    """(text, hash, copies) of each of the split's source documents in the given units, once:
+    what dedup compares (a weight's deliberate repeats are not duplicates). Validation keeps
+    each of its documents once; train has ``copies(hash, weight)`` of each, and a document
+    with none (a fractional weight's unchosen share) is not in the mixture at all."""
+    for index, url in units:
+        source = sources[index]
+        for doc in read_file(url, source, stats, skip_bad):
+            digest = doc_hash(doc)
+            if is_val(digest, source.val_fraction) != (split == "val"):
+                continue
+            n = 1 if split == "val" else copies(digest, source.weight)
+            if n:
+                yield doc, digest, n
+
+
 def mixture_documents(
     sources: list[Source],
     units: list[tuple[int, str]],
@@ -298,13 +321,9 @@ def mixture_documents(
     stats: Stats,
     skip_bad: bool = False,
 ) -> Iterator[tuple[str, bytes]]:
-    """(text, hash) of the split's documents in the given units. Validation keeps each of its
+    """(text, hash) of the split's documents in the given units, each repeat in a row (the
+    mixture as a model sees it, e.g. for the BPE sample). Validation keeps each of its
     documents once; train repeats or subsamples each by its source's weight."""
-    for index, url in units:
-        source = sources[index]
-        for doc in read_file(url, source, stats, skip_bad):
-            digest = doc_hash(doc)
-            if is_val(digest, source.val_fraction) != (split == "val"):
-                continue
-            for _ in range(1 if split == "val" else copies(digest, source.weight)):
-                yield doc, digest
+    for doc, digest, n in mixture_distinct(sources, units, split, stats, skip_bad):
+        for _ in range(n):
+            yield doc, digest

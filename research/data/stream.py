@@ -28,6 +28,10 @@ Parts: ``--num-shards N --shard-index I`` gives part I the I-th contiguous slice
 within a part and against all validation documents; duplicates across parts stay until the
 global pass (``--dedup-parts``) removes them (the counts in each manifest say what was
 removed). The whole dataset is the parts in order.
+
+Weights: dedup sees each source document once (``sources.mixture_distinct``); a kept train
+document is then written ``copies`` times in a row in one shard, so a weight's repeats are never
+taken for duplicates and a real duplicate goes with all of its repeats.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ from research.data.sources import (
     HF_PREFIX,
     Source,
     Stats,
+    mixture_distinct,
     mixture_documents,
     parse_sources,
     work_units,
 )
 
-FORMAT_VERSION = 3  # 2: .dedup.npy holds band keys; 3: numpy shingles, documents' bytes too
+FORMAT_VERSION = 4  # 2: .dedup.npy holds band keys; 3: numpy shingles, documents' bytes too;
+# 4: a weight's repeats are kept (in a row, in one shard) instead of removed as duplicates
 BATCH_DOCS = 256  # documents per task sent to a worker
 SIDECAR_KEYS = 24  # .dedup.npy rows: 16-byte hash, UTF-8 bytes (uint64), then the band keys
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
@@ -167,17 +173,23 @@ class ShardWriter:
 
     def _reset(self):
         self.ids, self.lengths, self.digests, self.sigs, self.tokens = [], [], [], [], 0
-        self.bytes, self.doc_bytes = 0, []
+        self.bytes, self.doc_bytes, self.repeats = 0, [], 0
 
-    def add(self, ids: np.ndarray, digest: bytes, keys: np.ndarray | None, nbytes: int) -> bool:
-        """Append one document (``nbytes`` of UTF-8 text); True when that closed a shard."""
-        self.bytes += nbytes
-        self.doc_bytes.append(nbytes)
-        self.ids.append(ids)
-        self.lengths.append(len(ids))
-        self.digests.append(np.frombuffer(digest, np.uint8))
-        self.sigs.append(keys)
-        self.tokens += len(ids)
+    def add(
+        self, ids: np.ndarray, digest: bytes, keys: np.ndarray | None, nbytes: int, copies: int = 1
+    ) -> bool:
+        """Append one document (``nbytes`` of UTF-8 text) ``copies`` times in a row (a weight's
+        repeats, never split across shards, so a resume never loses some of them); True when
+        that closed a shard."""
+        for _ in range(copies):
+            self.bytes += nbytes
+            self.doc_bytes.append(nbytes)
+            self.ids.append(ids)
+            self.lengths.append(len(ids))
+            self.digests.append(np.frombuffer(digest, np.uint8))
+            self.sigs.append(keys)
+            self.tokens += len(ids)
+        self.repeats += copies - 1
         if self.tokens >= self.shard_tokens:
             self.flush()
             return True
@@ -192,6 +204,7 @@ class ShardWriter:
             "tokens": self.tokens,
             "docs": len(self.ids),
             "bytes": self.bytes,  # of UTF-8 text: bits per byte compares tokenizers
+            "repeats": self.repeats,  # documents that repeat the one before (a weight above 1)
         }
         if self.write:
             offsets = np.concatenate([[0], np.cumsum(self.lengths)]).astype(np.int64)
@@ -208,9 +221,19 @@ class ShardWriter:
         self._reset()
 
 
+def first_copies(rows: np.ndarray) -> np.ndarray:
+    """Which rows of a shard's ``.dedup.npy`` are a distinct document, not a weight's repeat
+    of the row before: a shard holds all the repeats of its documents in a row, and two
+    distinct documents of a part never share a hash (exact dedup)."""
+    first = np.ones(len(rows), bool)
+    first[1:] = (rows[1:, :16] != rows[:-1, :16]).any(axis=1)
+    return first
+
+
 def _load_dedup(folder: Path, shard: dict, dedup: Dedup) -> None:
     """Rebuild dedup state from a finished shard's sidecar (resume)."""
     rows = np.load(folder / shard["file"].replace(".npy", ".dedup.npy"))
+    rows = rows[first_copies(rows)]
     keys = np.ascontiguousarray(rows[:, SIDECAR_KEYS:]).view(np.uint64) if dedup.near else None
     dedup.load(rows[:, :16], keys)
 
@@ -353,7 +376,7 @@ class _Progress:
 
 def _run_split(
     split: str,
-    docs: Iterator[tuple[str, bytes]],
+    docs: Iterator[tuple[str, bytes, int]],
     writer: ShardWriter,
     dedup: Dedup,
     pool,
@@ -362,20 +385,20 @@ def _run_split(
     progress: _Progress,
     skip: int = 0,
 ) -> None:
-    """Tokenize the split's documents in the pool (at most 2 x workers batches in flight, so
-    memory stays bounded), drop duplicates in stream order, write shards. ``skip``: documents
-    already in finished shards (a resume); ``journal(split, consumed)`` runs at each shard."""
+    """Tokenize the split's distinct documents (text, hash, copies) in the pool (at most 2 x
+    workers batches in flight, so memory stays bounded), drop duplicates in stream order, write
+    each kept one ``copies`` times. ``skip``: documents already in finished shards (a resume);
+    ``journal(split, consumed)`` runs at each shard."""
     bos, eos = specials
     pending: deque = deque()
     window = 2 * pool.workers
     consumed = skip
 
     def submit(batch):
-        dups = dedup.exact_dups([digest for _, digest in batch])
-        batch = [
-            (None if dup else text, digest) for (text, digest), dup in zip(batch, dups, strict=True)
-        ]
-        texts = [text for text, _ in batch if text is not None]
+        dups = dedup.exact_dups([digest for _, digest, _ in batch])
+        batch = [(None if dup else text, digest, n)
+                 for (text, digest, n), dup in zip(batch, dups, strict=True)]  # fmt: skip
+        texts = [text for text, _, _ in batch if text is not None]
         pending.append((batch, pool.apply_async(_work, (texts,))))
 
     def drain_one():
@@ -385,7 +408,7 @@ def _run_split(
         near = dedup.near_dups(keys)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         j = 0  # index among the batch's tokenized documents
-        for text, digest in batch:
+        for text, digest, copies in batch:
             consumed += 1
             nbytes = len(text.encode("utf-8")) if text is not None else 0
             if text is None:  # an exact duplicate, dropped before tokenizing
@@ -395,15 +418,16 @@ def _run_split(
             if keys is not None and near[j - 1]:
                 continue
             pieces = [[bos]] * (bos is not None) + [doc] + [[eos]] * (eos is not None)
-            if writer.add(np.concatenate(pieces) if len(pieces) > 1 else doc, digest, row, nbytes):
+            doc = np.concatenate(pieces) if len(pieces) > 1 else doc
+            if writer.add(doc, digest, row, nbytes, copies):
                 journal(split, consumed)
         progress.advance(len(batch), int(lengths.sum()))
 
     batch = []
-    for index, (text, digest) in enumerate(docs):
+    for index, item in enumerate(docs):
         if index < skip:
             continue
-        batch.append((text, digest))  # exact duplicates are marked as the batch is sent
+        batch.append(item)  # exact duplicates are marked as the batch is sent
         if len(batch) == BATCH_DOCS:
             submit(batch)
             batch = []
@@ -485,7 +509,7 @@ def prepare_stream(
     workers = cfg.workers or os.cpu_count() or 1
     near = band_shape(cfg.near_dedup_threshold) if cfg.near_dedup else None
     with _pool(workers, tok.to_str(), near) as pool:
-        val_docs = mixture_documents(sources, units, "val", Stats(), cfg.skip_bad_files)
+        val_docs = mixture_distinct(sources, units, "val", Stats(), cfg.skip_bad_files)
         _run_split("val", val_docs, writers["val"], dedup, pool, specials, record, progress)
         val_counts = dict(dedup.counts)
         resumed = state["train"]
@@ -498,7 +522,7 @@ def prepare_stream(
             raise DataError(f"{journal_path} has shards but no counts; delete it to start over")
         if resumed["shards"] and verbose:
             print(f"prepare: resuming {name} after {len(resumed['shards'])} finished shards")
-        train_docs = mixture_documents(sources, mine, "train", stats, cfg.skip_bad_files)
+        train_docs = mixture_distinct(sources, mine, "train", stats, cfg.skip_bad_files)
         _run_split(
             "train",
             train_docs,
@@ -523,7 +547,8 @@ def prepare_stream(
         "bos_id": specials[0],
         "eos_id": specials[1],
         "read": asdict(stats),
-        "removed": {"val": val_counts, "train": train_counts},
+        "removed": {"val": val_counts, "train": train_counts},  # distinct documents
+        "repeats": sum(s["repeats"] for s in writers["train"].shards),  # kept, not removed
         "splits": {
             "val": writers["val"].shards if part == 0 else [],
             "train": writers["train"].shards,
