@@ -18,10 +18,11 @@ def _train(text):
     return not is_val(doc_hash(text), 0.1)
 
 
-def _corpus(folder):
+def _corpus(folder, weighted=False):
     """Four files (two parts of two): the last file repeats three train documents of the first
     part exactly and holds near copies (one word of 400 changed, Jaccard ~0.97) of four more
-    (all in train, so none is removed as a copy of a validation document instead)."""
+    (all in train, so none is removed as a copy of a validation document instead).
+    ``weighted``: the first two files in folder a, the last two in b, for sources a*1.5,b*2."""
     rng = np.random.default_rng(0)
     folder.mkdir()
     texts = [[" ".join(rng.choice(WORDS, rng.integers(20, 60))) + f" doc{f}x{d}" for d in range(40)]
@@ -38,12 +39,14 @@ def _corpus(folder):
     exact = [t for t in texts[0] if _train(t)][:3]
     texts[3] = texts[3][:20] + exact + near + texts[3][20:]
     for f, docs in enumerate(texts):
-        with open(folder / f"f{f}.jsonl", "w") as handle:
+        path = folder / "ab"[f // 2] / f"f{f}.jsonl" if weighted else folder / f"f{f}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "w") as handle:
             handle.writelines(json.dumps({"text": t}) + "\n" for t in docs)
 
 
-def _cfg(tmp_path, cache):
-    return DataConfig(sources=str(tmp_path / "c"), tokenizer="bpe", bpe_vocab_size=300,
+def _cfg(tmp_path, cache, sources=None):
+    return DataConfig(sources=sources or str(tmp_path / "c"), tokenizer="bpe", bpe_vocab_size=300,
                       shard_tokens=1500, cache_dir=str(tmp_path / cache), workers=1,
                       val_fraction=0.1)  # fmt: skip
 
@@ -62,8 +65,8 @@ def _totals(data):
     return [sum(s[k] for s in shards) for k in ("tokens", "docs", "bytes")] + removed
 
 
-def _two_parts(tmp_path, cache="parts"):
-    cfg = _cfg(tmp_path, cache)
+def _two_parts(tmp_path, cache="parts", sources=None):
+    cfg = _cfg(tmp_path, cache, sources)
     for part in (0, 1):
         folder = prepare_stream(cfg, part, 2, verbose=False)
     return cfg, folder
@@ -107,6 +110,26 @@ def test_the_pass_gives_the_single_process_prepare(tmp_path):
         "exact": 3,
         "near": 4,
     }
+
+
+def test_a_weights_repeats_count_once_and_go_with_their_document(tmp_path):
+    """Sources a*1.5 (part 0) and b*2 (part 1, holding copies of a's documents): the parts keep
+    every repeat; the pass removes a copy with all its repeats and counts it once, giving the
+    single-process prepare's documents, counts and repeats."""
+    _corpus(tmp_path / "c", weighted=True)
+    sources = f"{tmp_path / 'c' / 'a'}*1.5,{tmp_path / 'c' / 'b'}*2"
+    one = StreamData.open(prepare_stream(_cfg(tmp_path, "one", sources), verbose=False))
+    assert one.parts[0]["removed"]["train"] == {"exact": 3, "near": 4}
+    cfg, folder = _two_parts(tmp_path, sources=sources)
+    before = StreamData.open(folder)
+    assert len(_docs(before)) == len(_docs(one)) + 2 * 7  # the copies, twice each
+    assert dedup_across_parts(cfg, 2, verbose=False) == {"exact": 3, "near": 4}
+    after = StreamData.open(folder, verify=True)
+    assert _docs(after) == _docs(one) and _docs(after, "val") == _docs(one, "val")
+    assert _totals(after) == _totals(one)
+    repeats = [sum(s["repeats"] for s in d.shards("train")) for d in (before, after, one)]
+    assert repeats[0] == repeats[1] + 7 and repeats[1] == repeats[2] > 40
+    assert sum(p["repeats"] for p in after.parts) == one.parts[0]["repeats"] == repeats[2]
 
 
 @pytest.mark.parametrize("dies_in", ["_atomic_json", "_remove_unlisted"])

@@ -15,6 +15,10 @@ new ``across_parts`` counts), then deletes the replaced files. An interrupted pa
 leaves every part either as it was or fully updated, and running it again finishes the job:
 parts already updated find nothing more to drop, and files no manifest names are removed.
 ``dedup-parts.json`` marks a finished pass.
+
+A weight's repeats (the rows after a document with the same hash: written in a row, in one
+shard) share their document's keys, so they go with it, and the counts are of distinct
+documents, as in the prepare's own; each shard's ``repeats`` and the part's total follow.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from research.data.stream import (
     StreamData,
     _atomic_json,
     _atomic_save,
+    first_copies,
     part_name,
     prepared_folder,
 )
@@ -85,6 +90,7 @@ def _rewrite(folder: Path, shard: dict, keep: np.ndarray, rows: np.ndarray) -> d
         "tokens": int(lengths.sum()),
         "docs": int(keep.sum()),
         "bytes": int(nbytes.sum()),
+        "repeats": int((~first_copies(rows[keep])).sum()),
         "sha256": sha256_file(folder / name),
         "idx_sha256": sha256_file(folder / _idx(name)),
     }
@@ -115,20 +121,22 @@ def dedup_across_parts(cfg: DataConfig, num_parts: int, verbose: bool = True) ->
         for shard in manifest["splits"]["train"]:
             rows = np.load(folder / _sidecar(shard["file"]))
             exact, close = _drops(rows, near, seen, bands)
-            keep = ~(exact | close)
+            keep, first = ~(exact | close), first_copies(rows)
             if keep.all():
                 shards.append(shard)
             else:
                 shards.append(_rewrite(folder, shard, keep, rows))
-                new["exact"] += int(exact.sum())
-                new["near"] += int(close.sum())
-            kept_rows.append(rows[keep])
+                new["exact"] += int((exact & first).sum())  # a document, not its repeats
+                new["near"] += int((close & first).sum())
+            kept_rows.append(rows[keep & first])
         if new["exact"] or new["near"]:
             counts = manifest["removed"]
             across = counts.get("across_parts", {"exact": 0, "near": 0})
+            shards = [s for s in shards if s["docs"]]
             manifest = {
                 **manifest,
-                "splits": {**manifest["splits"], "train": [s for s in shards if s["docs"]]},
+                "splits": {**manifest["splits"], "train": shards},
+                "repeats": sum(s["repeats"] for s in shards),
                 "removed": {
                     **counts,
                     "train": {k: counts["train"][k] + new[k] for k in new},
