@@ -14,6 +14,7 @@ from research.data.sources import (
     expand,
     file_documents,
     is_val,
+    mixture_distinct,
     mixture_documents,
     parse_sources,
     read_file,
@@ -106,6 +107,10 @@ def test_mixture_split_is_by_hash_and_weights_repeat_or_subsample(tmp_path):
     assert a_train == [d for d in DOCS if d not in a_val for _ in range(2)]
     b_train = [d for d in train if d.endswith("!")]
     assert 10 < len(b_train) < 40 and len(set(b_train)) == len(b_train)
+    distinct = list(mixture_distinct(sources, units, "train", Stats()))  # what dedup sees
+    assert [d for d, _, n in distinct for _ in range(n)] == train
+    assert len({d for d, _, _ in distinct}) == len(distinct)  # each source document once
+    assert {n for d, _, n in distinct if not d.endswith("!")} == {2}
 
 
 def test_parse_sources():

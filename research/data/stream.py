@@ -561,7 +561,8 @@ def prepare_stream(
         tokens = sum(s["tokens"] for s in manifest["splits"]["train"])
         print(
             f"prepare: {name}: {stats.documents:,} documents read, {tokens:,} train tokens in "
-            f"{len(manifest['splits']['train'])} shards; removed {train_counts} -> {out}"
+            f"{len(manifest['splits']['train'])} shards ({manifest['repeats']:,} repeats of "
+            f"weighted documents); removed {train_counts} -> {out}"
         )
     return out
 
