@@ -373,6 +373,9 @@ class OptimConfig:
     optimizer: str = "adamw"  # adamw | muon
     muon_lr: float = 0.02  # peak LR of the matrices under muon (same schedule shape as lr)
     muon_momentum: float = 0.95
+    # Orthogonalise same-shape matrices as one batch, split over data-parallel replicas: the
+    # same update in another float order, faster on CPU (research/train/muon_groups.py).
+    muon_group_matrices: bool = False
 
     def problems(self) -> list[str]:
         c = _Checks("optim", self)
