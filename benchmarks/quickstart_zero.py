@@ -8,9 +8,12 @@ update.
 
 With replicated updates each core runs all of Muon's Newton-Schulz iterations (~2.5 GFLOP a
 step at the quickstart's size); sharded, each core orthogonalises its slice and the new
-parameters are gathered. Both train steps are built and compiled in one process, then timed in
-alternating rounds (benchmarks/quickstart_mesh.py's ``time_variants``), so a change in the
-machine's load hits both; prints the median step time of each, the ratio and the load.
+parameters are gathered. ``optim.muon_group_matrices`` batches Muon's same-shape matrices (one
+chain of batched matmuls per shape instead of one per matrix; research/train/muon_groups.py)
+and splits the batches over the replicas. All train steps are built and compiled in one
+process, then timed in alternating rounds (quickstart_mesh.py's ``time_variants``), so a change
+in the machine's load hits all; prints each one's median step time, its ratio to the
+replicated update's, and the load.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ import jax  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart_mesh import time_variants  # noqa: E402
 
+ZERO, GROUPED = "train.shard_optimizer_update=true", "optim.muon_group_matrices=true"
 VARIANTS = {
-    "replicated": ["train.shard_optimizer_update=false"],
-    "sharded": ["train.shard_optimizer_update=true"],
+    "replicated": [],
+    "sharded": [ZERO],
+    "grouped": [GROUPED],  # Muon's matrices batched by shape, the batches split over data
+    "sharded+grouped": [ZERO, GROUPED],
 }
 
 
@@ -43,10 +49,18 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     print(f"{len(jax.devices())} CPU devices; load average before: {os.getloadavg()}", flush=True)
-    median = time_variants(VARIANTS, args.overrides, args.rounds, args.steps)
+    variants = (
+        VARIANTS
+        if "optim.optimizer=adamw" not in args.overrides
+        else dict(list(VARIANTS.items())[:2])
+    )
+    median = time_variants(variants, args.overrides, args.rounds, args.steps)
+    base = median["replicated"]
     for name, seconds in median.items():
-        print(f"{name:<11} {1e3 * seconds:7.1f} ms/step (median of {args.rounds} rounds)")
-    print(f"sharded / replicated update step time: {median['sharded'] / median['replicated']:.2f}x")
+        print(
+            f"{name:<16} {1e3 * seconds:7.1f} ms/step (median of {args.rounds} rounds), "
+            f"{seconds / base:.2f}x the replicated update's"
+        )
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -138,7 +138,7 @@ def test_muon_on_sharded_matrices_equals_the_unsharded_result():
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(n_layers=2),
+        pytest.param(dict(n_layers=2), marks=pytest.mark.slow),  # fast twin: tests/test_zero.py
         pytest.param(
             dict(n_layers=2, scan_layers=True, n_experts=4, top_k=2, moe_every=2),
             marks=pytest.mark.slow,
@@ -159,6 +159,7 @@ def test_grouped_muon_equals_optax_muon(overrides):
     grouped, _ = make_optimizer(OptimConfig(**{**vars(config), "muon_group_matrices": True}), 10)
     ref_state, state = reference.init(params), grouped.init(params)
     step = jax.jit(on_mesh(lambda g, s, p: grouped.update(g, s, p), mesh))
+    reference_step = jax.jit(reference.update)
     for i in range(3):
         keys = jax.random.split(jax.random.key(i), len(jax.tree.leaves(params)))
         grads = jax.tree.unflatten(
@@ -168,7 +169,7 @@ def test_grouped_muon_equals_optax_muon(overrides):
                 for k, p in zip(keys, jax.tree.leaves(params), strict=True)
             ],
         )
-        expected, ref_state = jax.jit(reference.update)(grads, ref_state, params)
+        expected, ref_state = reference_step(grads, ref_state, params)
         updates, state = step(grads, state, params)
         for (path, a), b in zip(flat(updates).items(), flat(expected).values(), strict=True):
             np.testing.assert_allclose(

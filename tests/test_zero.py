@@ -45,9 +45,11 @@ def test_update_sharding_splits_a_batch_axis_else_the_largest():
     assert odd["['final_norm']['scale']"] == PartitionSpec(None)
 
 
-# Muon on the matrices (the dense layer's and the experts', split over layers and experts)
-# and AdamW on the rest: one fast case covers both optimizers, dense and MoE layers.
-FAST = ("optim.optimizer=muon", "mesh.data=2", "model.scan_layers=true", *MOE, "train.steps=4")
+GROUPED = "optim.muon_group_matrices=true"
+# The quickstart's layout (unstacked) and the switches it would turn on, against the plain
+# replicated update of optax.contrib.muon (+ AdamW on the rest): Muon's matrices batched by
+# shape, each batch split over the replicas, AdamW's and the momentum's work split per leaf.
+FAST = ("optim.optimizer=muon", "mesh.data=2", "train.steps=4")
 
 
 def _params_after_steps(tmp_path, name: str, *overrides: str, steps: int = 2):
@@ -61,18 +63,26 @@ def _params_after_steps(tmp_path, name: str, *overrides: str, steps: int = 2):
 
 
 @pytest.mark.parametrize(
-    "overrides",
+    "overrides, switches",
     [
-        FAST,
-        pytest.param(("optim.optimizer=adamw", "mesh.data=8", *MOE), marks=pytest.mark.slow),
-        # the quickstart's layout: unstacked matrices, split on a contracted axis
-        pytest.param(("optim.optimizer=muon", "mesh.data=8"), marks=pytest.mark.slow),
+        (FAST, (ZERO, GROUPED)),
+        # Muon on the stacked layers' and the experts' matrices, split along those axes
+        pytest.param(
+            ("optim.optimizer=muon", "mesh.data=2", "model.scan_layers=true", *MOE),
+            (ZERO,),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            ("optim.optimizer=adamw", "mesh.data=8", *MOE), (ZERO,), marks=pytest.mark.slow
+        ),
+        # unstacked matrices, per leaf: split on a contracted axis
+        pytest.param(("optim.optimizer=muon", "mesh.data=8"), (ZERO,), marks=pytest.mark.slow),
     ],
-    ids=["muon-moe-scan", "adamw-moe", "muon-dense"],
+    ids=["muon-grouped", "muon-moe-scan", "adamw-moe", "muon-dense"],
 )
-def test_sharded_update_equals_the_replicated_one(tmp_path, overrides):
+def test_sharded_update_equals_the_replicated_one(tmp_path, overrides, switches):
     replicated = _params_after_steps(tmp_path, "replicated", *overrides)
-    sharded = _params_after_steps(tmp_path, "sharded", *overrides, ZERO)
+    sharded = _params_after_steps(tmp_path, "sharded", *overrides, *switches)
     pairs = zip(
         jax.tree.leaves_with_path(replicated["params"]),
         jax.tree.leaves(sharded["params"]),
@@ -95,7 +105,7 @@ def test_sharded_update_checkpoint_resumes(tiny_config):
     """Killed after step 3 (its checkpoint), resumed: step 4 is the uninterrupted run's."""
     import shutil
 
-    common = (*SMALL[:1], *FAST, ZERO, "train.checkpoint_every=3", "train.log_every=1")
+    common = (*SMALL[:1], *FAST, ZERO, GROUPED, "train.checkpoint_every=3", "train.log_every=1")
     common += ("train.sample_tokens=0", "train.eval_every=0", "train.eval_batches=1")
     common += ("log.tensorboard=false",)
     result = train(tiny_config(*common))
