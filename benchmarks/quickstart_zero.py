@@ -39,6 +39,7 @@ VARIANTS = {
     "sharded": [ZERO],
     "grouped": [GROUPED],  # Muon's matrices batched by shape, the batches split over data
     "sharded+grouped": [ZERO, GROUPED],
+    "adamw (floor)": ["optim.optimizer=adamw"],  # no Muon at all: what the Muon part costs
 }
 
 
@@ -49,11 +50,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     print(f"{len(jax.devices())} CPU devices; load average before: {os.getloadavg()}", flush=True)
-    variants = (
-        VARIANTS
-        if "optim.optimizer=adamw" not in args.overrides
-        else dict(list(VARIANTS.items())[:2])
-    )
+    variants = VARIANTS
+    if "optim.optimizer=adamw" in args.overrides:  # grouping is Muon's; no floor to show
+        variants = {name: VARIANTS[name] for name in ("replicated", "sharded")}
     median = time_variants(variants, args.overrides, args.rounds, args.steps)
     base = median["replicated"]
     for name, seconds in median.items():
