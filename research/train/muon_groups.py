@@ -54,7 +54,9 @@ def _split_over_data(x: jax.Array) -> jax.Array:
     ways = dict(mesh.shape)["data"]
     if ways == 1 or x.shape[0] % ways:
         return x
-    return jax.lax.with_sharding_constraint(x, PartitionSpec("data", None, None))
+    # The matrix dims stay as XLA lays them out (fsdp/tensor splits, where there are any).
+    free = PartitionSpec.UNCONSTRAINED
+    return jax.lax.with_sharding_constraint(x, PartitionSpec("data", free, free))
 
 
 def grouped_muon_direction(
