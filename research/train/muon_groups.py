@@ -11,7 +11,8 @@ Each matrix is still orthogonalised on its own, so the update is optax.contrib.m
 
 On a mesh with a ``data`` axis, each group's batch is split over it when it divides: every
 data-parallel replica orthogonalises its share of whole matrices (no communication inside the
-iteration) and the results are gathered, instead of every replica doing all of them.
+iteration) and the results are gathered, instead of every replica doing all of them. The
+matrix dims are left to XLA, so an fsdp/tensor split of the parameters carries over.
 
 The optimizer state keeps optax's per-leaf layout (``MuonState`` with the momentum shaped like
 the parameters), so shardings, checkpoints and ``optax.tree_map_params`` see the usual tree.
