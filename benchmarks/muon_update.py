@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import statistics
 import sys
@@ -54,8 +55,8 @@ def newton_schulz_flops(params, ns_steps: int = 5) -> float:
             else (dims.reduction_axis,)
         )
         out = dims.output_axis if isinstance(dims.output_axis, tuple) else (dims.output_axis,)
-        rows = int(jnp.prod(jnp.array([x.shape[a] for a in red])))
-        cols = int(jnp.prod(jnp.array([x.shape[a] for a in out])))
+        rows = math.prod(x.shape[a] for a in red)
+        cols = math.prod(x.shape[a] for a in out)
         batch = x.size // (rows * cols)
         m, n = sorted((rows, cols))
         total += batch * ns_steps * (4 * m * m * n + 2 * m**3)
