@@ -34,6 +34,34 @@ from research.run.training import _batches  # noqa: E402
 MESHES = {"fsdp": ["mesh.data=1", "mesh.fsdp=-1"], "data-parallel": ["mesh.data=-1", "mesh.fsdp=1"]}
 
 
+def time_variants(variants: dict[str, list[str]], overrides: list[str], rounds: int, steps: int):
+    """Median seconds per train step of each variant (extra ``--set`` overrides on the
+    quickstart): all built and compiled first, then timed in alternating rounds."""
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in variants.items():
+            cfg_overrides = [*overrides, *extra, f"train.run_dir={tmp}/{name}"]
+            cfg = load_experiment("shakespeare_char", cfg_overrides)
+            run = build_run(cfg, "train", resume=False)
+            batches = _batches(run)
+            state, metrics = run.train_step(run.state, next(batches))  # compile, warm up
+            state, metrics = run.train_step(state, next(batches))
+            jax.block_until_ready(metrics)
+            runs[name] = [run, batches, state, []]
+        for _ in range(rounds):
+            for entry in runs.values():
+                run, batches, state, times = entry
+                start = time.perf_counter()
+                for _ in range(steps):
+                    state, metrics = run.train_step(state, next(batches))
+                jax.block_until_ready(metrics)
+                times.append((time.perf_counter() - start) / steps)
+                entry[2] = state
+        for run, *_ in runs.values():
+            run.checkpointer.close()
+    return {name: statistics.median(entry[3]) for name, entry in runs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -41,28 +69,7 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
     print(f"{len(jax.devices())} CPU devices; load average before: {os.getloadavg()}", flush=True)
-    runs = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, mesh in MESHES.items():
-            overrides = [*args.overrides, *mesh, f"train.run_dir={tmp}/{name}"]
-            run = build_run(load_experiment("shakespeare_char", overrides), "train", resume=False)
-            batches = _batches(run)
-            state, metrics = run.train_step(run.state, next(batches))  # compile, warm up
-            state, metrics = run.train_step(state, next(batches))
-            jax.block_until_ready(metrics)
-            runs[name] = [run, batches, state, []]
-        for _ in range(args.rounds):
-            for entry in runs.values():
-                run, batches, state, times = entry
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    state, metrics = run.train_step(state, next(batches))
-                jax.block_until_ready(metrics)
-                times.append((time.perf_counter() - start) / args.steps)
-                entry[2] = state
-        for run, *_ in runs.values():
-            run.checkpointer.close()
-    median = {name: statistics.median(entry[3]) for name, entry in runs.items()}
+    median = time_variants(MESHES, args.overrides, args.rounds, args.steps)
     for name, seconds in median.items():
         print(f"{name:<14} {1e3 * seconds:7.1f} ms/step (median of {args.rounds} rounds)")
     print(f"fsdp / data-parallel step time: {median['fsdp'] / median['data-parallel']:.2f}x")

@@ -373,6 +373,9 @@ class OptimConfig:
     optimizer: str = "adamw"  # adamw | muon
     muon_lr: float = 0.02  # peak LR of the matrices under muon (same schedule shape as lr)
     muon_momentum: float = 0.95
+    # Orthogonalise same-shape matrices as one batch, split over data-parallel replicas: the
+    # same update in another float order, faster on CPU (research/train/muon_groups.py).
+    muon_group_matrices: bool = False
 
     def problems(self) -> list[str]:
         c = _Checks("optim", self)
@@ -410,6 +413,9 @@ class TrainConfig:
     run_dir: str = ""  # "": runs/<experiment name>
     sample_tokens: int = 300  # printed at the end of training; 0 disables
     sample_prompt: str = "\n"
+    # ZeRO-1: each data-parallel replica updates (and keeps optimizer state for) one slice of
+    # every parameter, then the slices are gathered (research/train/zero.py).
+    shard_optimizer_update: bool = False
 
     def problems(self) -> list[str]:
         c = _Checks("train", self)
@@ -645,6 +651,12 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
         found.append(
             f"train.batch_size={batch} is not a multiple of optim.grad_accum={accum}; the batch "
             f"is split into {accum} equal microbatches: use a multiple of {accum}"
+        )
+    if cfg.train.shard_optimizer_update is True and cfg.post.lora_rank:
+        found.append(
+            f"train.shard_optimizer_update=true shards the update of the full parameters, but "
+            f"post.lora_rank={cfg.post.lora_rank} trains small adapters instead; set "
+            "train.shard_optimizer_update=false"
         )
     kind = ConfigError
     if not found:

@@ -135,6 +135,56 @@ def test_muon_on_sharded_matrices_equals_the_unsharded_result():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=path)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(dict(n_layers=2), marks=pytest.mark.slow),  # fast twin: tests/test_zero.py
+        pytest.param(
+            dict(n_layers=2, scan_layers=True, n_experts=4, top_k=2, moe_every=2),
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["dense", "moe-scan"],
+)
+def test_grouped_muon_equals_optax_muon(overrides):
+    """optim.muon_group_matrices (same-shape matrices orthogonalised as one batch, the batch
+    split over data=2 replicas) gives optax.contrib.muon's updates and momentum, step by step,
+    in a state of the same layout."""
+    from research.parallel.mesh import on_mesh
+
+    params = params_of(tiny(**overrides))
+    mesh = make_mesh(MeshConfig(data=2), jax.devices()[:2])
+    config = OptimConfig(optimizer="muon", lr=1e-3, muon_lr=0.02, warmup_steps=0)
+    reference, _ = make_optimizer(config, total_steps=10)
+    grouped, _ = make_optimizer(OptimConfig(**{**vars(config), "muon_group_matrices": True}), 10)
+    ref_state, state = reference.init(params), grouped.init(params)
+    step = jax.jit(on_mesh(lambda g, s, p: grouped.update(g, s, p), mesh))
+    reference_step = jax.jit(reference.update)
+    for i in range(3):
+        keys = jax.random.split(jax.random.key(i), len(jax.tree.leaves(params)))
+        grads = jax.tree.unflatten(
+            jax.tree.structure(params),
+            [
+                jax.random.normal(k, p.shape)
+                for k, p in zip(keys, jax.tree.leaves(params), strict=True)
+            ],
+        )
+        expected, ref_state = reference_step(grads, ref_state, params)
+        updates, state = step(grads, state, params)
+        for (path, a), b in zip(flat(updates).items(), flat(expected).values(), strict=True):
+            np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6, err_msg=path
+            )
+    # the momentum keeps the parameters' layout (what shardings and checkpoints rely on)
+    momentum = {
+        k.split(".mu/", 1)[1]: v
+        for k, v in flat(state).items()
+        if "muon/.inner_state/[0]/.mu/" in k
+    }
+    for path, on in flat(is_muon_param(params)).items():
+        assert not on or momentum[path].shape == flat(params)[path].shape, path
+
+
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError, match="did you mean 'muon'"):
         load_experiment("tiny", ["optim.optimizer=moun"]).validate()

@@ -44,6 +44,7 @@ from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, param_shardings
 from research.train.state import abstract_like, abstract_train_state, init_train_state
 from research.train.step import make_train_step
+from research.train.zero import update_shardings
 
 PURPOSES = ("train", "eval", "generate", "info", "compile")
 # Config sections that define what a run computes: changing them under an existing run is an error.
@@ -234,6 +235,9 @@ def _jit_train_step(run: Run, shardings, objective=None):
         from research.post.lora import merge, scale_of
 
         params_view = functools.partial(merge, scale=scale_of(cfg.post))
+    zero = None
+    if cfg.train.shard_optimizer_update:  # ZeRO-1: the update runs sliced over data
+        zero = (update_shardings(run.state["params"], run.mesh), shardings["params"])
     step_fn = make_train_step(
         run.graphdef,
         run.tx,
@@ -243,6 +247,7 @@ def _jit_train_step(run: Run, shardings, objective=None):
         data_parallel_size(run.mesh),
         objective,
         params_view,
+        zero,
     )
     return jax.jit(
         on_mesh(step_fn, run.mesh),

@@ -62,17 +62,29 @@ def make_muon(
     adamw: optax.GradientTransformation,
     momentum: float,
     weight_decay: float,
+    group_matrices: bool = False,
 ) -> optax.GradientTransformation:
     """optax.contrib.muon on the matrices, ``adamw`` (with its own schedule and decay mask)
     on the rest.
 
     optax.contrib.muon would also run its own Adam on the non-matrix leaves, but with one
     Nesterov flag and eps for both and no decay mask; so the split is ours (``optax.partition``)
-    and optax's muon only ever sees matrices (its internal Adam gets an empty tree)."""
+    and optax's muon only ever sees matrices (its internal Adam gets an empty tree).
+    ``group_matrices``: orthogonalise same-shape matrices as one batch (research/train/
+    muon_groups.py), split over the data-parallel replicas."""
 
     def labels(params):
         return jax.tree.map(lambda m: "muon" if m else "adam", is_muon_param(params))
 
+    if group_matrices:  # the same update, same-shape matrices batched (muon_groups.py)
+        from research.train.muon_groups import grouped_muon_direction
+
+        muon = optax.chain(
+            grouped_muon_direction(dimension_numbers, momentum),
+            optax.add_decayed_weights(weight_decay),
+            optax.scale_by_learning_rate(muon_schedule),
+        )
+        return optax.partition({"muon": muon, "adam": adamw}, labels)
     muon = optax.contrib.muon(
         learning_rate=muon_schedule,
         beta=momentum,

@@ -77,6 +77,12 @@ def make_optimizer(
     if cfg.optimizer == "muon":
         # The matrices follow the same schedule shape, scaled to their own peak.
         ratio = cfg.muon_lr / cfg.lr
-        tx = make_muon(lambda step: schedule(step) * ratio, tx, cfg.muon_momentum, cfg.weight_decay)
+        tx = make_muon(
+            lambda step: schedule(step) * ratio,
+            tx,
+            cfg.muon_momentum,
+            cfg.weight_decay,
+            cfg.muon_group_matrices,
+        )
     chain = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
     return optax.chain(*chain, tx), schedule

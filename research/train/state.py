@@ -12,6 +12,7 @@ from research.models import Transformer
 from research.runtime import run_once_options
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, optimizer_shardings, param_shardings
+from research.train.zero import with_update_shardings
 
 
 def build_model(model_cfg: ModelConfig, seed: int, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
@@ -31,10 +32,11 @@ def init_train_state(cfg: ExperimentConfig, mesh: Mesh):
     """Fresh train state for a resolved config: (graphdef, state, tx, schedule)."""
     graphdef, params = build_model(cfg.model, cfg.train.seed, mesh)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
+    opt_shardings = optimizer_shardings(tx, _optimizer_layout(cfg, params, mesh), mesh)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
-        "opt_state": jax.jit(tx.init, out_shardings=optimizer_shardings(tx, params, mesh))(params),
+        "opt_state": jax.jit(tx.init, out_shardings=opt_shardings)(params),
         "rng": jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
     }
     # Scalars (step, optimizer counts, RNG key) live replicated on the mesh beside the params.
@@ -53,7 +55,7 @@ def abstract_train_state(cfg: ExperimentConfig, mesh: Mesh, tx) -> dict:
     opt = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(tx.init, params),
-        optimizer_shardings(tx, params, mesh),
+        optimizer_shardings(tx, _optimizer_layout(cfg, params, mesh), mesh),
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
@@ -63,6 +65,12 @@ def abstract_train_state(cfg: ExperimentConfig, mesh: Mesh, tx) -> dict:
         "opt_state": opt,
         "rng": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     }
+
+
+def _optimizer_layout(cfg: ExperimentConfig, params, mesh: Mesh):
+    """The parameters whose shardings the optimizer state follows: their update shardings
+    under ``train.shard_optimizer_update`` (each replica keeps a slice), else their own."""
+    return with_update_shardings(params, mesh) if cfg.train.shard_optimizer_update else params
 
 
 def abstract_like(tree):

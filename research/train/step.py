@@ -23,6 +23,7 @@ def make_train_step(
     batch_shards: int = 1,
     objective=None,
     params_view=None,
+    update_shardings: tuple[Any, Any] | None = None,
 ):
     """train_step(state, batch [accum, micro_batch, seq+1]) -> (state, metrics).
 
@@ -34,7 +35,11 @@ def make_train_step(
 
     ``params_view(frozen, trainable) -> params`` (LoRA, research/post/lora.py): the state's
     ``adapters`` train instead of its ``params``, which become the view of the frozen ``base``
-    and the updated adapters after each step."""
+    and the updated adapters after each step.
+
+    ``update_shardings`` (ZeRO-1, research/train/zero.py): (update shardings, the parameters'
+    own); the gradients are constrained to the first, so each data-parallel replica runs the
+    optimizer on its slice, and the new parameters go back to the second (an all-gather)."""
     moe_layers = model_cfg.moe_layers
     trained = "params" if params_view is None else "adapters"
 
@@ -63,6 +68,11 @@ def make_train_step(
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
+    def to_update_layout(grads):  # a reduce-scatter instead of an all-reduce
+        if update_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, update_shardings[0])
+
     def train_step(state: dict[str, Any], batch: jax.Array):
         step_key = jax.random.fold_in(state["rng"], state["step"])
         accum = jax.tree.leaves(batch)[0].shape[0]
@@ -77,7 +87,7 @@ def make_train_step(
                 (_, stats), g = grad_fn(
                     trainable, micro_batch, jax.random.fold_in(step_key, index), frozen
                 )
-                return jax.tree.map(jnp.add, carry, (g, stats)), None
+                return jax.tree.map(jnp.add, carry, (to_update_layout(g), stats)), None
 
             (_, stats_shape), grads_shape = jax.eval_shape(
                 grad_fn, trainable, first, step_key, frozen
@@ -85,8 +95,11 @@ def make_train_step(
             zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), (grads_shape, stats_shape))
             (grads, (ce, aux, extra)), _ = jax.lax.scan(micro, zeros, (jnp.arange(accum), batch))
             grads, ce, aux, extra = jax.tree.map(lambda x: x / accum, (grads, ce, aux, extra))
+        grads = to_update_layout(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = optax.apply_updates(trainable, updates)
+        if update_shardings is not None:  # gathered: every replica holds all of each again
+            params = jax.lax.with_sharding_constraint(params, update_shardings[1])
         if aux and model_cfg.aux_free_bias_rate and params_view is None:
             params = update_router_biases(
                 params, moe_layers, aux["expert_load"], model_cfg.aux_free_bias_rate
