@@ -5,7 +5,8 @@ Two dispatch modes compute the same function when nothing is dropped:
   (top-1 choices first, then top-2, ..., in token order); the rest are dropped and counted.
   Experts run as one batched matmul over an [experts, C, d] buffer: fast wherever matmuls are.
 - ``dropless``: nothing is dropped. On GPU/TPU assignments are sorted by expert and run through
-  ``jax.lax.ragged_dot`` (a grouped matmul). XLA's CPU lowering of ragged_dot computes every
+  ``jax.lax.ragged_dot`` (a grouped matmul; research/models/grouped_matmul.py gives it a
+  backward pass XLA:TPU can tile). XLA's CPU lowering of ragged_dot computes every
   row against every expert, so on CPU each expert's assignments are padded to whole blocks
   and run as dense batched matmuls instead (MegaBlocks' layout).
 
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from research.backend import backend
+from research.models.grouped_matmul import grouped_matmul
 from research.models.layers import SwiGLU, param
 from research.parallel.expert_shard import sharded_dropless
 
@@ -210,7 +212,7 @@ class MoE(nnx.Module):
         group_sizes = jnp.bincount(flat, length=n).astype(jnp.int32)
         out_sorted = self._experts_swiglu(
             sorted_tokens,
-            lambda a, w: jax.lax.ragged_dot(a, w, group_sizes),
+            lambda a, w: grouped_matmul(a, w, group_sizes),  # TPU-safe backward (its doc)
             weights=expert_weights,
         )
         grouped = jnp.arange(n_tokens * k)[:, None] < jnp.sum(group_sizes)

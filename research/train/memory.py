@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from research.backend import backend
 from research.config import ModelConfig, ResearchError
 from research.models.attention import resolve_implementation
 from research.models.moe import resolve_dispatch
@@ -122,24 +123,33 @@ def activation_bytes(
     return tokens_per_device * (per_token * itemsize + logits)
 
 
-def layer_weight_elements(cfg: ModelConfig, tensor: int, expert: int, layer: int) -> int:
-    """One layer's weights on a device once FSDP has gathered them (still split by tensor and
-    expert parallelism)."""
+def layer_weight_matrices(cfg: ModelConfig, tensor: int, expert: int, layer: int) -> list[int]:
+    """Elements of each of one layer's weight tensors on a device once FSDP has gathered them
+    (still split by tensor and expert parallelism): q, k, v, o, then the MLP's three (an MoE
+    layer's gate, up and down each hold all its local experts)."""
     d, hd = cfg.d_model, cfg.head_dim
-    attention = d * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * hd // tensor
+    attention = [d * n * hd // tensor for n in (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)]
+    attention.append(cfg.n_heads * hd * d // tensor)
     if cfg.is_moe_layer(layer):
-        experts = cfg.n_experts // expert * 3 * d * cfg.expert_hidden // tensor
-        mlp = experts + 3 * d * cfg.expert_hidden * cfg.n_shared_experts // tensor
+        mlp = [cfg.n_experts // expert * d * cfg.expert_hidden // tensor] * 3
+        mlp += [d * cfg.expert_hidden * cfg.n_shared_experts // tensor] * 3
     else:
-        mlp = 3 * d * cfg.mlp_hidden // tensor
-    return attention + mlp
+        mlp = [d * cfg.mlp_hidden // tensor] * 3
+    return attention + [m for m in mlp if m]
+
+
+def layer_weight_elements(cfg: ModelConfig, tensor: int, expert: int, layer: int) -> int:
+    """One layer's weights on a device once FSDP has gathered them."""
+    return sum(layer_weight_matrices(cfg, tensor, expert, layer))
 
 
 def working_bytes(cfg: ModelConfig, tokens_per_device: int, mesh_shape: dict) -> int:
     """Transient memory on top of what the forward pass saves, for the layer being worked on:
     under remat, its recomputed activations (the remat=none set) in the backward pass; under
-    FSDP, its weights gathered in the compute dtype plus their gradient before the
-    reduce-scatter. The TPU compiler's temporaries hold both (README: estimate vs compiler)."""
+    FSDP, its weights gathered in the compute dtype plus one weight's gradient before its
+    reduce-scatter: the TPU compiler reduces each gradient as soon as it is computed and
+    reuses the space (Mixtral's gate, up and down gradients, 896 MiB each, share buffers), so
+    the layer's gradients are never all held at once (README: estimate vs compiler)."""
     itemsize = jnp.dtype(compute_dtype(cfg.compute_dtype)).itemsize
     tensor, expert, fsdp = mesh_shape["tensor"], mesh_shape["expert"], mesh_shape["fsdp"]
     layers = range(cfg.n_layers)
@@ -151,8 +161,20 @@ def working_bytes(cfg: ModelConfig, tokens_per_device: int, mesh_shape: dict) ->
         )
         total += tokens_per_device * per_token * itemsize
     if fsdp > 1:
-        gathered = max(layer_weight_elements(cfg, tensor, expert, i) for i in layers)
-        total += 2 * gathered * itemsize
+        held = max(
+            layer_weight_elements(cfg, tensor, expert, i)
+            + max(layer_weight_matrices(cfg, tensor, expert, i))
+            for i in layers
+        )
+        total += held * itemsize
+    moe_layers = [i for i in layers if cfg.is_moe_layer(i)]
+    if moe_layers and resolve_dispatch(cfg.moe_dispatch) == "dropless" and backend() != "cpu":
+        # ragged_dot's backward takes a transposed copy of one expert weight at a time
+        # (research/models/grouped_matmul.py; [4] is the gate: all local experts); the CPU
+        # path runs dense blocks instead
+        total += (
+            max(layer_weight_matrices(cfg, tensor, expert, i)[4] for i in moe_layers) * itemsize
+        )
     return total
 
 
