@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,9 @@ class Checkpointer:
         """``on_durable(step)`` is called once each save is known to be on disk for good.
         ``directory``: a local path or a ``gs://`` URL (orbax 0.12.8 refuses ``s3://``)."""
         directory = run_path(directory)
-        self.directory = directory if is_remote(directory) else directory.absolute()
+        if not is_remote(directory):  # os.path: etils 1.12's PosixGPath has no .absolute()
+            directory = run_path(os.path.abspath(directory))
+        self.directory = directory
         self.on_durable = on_durable
         for logger in ("absl", "asyncio"):  # added once: a logger's filters are a set
             logging.getLogger(logger).addFilter(_quiet_orbax)
