@@ -132,3 +132,25 @@ def test_sharded_update_checkpoint_resumes(tiny_config):
 def test_lora_with_a_sharded_update_is_a_clear_error(tiny_config):
     with pytest.raises(ConfigError, match="train.shard_optimizer_update=false"):
         train(tiny_config(ZERO, "post.lora_rank=4"))
+
+
+def test_memory_report_counts_the_sharded_optimizer_state_per_device():
+    """`research info` and the pre-run memory check count each replica's slice of the optimizer
+    state, not the whole of it: the same bytes as the state's own shards on a device."""
+    from research.train.memory import memory_report
+    from research.train.optimizer import make_optimizer
+    from research.train.state import abstract_train_state
+
+    cfg = load_experiment("tiny", [*SMALL, "mesh.data=4", "optim.optimizer=muon", ZERO])
+    cfg.model = cfg.model.resolved(vocab_size=128)
+    mesh = make_mesh(cfg.mesh)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
+    whole = memory_report(cfg.model, mesh, tx, 8).optimizer_bytes
+    sliced = memory_report(cfg.model, mesh, tx, 8, shard_optimizer_update=True).optimizer_bytes
+    state = abstract_train_state(cfg, mesh, tx)["opt_state"]
+    held = sum(
+        int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * leaf.dtype.itemsize
+        for leaf in jax.tree.leaves(state)
+    )
+    assert sliced == held
+    assert sliced < 0.3 * whole  # 4 replicas: about a quarter, a few odd leaves whole

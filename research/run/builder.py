@@ -164,7 +164,9 @@ def build_run(
             f"{accum * batch_shards}"
         )
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
-    memory = memory_report(cfg.model, mesh, tx, batch_size // accum)
+    memory = memory_report(
+        cfg.model, mesh, tx, batch_size // accum, cfg.train.shard_optimizer_update
+    )
     if purpose != "compile":
         check_fits(memory, device_memory_bytes(mesh.devices.flat[0], cfg.log.device_memory_gb))
     graphdef, _ = param_shardings(cfg.model, mesh)

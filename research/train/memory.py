@@ -26,6 +26,7 @@ from research.models.moe import resolve_dispatch
 from research.models.transformer import compute_dtype
 from research.parallel.mesh import data_parallel_size
 from research.train.shardings import abstract_params, optimizer_shardings
+from research.train.zero import with_update_shardings
 
 
 @dataclass(frozen=True)
@@ -179,16 +180,23 @@ def working_bytes(cfg: ModelConfig, tokens_per_device: int, mesh_shape: dict) ->
 
 
 def memory_report(
-    cfg: ModelConfig, mesh: Mesh, tx: optax.GradientTransformation, micro_batch: int
+    cfg: ModelConfig,
+    mesh: Mesh,
+    tx: optax.GradientTransformation,
+    micro_batch: int,
+    shard_optimizer_update: bool = False,
 ) -> MemoryReport:
     """Per-device memory for a resolved model config trained with ``tx`` on ``mesh``;
-    ``micro_batch``: sequences per optimizer microbatch (global, split over the batch axes)."""
+    ``micro_batch``: sequences per optimizer microbatch (global, split over the batch axes).
+    ``shard_optimizer_update`` (ZeRO-1, research/train/zero.py): the optimizer state follows the
+    update shardings, so each data-parallel replica holds a slice of it."""
     params = abstract_params(cfg, mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
+    layout = with_update_shardings(params, mesh) if shard_optimizer_update else params
     opt = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         opt_shapes,
-        optimizer_shardings(tx, params, mesh),
+        optimizer_shardings(tx, layout, mesh),
     )
     tokens = max(1, micro_batch // data_parallel_size(mesh)) * cfg.seq_len
     return MemoryReport(
