@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,13 +30,7 @@ import jax  # noqa: E402
 from research.config import load_experiment  # noqa: E402
 from research.run.builder import build_run  # noqa: E402
 from research.run.training import _batches  # noqa: E402
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+from research.train.accounting import cpu_model  # noqa: E402
 
 
 def time_level(run, batch, level: int | None, steps: int) -> tuple[float, float]:

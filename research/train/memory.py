@@ -26,7 +26,7 @@ from research.models.moe import resolve_dispatch
 from research.models.transformer import compute_dtype
 from research.parallel.mesh import data_parallel_size
 from research.train.shardings import abstract_params, optimizer_shardings
-from research.train.zero import with_update_shardings
+from research.train.zero import optimizer_layout
 
 
 @dataclass(frozen=True)
@@ -192,11 +192,10 @@ def memory_report(
     update shardings, so each data-parallel replica holds a slice of it."""
     params = abstract_params(cfg, mesh)
     opt_shapes = jax.eval_shape(tx.init, params)
-    layout = with_update_shardings(params, mesh) if shard_optimizer_update else params
     opt = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         opt_shapes,
-        optimizer_shardings(tx, layout, mesh),
+        optimizer_shardings(tx, optimizer_layout(params, mesh, shard_optimizer_update), mesh),
     )
     tokens = max(1, micro_batch // data_parallel_size(mesh)) * cfg.seq_len
     return MemoryReport(

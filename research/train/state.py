@@ -12,7 +12,7 @@ from research.models import Transformer
 from research.runtime import run_once_options
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, optimizer_shardings, param_shardings
-from research.train.zero import with_update_shardings
+from research.train.zero import optimizer_layout
 
 
 def build_model(model_cfg: ModelConfig, seed: int, mesh: Mesh) -> tuple[nnx.GraphDef, dict]:
@@ -32,7 +32,8 @@ def init_train_state(cfg: ExperimentConfig, mesh: Mesh):
     """Fresh train state for a resolved config: (graphdef, state, tx, schedule)."""
     graphdef, params = build_model(cfg.model, cfg.train.seed, mesh)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.width_mult)
-    opt_shardings = optimizer_shardings(tx, _optimizer_layout(cfg, params, mesh), mesh)
+    layout = optimizer_layout(params, mesh, cfg.train.shard_optimizer_update)
+    opt_shardings = optimizer_shardings(tx, layout, mesh)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -52,10 +53,11 @@ def abstract_train_state(cfg: ExperimentConfig, mesh: Mesh, tx) -> dict:
     """The train state ``init_train_state`` would build, as shapes, dtypes and shardings only
     (nothing allocated): what an ahead-of-time compile for a pod lowers the step against."""
     params = abstract_params(cfg.model, mesh)
+    layout = optimizer_layout(params, mesh, cfg.train.shard_optimizer_update)
     opt = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         jax.eval_shape(tx.init, params),
-        optimizer_shardings(tx, _optimizer_layout(cfg, params, mesh), mesh),
+        optimizer_shardings(tx, layout, mesh),
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
@@ -65,12 +67,6 @@ def abstract_train_state(cfg: ExperimentConfig, mesh: Mesh, tx) -> dict:
         "opt_state": opt,
         "rng": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=replicated),
     }
-
-
-def _optimizer_layout(cfg: ExperimentConfig, params, mesh: Mesh):
-    """The parameters whose shardings the optimizer state follows: their update shardings
-    under ``train.shard_optimizer_update`` (each replica keeps a slice), else their own."""
-    return with_update_shardings(params, mesh) if cfg.train.shard_optimizer_update else params
 
 
 def abstract_like(tree):

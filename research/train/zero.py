@@ -78,3 +78,9 @@ def with_update_shardings(params: Any, mesh: Mesh) -> Any:
         params,
         update_shardings(params, mesh),
     )
+
+
+def optimizer_layout(params: Any, mesh: Mesh, shard_update: bool) -> Any:
+    """The parameters whose shardings the optimizer state follows: their update shardings under
+    ``train.shard_optimizer_update`` (each replica keeps a slice), else their own."""
+    return with_update_shardings(params, mesh) if shard_update else params
