@@ -38,6 +38,19 @@ def test_dry_run_kernel_case_is_correct_and_never_imports_grain(tmp_path):
     assert "## kernels" in table and "| bfloat16 d64 causal |" in table
 
 
+def test_packed_documents_judge_only_rows_that_see_a_key(tmp_path):
+    # A causal row at the start of a packed document, with keys shifted later, sees no key:
+    # ours gives it exactly 0, the reference a uniform average. The check must compare only
+    # the rows that see keys (it once called this kernel case WRONG on a correct kernel).
+    only = ("--only", "bfloat16 d64 segments")
+    done, payload, _ = _dry_run(tmp_path, "--sections", "kernels", *only)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = payload["rows"]
+    assert row["case"] == "bfloat16 d64 segments" and row["status"] == "ok", row
+    assert row["empty_rows"] > 8  # the first 8 rows and the start of each later document
+    assert row["empty_rows_max"] == 0.0
+
+
 def test_a_spent_budget_skips_cases_instead_of_running_them(tmp_path):
     done, payload, _ = _dry_run(tmp_path, "--budget-s", "0", "--sections", "moe")
     assert done.returncode == 0
