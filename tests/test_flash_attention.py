@@ -2,6 +2,7 @@
 ``xla`` reference: outputs and dq/dk/dv, every mask, uneven lengths, GQA, bf16; block skipping;
 clear errors; the kernels lower for their real backends; the model trains the same with them."""
 
+import contextlib
 import functools
 
 import jax
@@ -16,6 +17,7 @@ from research.kernels.flash_attention import (
     common,
     flash_attention,
 )
+from research.kernels.gpu_target import abstract_gpu
 from research.models.attention import attend, xla_attention
 from research.run import train
 
@@ -254,8 +256,10 @@ def test_kernels_lower_for_their_backend(kernel, platform):
         return out, vjp(out)
 
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    exported = jax.export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)
-    text = exported(q, kv, kv, pos, seg).mlir_module()
+    target = abstract_gpu() if kernel == "gpu" else contextlib.nullcontext()
+    with target:
+        exported = jax.export.export(jax.jit(fwd_bwd), platforms=[platform], disabled_checks=checks)
+        text = exported(q, kv, kv, pos, seg).mlir_module()
     marker = "xla.gpu.triton" if kernel == "gpu" else "tpu_custom_call"
     assert text.count(marker) == 3  # forward, dq, dkv
 
@@ -277,7 +281,7 @@ def test_auto_on_gpu_with_window_or_segments_runs_flash_not_the_quadratic_refere
         return attend(q, k, v, pos, pos, "auto", window, seg)
 
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with target_backend("gpu"):
+    with target_backend("gpu"), abstract_gpu():
         exported = jax.export.export(jax.jit(f), platforms=["cuda"], disabled_checks=checks)
         text = exported(q, q, q, *([seg] if segments else [])).mlir_module()
     assert "xla.gpu.triton" in text
