@@ -221,6 +221,23 @@ def test_ledger_arithmetic_and_resume_accumulation(tmp_path):
     assert ledger.sum_ledgers([first, {"energy_kwh": None}])["energy_kwh"] is None
 
 
+def test_a_pending_interval_is_counted_once_if_its_checkpoint_is_durable_else_dropped(tmp_path):
+    mesh = types.SimpleNamespace(
+        devices=np.array(fake_devices("cpu", "cpu", count=1)), axis_names=("data",)
+    )
+    peak, cfg = Peak(None, 1, "unknown"), EnergyConfig()
+    reading = power.EnergyReading(50.0, 10.0, "tdp-estimate", 5.0, "CPU", 1)
+    ledger.record_pending(tmp_path, 20, 100, 1e9, reading)
+    assert "tokens" not in json.loads((tmp_path / "ledger.json").read_text())  # not counted yet
+    entry = ledger.commit_pending(tmp_path, 20, cfg, mesh, peak)
+    assert entry["tokens"] == 100 and entry["energy_device_joules"] == 50.0
+    assert entry["wall_seconds"] == 10.0 and entry["step"] == 20 and "pending" not in entry
+    assert ledger.commit_pending(tmp_path, 20, cfg, mesh, peak) is None  # never twice
+    ledger.record_pending(tmp_path, 40, 100, 1e9, reading)  # its save never completed:
+    assert ledger.commit_pending(tmp_path, 20, cfg, mesh, peak)["tokens"] == 100  # resumed at 20
+    assert json.loads((tmp_path / "ledger.json").read_text()) == entry
+
+
 def test_cpu_energy_is_an_estimate_per_thread_and_says_so():
     meter = power.PowerMeter(EnergyConfig(utilisation=0.5))
     reading = meter.stop()

@@ -295,3 +295,42 @@ def test_eval_with_eval_batches_does_not_depend_on_the_device_count(tiny_config)
         evaluate = Evaluator(graphdef, data, mesh, cfg.model.seq_len, 6, max_batches=2)
         losses.append(evaluate(params)[0])
     np.testing.assert_allclose(losses, losses[0], rtol=1e-6)
+
+
+# Run in a child process: finalise checkpoint 20 (orbax has renamed it into place), then SIGKILL
+# the process before the poll that reports it durable (and adds its steps to the ledger) runs.
+_KILL_AFTER_FINALISE = """
+import os, signal, sys
+from research.cli import main
+from research.train.checkpoint import Checkpointer
+
+poll = Checkpointer.poll
+
+def poll_then_die(self, block=False):
+    if self._pending == 20:
+        self.manager.wait_until_finished()  # checkpoint 20 is complete on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+    return poll(self, block)
+
+Checkpointer.poll = poll_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_between_finalising_and_recording_a_checkpoint_is_counted_once(tmp_path):
+    """The restored state holds 30 steps; the ledger must count each of them once, including
+    the 10 of the checkpoint that was complete on disk but not yet in the ledger."""
+    settings = ("train.steps=30", "train.checkpoint_every=10", "train.eval_every=0")
+    settings += ("train.sample_tokens=0", "mesh.data=1", "train.log_every=5")
+    run_dir = tmp_path / "run"
+    args = _cli(run_dir, *settings)[3:]  # after `python -m research.cli`
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_FINALISE, *args], cwd=REPO, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (run_dir / "checkpoints" / "20").is_dir()
+    first = json.loads((run_dir / "ledger.json").read_text())
+    assert cli_main(args) == 0  # resumes from step 20
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["tokens"] == 30 * 8 * 32
+    assert ledger["flops"] == pytest.approx(3 * first["flops"] / (first["tokens"] / 2560))
