@@ -200,3 +200,27 @@ def test_a_missing_bucket_is_one_error_line_before_any_work(gcs, capsys):
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("error: cannot write to gs://no-such-bucket/x (")
     assert "bucket exists" in line and "prepare:" not in captured.out  # before the data
+
+
+def test_a_bucket_that_keeps_failing_a_flush_stops_the_run_with_one_line(gcs, monkeypatch, capsys):
+    """Transient errors are retried (tests/test_storage.py); here every upload of metrics.jsonl
+    fails as gcsfs fails once its own retries of a 503 are spent: one error line, exit 2."""
+    from research import storage
+    from research.cli import main as cli_main
+
+    class HttpError(Exception):  # gcsfs.retry.HttpError's module and status
+        __module__, code = "gcsfs.retry", 503
+
+    def unavailable(self):
+        raise HttpError("Service Unavailable, 503")
+
+    monkeypatch.setattr(storage.AppendFile, "_upload", unavailable)
+    monkeypatch.setattr(storage, "_sleep", lambda seconds: None)
+    url = f"{gcs}/team/flaky"
+    short = [a for a in TINY if "steps=" not in a and "every=" not in a]
+    args = [*short, "--set=train.steps=10", "--set=train.checkpoint_every=5"]
+    assert cli_main(["train", "tiny", f"--set=train.run_dir={url}", *args]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error")]  # TensorStore logs too
+    assert line.startswith(f"error: writing {url}/metrics.jsonl failed 4 times (HttpError: ")
+    assert "kept in " in line and line.endswith("(step 5)")

@@ -20,6 +20,7 @@ from research.parallel.distributed import gather_to_host, initialize
 from research.parallel.mesh import batch_sharding
 from research.run import hooks
 from research.run.builder import Run, build_run
+from research.storage import StorageError
 from research.train.accounting import Peak, job_peak
 from research.train.ledger import commit_pending, record_energy, record_pending, record_work
 from research.train.loop import Trainer
@@ -89,6 +90,10 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
                 f"step {run.checkpointer.durable_step}; free space or fix the storage, then "
                 "re-run the same command to resume from it."
             ) from error
+        except StorageError as error:  # a bucket write failed for good (research/storage.py)
+            run.checkpointer.close(quiet=True)
+            durable = run.checkpointer.durable_step
+            raise RunStorageError(f"{error} (step {durable})") from error.__cause__
         except BaseException:
             run.checkpointer.close(quiet=True)  # let a save in flight finish; keep this error
             raise

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 
-from research.storage import AppendFile, run_path
+from research.storage import AppendFile, run_path, write_with_retries
 
 # What each scalar means, shown beside its chart in TensorBoard (the `/by_tokens` twin of a tag
 # shares its description). "prefix/*" entries cover tags named at run time, such as per-group norms.
@@ -333,7 +333,11 @@ class TensorBoardWriter:
         local = Path(self._writer.get_logdir())
         fs, root = fsspec.core.url_to_fs(self._remote)
         for path in local.iterdir():  # the whole file each time: one object write
-            fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
+            write_with_retries(
+                run_path(self._remote) / path.name,
+                lambda path=path: fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}"),
+                keep=lambda: str(local),  # a folder of its own, left in place
+            )
 
 
 class MetricsLogger:
