@@ -224,3 +224,21 @@ def test_a_bucket_that_keeps_failing_a_flush_stops_the_run_with_one_line(gcs, mo
     (line,) = [x for x in err.splitlines() if x.startswith("error")]  # TensorStore logs too
     assert line.startswith(f"error: writing {url}/metrics.jsonl failed 4 times (HttpError: ")
     assert "kept in " in line and line.endswith("(step 5)")
+
+
+def test_restart_in_a_real_bucket_copies_checks_and_then_deletes(gcs):
+    """gcsfs against the emulator: server-side copies checked by size and CRC32C."""
+    from etils import epath
+
+    from research.run.restart import prepare_run_dir
+
+    run = epath.Path(f"{gcs}/team/restarted")
+    (run / "checkpoints" / "5" / "state").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints" / "5" / "state" / "chunk").write_bytes(b"\x01" * 1000)
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    (run / "config.json").write_text("{}")
+    prepare_run_dir(run, restart=True)
+    names = sorted(p.name for p in run.iterdir())
+    assert "config.json" in names and len(names) == 3, names  # checkpoints, metrics: moved
+    (kept,) = [n for n in names if n.startswith("checkpoints.before-restart-")]
+    assert (run / kept / "5" / "state" / "chunk").read_bytes() == b"\x01" * 1000

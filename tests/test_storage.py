@@ -109,14 +109,14 @@ def test_checkpoint_manifests_in_the_bucket_prove_changed_bytes(bucket):
 
 
 def test_restart_sets_the_previous_run_aside_in_the_bucket(bucket):
-    from research.run.builder import _set_aside_previous_run
+    from research.run.restart import set_aside
 
     run = run_path(f"{bucket}/run")
     (run / "metrics.jsonl").write_text('{"step": 5}\n')
     (run / "checkpoints" / "5").mkdir(parents=True, exist_ok=True)
     (run / "checkpoints" / "5" / "x").write_text("x")
     (run / "events.out.tfevents.1.host").write_bytes(b"e")
-    _set_aside_previous_run(run)
+    set_aside(run)
     names = sorted(p.name for p in run.iterdir())
     assert not {"metrics.jsonl", "checkpoints", "events.out.tfevents.1.host"} & set(names)
     assert any(n.startswith("metrics.before-restart-") for n in names)
@@ -261,3 +261,89 @@ def test_which_storage_errors_are_transient():
         assert not storage.is_transient(HttpError({"code": 400, "message": "Bad Request"}))
     assert storage.is_transient(ConnectionResetError()) and storage.is_transient(TimeoutError())
     assert not storage.is_storage_error(TypeError()) and not storage.is_transient(KeyError())
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed in the middle of a --restart."""
+
+
+def _old_run(run) -> dict[str, bytes]:
+    """A previous run's files in ``run``; returns {path relative to run: bytes}."""
+    files = {
+        "metrics.jsonl": b'{"step": 10}\n',
+        "ledger.json": b'{"tokens": 10}',
+        "events.out.tfevents.1.host": b"events",
+        **{f"checkpoints/{s}/state/{n}": f"{s}{n}".encode() for s in (5, 10) for n in "abc"},
+    }
+    for name, data in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(data)
+    return files
+
+
+def _objects(run) -> dict[str, bytes]:
+    fs = fsspec.filesystem("gs")
+    root = fs._strip_protocol(str(run))
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+@pytest.mark.parametrize("killed_in", ["cp_file", "rm_file"])
+def test_an_interrupted_restart_in_the_bucket_is_finished_by_the_next_command(
+    bucket, monkeypatch, killed_in
+):
+    """A bucket has no rename (copy, then delete): a kill mid-way must not leave the old run
+    split between its names; the next command (a resume here) finishes the set-aside first."""
+    from research.run.restart import prepare_run_dir
+
+    run = run_path(f"{bucket}/run")
+    old = _old_run(run)
+    original, calls = getattr(_ObjectStore, killed_in), [0]
+
+    def dies_on_the_fourth_call(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise _Killed
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_ObjectStore, killed_in, dies_on_the_fourth_call)
+        with pytest.raises(_Killed):
+            prepare_run_dir(run, restart=True)
+    prepare_run_dir(run, restart=False)  # the same command without --restart: a resume
+    now = _objects(run)
+    (stamp,) = {n.split("before-restart-")[1].split("/")[0].split(".")[0] for n in now}
+    events = "events.out.tfevents.1.host"
+    moved = {
+        "metrics.jsonl": f"metrics.before-restart-{stamp}.jsonl",
+        "ledger.json": f"ledger.before-restart-{stamp}.json",
+        events: f"tensorboard.before-restart-{stamp}/{events}",
+    }
+    expected = {
+        moved.get(name, name.replace("checkpoints/", f"checkpoints.before-restart-{stamp}/")): data
+        for name, data in old.items()
+    }
+    assert now == expected  # every old object once, under its kept name; nothing else
+
+
+def test_an_interrupted_local_restart_is_finished_by_the_next_command(tmp_path, monkeypatch):
+    import os
+
+    from research.run.restart import JOURNAL, prepare_run_dir
+
+    old = _old_run(run_path(tmp_path))
+    rename, calls = os.rename, [0]
+
+    def dies_on_the_second_rename(source, target):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise _Killed
+        rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", dies_on_the_second_rename)
+        with pytest.raises(_Killed):
+            prepare_run_dir(run_path(tmp_path), restart=True)
+    assert (tmp_path / JOURNAL).exists() and (tmp_path / "ledger.json").exists()
+    prepare_run_dir(run_path(tmp_path), restart=False)
+    files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(files) == len(old) and all("before-restart-" in name for name in files)

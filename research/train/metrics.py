@@ -162,19 +162,6 @@ def events_dir(run_dir: Path | str):
     return legacy if legacy.is_dir() else run_path(run_dir)
 
 
-def set_aside_events(run_dir: Path | str, stamp: str):
-    """Move a run's event files into ``tensorboard.before-restart-STAMP/`` (``--restart``): the
-    old curves stay readable in TensorBoard as their own run, apart from the new ones."""
-    files = sorted(run_path(run_dir).glob("events.out.tfevents.*"))
-    if not files:
-        return None
-    folder = run_path(run_dir) / f"tensorboard.before-restart-{stamp}"
-    folder.mkdir()
-    for file in files:
-        file.rename(folder / file.name)
-    return folder
-
-
 class TensorBoardWriter:
     """Event files with the tensorboard package's own writer and protos, no TensorFlow
     (tensorboardX would import torch when present: over a second of start-up for nothing).
