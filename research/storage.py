@@ -182,7 +182,7 @@ def append_text(path: epath.Path, text: str) -> None:
             file.write(text)
         return
     previous = path.read_text() if path.exists() else ""
-    path.write_text(previous + text)
+    write_with_retries(path, lambda: path.write_text(previous + text))
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from research.parallel.distributed import gather_to_host, initialize
 from research.parallel.mesh import batch_sharding
 from research.run import hooks
 from research.run.builder import Run, build_run
-from research.storage import StorageError
+from research.storage import StorageError, write_text_atomic
 from research.train.accounting import Peak, job_peak
 from research.train.ledger import commit_pending, record_energy, record_pending, record_work
 from research.train.loop import Trainer
@@ -130,8 +130,8 @@ def _record_start(run: Run, logger: MetricsLogger, peak: Peak) -> None:
     info = run_metadata(dict(run.mesh.shape))  # git SHA, command, versions, devices, mesh
     if jax.process_index() == 0:
         saved = {**cfg.to_dict(), "run": info}  # load_run_config reads the config part back
-        (run.run_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
-        (run.run_dir / "memory.json").write_text(json.dumps(run.memory.to_dict(), indent=2))
+        write_text_atomic(run.run_dir / "config.json", json.dumps(saved, indent=2, sort_keys=True))
+        write_text_atomic(run.run_dir / "memory.json", json.dumps(run.memory.to_dict(), indent=2))
         if run.step == 0:
             print(_model_line(run))
         print(run.memory.summary())
