@@ -98,7 +98,7 @@ def _corrupt(step_dir: Path) -> None:
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
     cfg = tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1")
     first = train(cfg)
-    run_dir = first.run_dir
+    run_dir = Path(first.run_dir)  # an epath.Path, whose rglob refuses **
     _corrupt(run_dir / "checkpoints" / "50")
 
     again = train(tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1"))
@@ -106,6 +106,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
     assert "checkpoint 50 is corrupt" in out and "resumed" in out and "from step 25" in out
     assert (run_dir / "checkpoints_unreadable" / "50").exists()  # moved aside, not deleted
     assert again.step == 50 and again.train_loss == pytest.approx(first.train_loss, abs=0)
+    ledger = json.loads((run_dir / "ledger.json").read_text())  # steps 26-50 trained twice:
+    assert ledger["tokens"] == 50 * 8 * 32 and ledger["redone_tokens"] == 25 * 8 * 32  # once
 
 
 def test_checkpoint_of_the_other_scan_layout_is_refused_not_moved_aside(tmp_path):

@@ -22,7 +22,13 @@ from research.run import hooks
 from research.run.builder import Run, build_run
 from research.storage import StorageError, write_text_atomic
 from research.train.accounting import Peak, job_peak
-from research.train.ledger import commit_pending, record_energy, record_pending, record_work
+from research.train.ledger import (
+    commit_pending,
+    record_energy,
+    record_pending,
+    record_work,
+    rewind,
+)
 from research.train.loop import Trainer
 from research.train.metrics import MetricsLogger
 from research.train.power import PowerMeter
@@ -258,6 +264,7 @@ class _Ledger:
         self.run, self.meter, self.peak, self.pending_step = run, meter, peak, run.step
         # Killed after orbax finalised the checkpoint just restored, before it was counted?
         self.commit(run.step)
+        rewind(run.run_dir, run.step, run.tokens_per_step, run.flops_per_step)  # newer: corrupt
 
     def set_pending(self, step: int) -> None:
         """The steps since the previous save and this process' reading of their time."""

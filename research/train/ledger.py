@@ -16,7 +16,10 @@ energy reading) under ``pending`` before orbax starts the save, and ``commit_pen
 the totals once the save is durable, or when a resumed run restores that very checkpoint (the
 process was killed after orbax finalised it but before the trainer saw it durable). A pending
 interval whose checkpoint never became durable is dropped: its steps are trained again and
-counted then. Every write replaces ``ledger.json`` whole (``write_text_atomic``).
+counted then. A resume from a checkpoint older than the ledger's last counted one (the newer
+one was set aside as corrupt) moves the later steps' tokens and FLOPs to ``redone_*``
+(``rewind``), so that ``tokens`` and ``flops`` count each step of the state once. Every write
+replaces ``ledger.json`` whole (``write_text_atomic``).
 """
 
 from __future__ import annotations
@@ -168,6 +171,25 @@ def commit_pending(
         ledger["step"] = step  # the last checkpoint whose steps are counted
     _write(run_dir, ledger)
     return ledger
+
+
+def rewind(run_dir: Path | str, step: int, tokens_per_step: int, flops_per_step: float) -> None:
+    """A resume from checkpoint ``step`` older than the ledger's last counted one (the newer one
+    was corrupt and set aside): its later steps leave ``tokens``/``flops``, which count the steps
+    the state holds once, for ``redone_tokens``/``redone_flops``; the time and energy they took
+    stay charged, as they were spent. The steps are trained again and counted then."""
+    if jax.process_index() != 0:
+        return
+    ledger = _read(run_dir)
+    counted = ledger.get("step")
+    if counted is None or counted <= step:
+        return
+    steps = counted - step
+    for field, per_step in (("tokens", tokens_per_step), ("flops", flops_per_step)):
+        ledger[field] -= steps * per_step
+        ledger[f"redone_{field}"] = ledger.get(f"redone_{field}", 0) + steps * per_step
+    ledger["step"] = step
+    _write(run_dir, ledger)
 
 
 def sum_ledgers(ledgers: list[dict]) -> dict:
