@@ -99,7 +99,7 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
         except StorageError as error:  # a bucket write failed for good (research/storage.py)
             run.checkpointer.close(quiet=True)
             durable = run.checkpointer.durable_step
-            raise RunStorageError(f"{error} (step {durable})") from error.__cause__
+            raise RunStorageError(f"{error} (step {durable})") from error
         except BaseException:
             run.checkpointer.close(quiet=True)  # let a save in flight finish; keep this error
             raise
