@@ -6,6 +6,13 @@ which is the os module for a local path and fsspec (gcsfs, s3fs) for a URL, with
 Orbax takes the same ``epath.Path``. Two things differ on an object store and are handled here:
 an object cannot be appended to (``AppendFile`` keeps a local copy and uploads it whole), and
 there is no atomic rename (but a single object write is atomic: it appears whole or not at all).
+
+Every whole-object write of a run's files during training (metrics, TensorBoard events, the
+ledger, manifests) goes through ``write_with_retries``: a transient store error (HTTP 5xx, 408,
+429, a dropped connection, a timeout) is retried with exponential backoff, a bounded number of
+times, beyond the driver's own per-request retries; one that persists, or a permanent one, is a
+``StorageError`` naming the object and the fix. A failed write leaves the previous object whole,
+and what was not uploaded is kept on local disk and named in the error.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import fsspec
 from etils import epath
@@ -27,6 +36,15 @@ from research.config import ResearchError
 URL_SCHEMES = ("gs://", "s3://")
 # What a scheme needs installed (etils reaches it through fsspec), and the extra that has it.
 _PACKAGES = {"gs": ("gcsfs", "gcs")}
+# Writes to an object store: attempts in all, and the first wait (doubled after each failure;
+# 1 + 2 + 4 s here), on top of the driver's own retries of each request.
+WRITE_ATTEMPTS = 4
+WRITE_BACKOFF_SECONDS = 1.0
+# Exceptions from these packages are the storage drivers' (gcsfs' HttpError, aiohttp, ...).
+_DRIVER_MODULES = ("gcsfs", "s3fs", "aiohttp", "requests", "urllib3", "google", "botocore")
+_sleep = time.sleep  # tests replace it: backoff without the wait
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class StorageError(ResearchError):
@@ -93,11 +111,62 @@ def check_writable(directory: epath.Path) -> None:
         driver_log.setLevel(level)
 
 
+def is_storage_error(error: BaseException) -> bool:
+    """An error of the store or the network (not a bug in the caller): an OSError, a timeout,
+    or an exception of a storage driver (gcsfs' HttpError, aiohttp's ClientError, ...)."""
+    module = type(error).__module__.split(".")[0]
+    return isinstance(error, (OSError, TimeoutError)) or module in _DRIVER_MODULES
+
+
+def is_transient(error: BaseException) -> bool:
+    """Worth retrying: a storage error other than a missing object/bucket or a refusal, and, where
+    the driver gives an HTTP status, a 5xx, 408 or 429 (gcsfs' own list of retriable codes)."""
+    if not is_storage_error(error) or isinstance(error, (FileNotFoundError, PermissionError)):
+        return False
+    code = getattr(error, "code", None)
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    return not isinstance(code, int) or code >= 500 or code in (408, 429)
+
+
+def write_with_retries(
+    path: epath.Path, write: Callable[[], T], keep: Callable[[], str] | None = None
+) -> T:
+    """``write()`` (one whole-object write of ``path``, safe to repeat), retried with backoff
+    while the store's errors are transient. A failure that persists, or a permanent one, raises
+    StorageError naming ``path`` and the fix, and where ``keep()`` (called then) put the local
+    copy of what was not uploaded. A local path is written once: its errors are the caller's."""
+    if not is_remote(path):
+        return write()
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return write()
+        except Exception as error:
+            if not is_storage_error(error):
+                raise  # a bug, not the store: its own traceback
+            if not is_transient(error) or attempt == WRITE_ATTEMPTS:
+                failure = error
+                break
+            wait = WRITE_BACKOFF_SECONDS * 2 ** (attempt - 1)
+            log.warning("writing %s failed (%r); retrying in %.0f s", path, error, wait)
+            _sleep(wait)
+    tries = f" {attempt} times" if attempt > 1 else ""
+    unsent = f"; what was not uploaded is kept in {keep()}" if keep else ""
+    raise StorageError(
+        f"writing {os.fspath(path)} failed{tries} ({type(failure).__name__}: "
+        f"{str(failure)[:200]}). The copy already in the bucket is unchanged{unsent}. Check the "
+        "bucket, this machine's network and its credentials (gs://: `gcloud auth "
+        "application-default login` or GOOGLE_APPLICATION_CREDENTIALS), then re-run the same "
+        "command to resume from the last durable checkpoint"
+    ) from failure
+
+
 def write_text_atomic(path: epath.Path, text: str) -> None:
     """Write ``path`` so that no reader ever sees half of it: locally a temporary file renamed
-    over it (``os.replace``); on an object store one object write, which is atomic already."""
+    over it (``os.replace``); on an object store one object write, which is atomic already
+    (retried while the store's errors are transient)."""
     if is_remote(path):
-        path.write_text(text)
+        write_with_retries(path, lambda: path.write_text(text))
         return
     temporary = path.parent / f".{path.name}.tmp"
     temporary.write_text(text)
@@ -113,7 +182,7 @@ def append_text(path: epath.Path, text: str) -> None:
             file.write(text)
         return
     previous = path.read_text() if path.exists() else ""
-    path.write_text(previous + text)
+    write_with_retries(path, lambda: path.write_text(previous + text))
 
 
 @contextlib.contextmanager
@@ -203,8 +272,17 @@ class AppendFile:
         """Flush the local file; for a URL, ``upload`` also copies it whole to the object."""
         self._file.flush()
         if self._local is not None and upload:
-            with open(self._local, "rb") as local, self.path.open("wb") as remote:
-                shutil.copyfileobj(local, remote)
+            write_with_retries(self.path, self._upload, keep=self._keep)
+
+    def _upload(self) -> None:
+        with open(self._local, "rb") as local, self.path.open("wb") as remote:
+            shutil.copyfileobj(local, remote)
+
+    def _keep(self) -> str:
+        """A copy of the local file outside the temporary folder (removed at exit)."""
+        kept = os.path.join(tempfile.mkdtemp(prefix="research-unsent-"), self.path.name)
+        shutil.copy(self._local, kept)
+        return kept
 
     def close(self) -> None:
         if self._file.closed:

@@ -221,6 +221,42 @@ def test_ledger_arithmetic_and_resume_accumulation(tmp_path):
     assert ledger.sum_ledgers([first, {"energy_kwh": None}])["energy_kwh"] is None
 
 
+def test_a_pending_interval_is_counted_once_if_its_checkpoint_is_durable_else_dropped(tmp_path):
+    mesh = types.SimpleNamespace(
+        devices=np.array(fake_devices("cpu", "cpu", count=1)), axis_names=("data",)
+    )
+    peak, cfg = Peak(None, 1, "unknown"), EnergyConfig()
+    reading = power.EnergyReading(50.0, 10.0, "tdp-estimate", 5.0, "CPU", 1)
+    ledger.record_pending(tmp_path, 20, 100, 1e9, reading)
+    assert "tokens" not in json.loads((tmp_path / "ledger.json").read_text())  # not counted yet
+    entry = ledger.commit_pending(tmp_path, 20, cfg, mesh, peak)
+    assert entry["tokens"] == 100 and entry["energy_device_joules"] == 50.0
+    assert entry["wall_seconds"] == 10.0 and entry["step"] == 20 and "pending" not in entry
+    assert ledger.commit_pending(tmp_path, 20, cfg, mesh, peak) is None  # never twice
+    ledger.record_pending(tmp_path, 40, 100, 1e9, reading)  # its save never completed:
+    assert ledger.commit_pending(tmp_path, 20, cfg, mesh, peak)["tokens"] == 100  # resumed at 20
+    assert json.loads((tmp_path / "ledger.json").read_text()) == entry
+
+
+def test_a_resume_from_an_older_checkpoint_moves_the_later_steps_to_redone(tmp_path):
+    """Checkpoint 40 was counted, then set aside as corrupt: the run resumes from 20."""
+    mesh = types.SimpleNamespace(
+        devices=np.array(fake_devices("cpu", "cpu", count=1)), axis_names=("data",)
+    )
+    peak, cfg = Peak(None, 1, "unknown"), EnergyConfig()
+    reading = power.EnergyReading(50.0, 10.0, "tdp-estimate", 5.0, "CPU", 1)
+    for step in (20, 40):  # 20 steps of 10 tokens and 1e3 FLOPs each, per interval
+        ledger.record_pending(tmp_path, step, 200, 2e4, reading)
+        ledger.commit_pending(tmp_path, step, cfg, mesh, peak)
+    ledger.rewind(tmp_path, 20, 10, 1e3)
+    entry = json.loads((tmp_path / "ledger.json").read_text())
+    assert entry["tokens"] == 200 and entry["flops"] == 2e4 and entry["step"] == 20
+    assert entry["redone_tokens"] == 200 and entry["redone_flops"] == 2e4
+    assert entry["wall_seconds"] == 20.0 and entry["energy_device_joules"] == 100.0  # spent
+    ledger.rewind(tmp_path, 20, 10, 1e3)  # the usual resume: nothing to move
+    assert json.loads((tmp_path / "ledger.json").read_text()) == entry
+
+
 def test_cpu_energy_is_an_estimate_per_thread_and_says_so():
     meter = power.PowerMeter(EnergyConfig(utilisation=0.5))
     reading = meter.stop()

@@ -200,3 +200,45 @@ def test_a_missing_bucket_is_one_error_line_before_any_work(gcs, capsys):
     (line,) = captured.err.strip().splitlines()
     assert line.startswith("error: cannot write to gs://no-such-bucket/x (")
     assert "bucket exists" in line and "prepare:" not in captured.out  # before the data
+
+
+def test_a_bucket_that_keeps_failing_a_flush_stops_the_run_with_one_line(gcs, monkeypatch, capsys):
+    """Transient errors are retried (tests/test_storage.py); here every upload of metrics.jsonl
+    fails as gcsfs fails once its own retries of a 503 are spent: one error line, exit 2."""
+    from research import storage
+    from research.cli import main as cli_main
+
+    class HttpError(Exception):  # gcsfs.retry.HttpError's module and status
+        __module__, code = "gcsfs.retry", 503
+
+    def unavailable(self):
+        raise HttpError("Service Unavailable, 503")
+
+    monkeypatch.setattr(storage.AppendFile, "_upload", unavailable)
+    monkeypatch.setattr(storage, "_sleep", lambda seconds: None)
+    url = f"{gcs}/team/flaky"
+    short = [a for a in TINY if "steps=" not in a and "every=" not in a]
+    args = [*short, "--set=train.steps=10", "--set=train.checkpoint_every=5"]
+    assert cli_main(["train", "tiny", f"--set=train.run_dir={url}", *args]) == 2
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error")]  # TensorStore logs too
+    assert line.startswith(f"error: writing {url}/metrics.jsonl failed 4 times (HttpError: ")
+    assert "kept in " in line and line.endswith("(step 5)")
+
+
+def test_restart_in_a_real_bucket_copies_checks_and_then_deletes(gcs):
+    """gcsfs against the emulator: server-side copies checked by size and CRC32C."""
+    from etils import epath
+
+    from research.run.restart import prepare_run_dir
+
+    run = epath.Path(f"{gcs}/team/restarted")
+    (run / "checkpoints" / "5" / "state").mkdir(parents=True, exist_ok=True)
+    (run / "checkpoints" / "5" / "state" / "chunk").write_bytes(b"\x01" * 1000)
+    (run / "metrics.jsonl").write_text('{"step": 5}\n')
+    (run / "config.json").write_text("{}")
+    prepare_run_dir(run, restart=True)
+    names = sorted(p.name for p in run.iterdir())
+    assert "config.json" in names and len(names) == 3, names  # checkpoints, metrics: moved
+    (kept,) = [n for n in names if n.startswith("checkpoints.before-restart-")]
+    assert (run / kept / "5" / "state" / "chunk").read_bytes() == b"\x01" * 1000

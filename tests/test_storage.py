@@ -109,14 +109,14 @@ def test_checkpoint_manifests_in_the_bucket_prove_changed_bytes(bucket):
 
 
 def test_restart_sets_the_previous_run_aside_in_the_bucket(bucket):
-    from research.run.builder import _set_aside_previous_run
+    from research.run.restart import set_aside
 
     run = run_path(f"{bucket}/run")
     (run / "metrics.jsonl").write_text('{"step": 5}\n')
     (run / "checkpoints" / "5").mkdir(parents=True, exist_ok=True)
     (run / "checkpoints" / "5" / "x").write_text("x")
     (run / "events.out.tfevents.1.host").write_bytes(b"e")
-    _set_aside_previous_run(run)
+    set_aside(run)
     names = sorted(p.name for p in run.iterdir())
     assert not {"metrics.jsonl", "checkpoints", "events.out.tfevents.1.host"} & set(names)
     assert any(n.startswith("metrics.before-restart-") for n in names)
@@ -165,3 +165,185 @@ def test_a_sweeps_results_grow_by_whole_rewrites_in_the_bucket(bucket):
     for name in ("narrow", "wide"):  # what run_sweep does after each finished run
         storage.append_text(root / RESULTS, json.dumps({"name": name}) + "\n")
     assert [row["name"] for row in read_results(f"{bucket}/sweep")] == ["narrow", "wide"]
+
+
+def _failing_writes(monkeypatch, times: int, error: Exception) -> list[float]:
+    """The next ``times`` object writes fail with ``error``; returns the backoff waits taken."""
+    opened = _ObjectStore._open
+    left = [times]
+
+    def flaky(self, path, mode="rb", **kwargs):
+        if "w" in mode and left[0] > 0:
+            left[0] -= 1
+            raise error
+        return opened(self, path, mode, **kwargs)
+
+    monkeypatch.setattr(_ObjectStore, "_open", flaky)
+    waits: list[float] = []
+    monkeypatch.setattr(storage, "_sleep", waits.append)
+    return waits
+
+
+class _Http503(Exception):
+    """What gcsfs raises once its own retries of a 503 are spent (gcsfs.retry.HttpError)."""
+
+    __module__ = "gcsfs.retry"
+    code = 503
+
+
+def test_a_transient_error_while_flushing_metrics_is_retried_with_backoff(bucket, monkeypatch):
+    from research.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(f"{bucket}/run", tensorboard=False)
+    logger.scalars(5, {"train/loss": 3.0})
+    waits = _failing_writes(monkeypatch, 2, _Http503("Service Unavailable, 503"))
+    logger.flush()
+    assert waits == [1.0, 2.0]  # two failures, then the write went through
+    rows = [json.loads(line) for line in _object(f"{bucket}/run/metrics.jsonl").splitlines()]
+    assert rows == [{"step": 5, "train/loss": 3.0}]
+
+
+def test_a_persistent_storage_error_names_the_object_and_loses_nothing(bucket, monkeypatch):
+    from research.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(f"{bucket}/run", tensorboard=False)
+    logger.scalars(5, {"train/loss": 3.0})
+    logger.flush()
+    logger.scalars(10, {"train/loss": 2.0})
+    waits = _failing_writes(monkeypatch, 99, ConnectionResetError(104, "Connection reset"))
+    with pytest.raises(StorageError) as caught:
+        logger.flush()
+    message = str(caught.value)
+    assert waits == [1.0, 2.0, 4.0] and "failed 4 times (ConnectionResetError" in message
+    assert message.startswith(f"writing {bucket}/run/metrics.jsonl failed")
+    assert "credentials" in message and "re-run the same command" in message
+    assert _object(f"{bucket}/run/metrics.jsonl") == b'{"step": 5, "train/loss": 3.0}\n'
+    kept = message.split("kept in ")[1].split(".")[0] + ".jsonl"
+    with open(kept) as file:
+        assert [json.loads(line)["step"] for line in file] == [5, 10]  # every row, locally
+
+
+def test_the_ledger_write_is_retried_and_a_refusal_is_not(bucket, monkeypatch):
+    import jax
+
+    from research.config import MeshConfig
+    from research.parallel.mesh import make_mesh
+    from research.train.accounting import Peak
+    from research.train.ledger import record_work
+
+    mesh = make_mesh(MeshConfig(), devices=jax.devices()[:1])
+    peak = Peak(per_chip=None, chips=1, source="unknown")
+    waits = _failing_writes(monkeypatch, 1, TimeoutError("timed out"))
+    record_work(f"{bucket}/run", 100, 1e6, 2.0, mesh, peak)
+    assert waits == [1.0] and json.loads(_object(f"{bucket}/run/ledger.json"))["tokens"] == 100
+    waits = _failing_writes(monkeypatch, 1, PermissionError("403 Forbidden"))
+    with pytest.raises(StorageError, match=r"ledger.json failed \(PermissionError: 403"):
+        record_work(f"{bucket}/run", 50, 5e5, 1.0, mesh, peak)
+    assert waits == []  # not worth retrying
+    assert json.loads(_object(f"{bucket}/run/ledger.json"))["tokens"] == 100
+
+
+def test_which_storage_errors_are_transient():
+    class Http(_Http503):
+        __module__ = "gcsfs.retry"
+
+        def __init__(self, code):
+            self.code = code
+
+    assert storage.is_transient(Http(503)) and storage.is_transient(Http("429"))
+    assert not storage.is_transient(Http(400)) and not storage.is_transient(FileNotFoundError())
+    try:  # the driver's own class, where it is installed (not in the test extra)
+        from gcsfs.retry import HttpError
+    except ImportError:
+        pass
+    else:
+        assert storage.is_transient(HttpError({"code": 503, "message": "Backend Error"}))
+        assert not storage.is_transient(HttpError({"code": 400, "message": "Bad Request"}))
+    assert storage.is_transient(ConnectionResetError()) and storage.is_transient(TimeoutError())
+    assert not storage.is_storage_error(TypeError()) and not storage.is_transient(KeyError())
+
+
+class _Killed(BaseException):
+    """Stands for the process being killed in the middle of a --restart."""
+
+
+def _old_run(run) -> dict[str, bytes]:
+    """A previous run's files in ``run``; returns {path relative to run: bytes}."""
+    files = {
+        "metrics.jsonl": b'{"step": 10}\n',
+        "ledger.json": b'{"tokens": 10}',
+        "events.out.tfevents.1.host": b"events",
+        **{f"checkpoints/{s}/state/{n}": f"{s}{n}".encode() for s in (5, 10) for n in "abc"},
+    }
+    for name, data in files.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(data)
+    return files
+
+
+def _objects(run) -> dict[str, bytes]:
+    fs = fsspec.filesystem("gs")
+    root = fs._strip_protocol(str(run))
+    return {p[len(root) + 1 :]: fs.cat_file(p) for p in fs.find(root)}
+
+
+@pytest.mark.parametrize("killed_in", ["cp_file", "rm_file"])
+def test_an_interrupted_restart_in_the_bucket_is_finished_by_the_next_command(
+    bucket, monkeypatch, killed_in
+):
+    """A bucket has no rename (copy, then delete): a kill mid-way must not leave the old run
+    split between its names; the next command (a resume here) finishes the set-aside first."""
+    from research.run.restart import prepare_run_dir
+
+    run = run_path(f"{bucket}/run")
+    old = _old_run(run)
+    original, calls = getattr(_ObjectStore, killed_in), [0]
+
+    def dies_on_the_fourth_call(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise _Killed
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_ObjectStore, killed_in, dies_on_the_fourth_call)
+        with pytest.raises(_Killed):
+            prepare_run_dir(run, restart=True)
+    prepare_run_dir(run, restart=False)  # the same command without --restart: a resume
+    now = _objects(run)
+    (stamp,) = {n.split("before-restart-")[1].split("/")[0].split(".")[0] for n in now}
+    events = "events.out.tfevents.1.host"
+    moved = {
+        "metrics.jsonl": f"metrics.before-restart-{stamp}.jsonl",
+        "ledger.json": f"ledger.before-restart-{stamp}.json",
+        events: f"tensorboard.before-restart-{stamp}/{events}",
+    }
+    expected = {
+        moved.get(name, name.replace("checkpoints/", f"checkpoints.before-restart-{stamp}/")): data
+        for name, data in old.items()
+    }
+    assert now == expected  # every old object once, under its kept name; nothing else
+
+
+def test_an_interrupted_local_restart_is_finished_by_the_next_command(tmp_path, monkeypatch):
+    import os
+
+    from research.run.restart import JOURNAL, prepare_run_dir
+
+    old = _old_run(run_path(tmp_path))
+    rename, calls = os.rename, [0]
+
+    def dies_on_the_second_rename(source, target):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise _Killed
+        rename(source, target)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "rename", dies_on_the_second_rename)
+        with pytest.raises(_Killed):
+            prepare_run_dir(run_path(tmp_path), restart=True)
+    assert (tmp_path / JOURNAL).exists() and (tmp_path / "ledger.json").exists()
+    prepare_run_dir(run_path(tmp_path), restart=False)
+    files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert len(files) == len(old) and all("before-restart-" in name for name in files)

@@ -98,7 +98,7 @@ def _corrupt(step_dir: Path) -> None:
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
     cfg = tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1")
     first = train(cfg)
-    run_dir = first.run_dir
+    run_dir = Path(first.run_dir)  # an epath.Path, whose rglob refuses **
     _corrupt(run_dir / "checkpoints" / "50")
 
     again = train(tiny_config("train.steps=50", "train.checkpoint_every=25", "train.log_every=1"))
@@ -106,6 +106,8 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tiny_config, capsys):
     assert "checkpoint 50 is corrupt" in out and "resumed" in out and "from step 25" in out
     assert (run_dir / "checkpoints_unreadable" / "50").exists()  # moved aside, not deleted
     assert again.step == 50 and again.train_loss == pytest.approx(first.train_loss, abs=0)
+    ledger = json.loads((run_dir / "ledger.json").read_text())  # steps 26-50 trained twice:
+    assert ledger["tokens"] == 50 * 8 * 32 and ledger["redone_tokens"] == 25 * 8 * 32  # once
 
 
 def test_checkpoint_of_the_other_scan_layout_is_refused_not_moved_aside(tmp_path):
@@ -295,3 +297,42 @@ def test_eval_with_eval_batches_does_not_depend_on_the_device_count(tiny_config)
         evaluate = Evaluator(graphdef, data, mesh, cfg.model.seq_len, 6, max_batches=2)
         losses.append(evaluate(params)[0])
     np.testing.assert_allclose(losses, losses[0], rtol=1e-6)
+
+
+# Run in a child process: finalise checkpoint 20 (orbax has renamed it into place), then SIGKILL
+# the process before the poll that reports it durable (and adds its steps to the ledger) runs.
+_KILL_AFTER_FINALISE = """
+import os, signal, sys
+from research.cli import main
+from research.train.checkpoint import Checkpointer
+
+poll = Checkpointer.poll
+
+def poll_then_die(self, block=False):
+    if self._pending == 20:
+        self.manager.wait_until_finished()  # checkpoint 20 is complete on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+    return poll(self, block)
+
+Checkpointer.poll = poll_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_kill_between_finalising_and_recording_a_checkpoint_is_counted_once(tmp_path):
+    """The restored state holds 30 steps; the ledger must count each of them once, including
+    the 10 of the checkpoint that was complete on disk but not yet in the ledger."""
+    settings = ("train.steps=30", "train.checkpoint_every=10", "train.eval_every=0")
+    settings += ("train.sample_tokens=0", "mesh.data=1", "train.log_every=5")
+    run_dir = tmp_path / "run"
+    args = _cli(run_dir, *settings)[3:]  # after `python -m research.cli`
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_FINALISE, *args], cwd=REPO, capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert (run_dir / "checkpoints" / "20").is_dir()
+    first = json.loads((run_dir / "ledger.json").read_text())
+    assert cli_main(args) == 0  # resumes from step 20
+    ledger = json.loads((run_dir / "ledger.json").read_text())
+    assert ledger["tokens"] == 30 * 8 * 32
+    assert ledger["flops"] == pytest.approx(3 * first["flops"] / (first["tokens"] / 2560))

@@ -36,10 +36,10 @@ from research.data.shards import PreparedData, prepare
 from research.models.accounting import ModelSize, count_params
 from research.parallel.distributed import initialize
 from research.parallel.mesh import batch_sharding, data_parallel_size, make_mesh, on_mesh
+from research.run.restart import prepare_run_dir
 from research.storage import check_writable, run_path
 from research.train.checkpoint import Checkpointer
 from research.train.memory import MemoryReport, check_fits, device_memory_bytes, memory_report
-from research.train.metrics import set_aside_events
 from research.train.optimizer import make_optimizer
 from research.train.shardings import abstract_params, param_shardings
 from research.train.state import abstract_like, abstract_train_state, init_train_state
@@ -204,8 +204,7 @@ def _assemble_training(run: Run, resume: bool) -> None:
         lora.check(cfg)
     run.run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_run(run.run_dir, cfg.to_dict())
-    if not resume:
-        _set_aside_previous_run(run.run_dir)
+    prepare_run_dir(run.run_dir, restart=not resume)  # --restart, or finish an interrupted one
     run.graphdef, run.state, run.tx, run.schedule = init_train_state(cfg, run.mesh)
     if cfg.post.lora_rank:  # frozen base, adapters and their optimizer state
         run.state = lora.train_state(cfg, run.state, run.tx, run.mesh)
@@ -289,17 +288,3 @@ def _check_same_run(run_dir: Path, cfg_dict: dict) -> None:
             f"{run_dir} holds a run with a different config ({details}). Resuming it would mix "
             "two experiments: use a new --set train.run_dir=..., or delete the old run."
         )
-
-
-def _set_aside_previous_run(run_dir: Path) -> None:
-    """--restart keeps the old checkpoints and metrics (renamed), never deletes them."""
-    import time
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in ("checkpoints", "metrics.jsonl", "tensorboard", "ledger.json", "memory.json"):
-        old = run_dir / name
-        if old.exists() and jax.process_index() == 0:
-            old.rename(run_dir / f"{old.stem}.before-restart-{stamp}{old.suffix}")
-            print(f"restart: kept the previous {name} as {old.stem}.before-restart-{stamp}")
-    if jax.process_index() == 0 and (kept := set_aside_events(run_dir, stamp)):
-        print(f"restart: kept the previous TensorBoard events in {kept.name}")

@@ -20,8 +20,15 @@ from research.parallel.distributed import gather_to_host, initialize
 from research.parallel.mesh import batch_sharding
 from research.run import hooks
 from research.run.builder import Run, build_run
+from research.storage import StorageError, write_text_atomic
 from research.train.accounting import Peak, job_peak
-from research.train.ledger import record_energy, record_work
+from research.train.ledger import (
+    commit_pending,
+    record_energy,
+    record_pending,
+    record_work,
+    rewind,
+)
 from research.train.loop import Trainer
 from research.train.metrics import MetricsLogger
 from research.train.power import PowerMeter
@@ -61,10 +68,11 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
     ledger = _Ledger(run, meter, peak)
 
     def on_durable(step: int) -> None:
-        ledger.add_durable(step)  # the ledger counts only durable work
+        ledger.commit(step)  # the ledger counts only durable work
         logger.flush()  # a gs:// run directory gets metrics.jsonl and the events whole, now
 
     run.checkpointer.on_durable = on_durable
+    run.checkpointer.on_save = ledger.set_pending
     batches = _batches(run)
     trainer = Trainer(run.train_step, run.state, batches, run.step, run.config.train.steps)
     if hasattr(batches, "bind"):  # GRPO samples from the current policy
@@ -88,6 +96,10 @@ def train(cfg: ExperimentConfig, resume: bool = True) -> TrainResult:
                 f"step {run.checkpointer.durable_step}; free space or fix the storage, then "
                 "re-run the same command to resume from it."
             ) from error
+        except StorageError as error:  # a bucket write failed for good (research/storage.py)
+            run.checkpointer.close(quiet=True)
+            durable = run.checkpointer.durable_step
+            raise RunStorageError(f"{error} (step {durable})") from error
         except BaseException:
             run.checkpointer.close(quiet=True)  # let a save in flight finish; keep this error
             raise
@@ -124,8 +136,8 @@ def _record_start(run: Run, logger: MetricsLogger, peak: Peak) -> None:
     info = run_metadata(dict(run.mesh.shape))  # git SHA, command, versions, devices, mesh
     if jax.process_index() == 0:
         saved = {**cfg.to_dict(), "run": info}  # load_run_config reads the config part back
-        (run.run_dir / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True))
-        (run.run_dir / "memory.json").write_text(json.dumps(run.memory.to_dict(), indent=2))
+        write_text_atomic(run.run_dir / "config.json", json.dumps(saved, indent=2, sort_keys=True))
+        write_text_atomic(run.run_dir / "memory.json", json.dumps(run.memory.to_dict(), indent=2))
         if run.step == 0:
             print(_model_line(run))
         print(run.memory.summary())
@@ -244,14 +256,26 @@ def _is_multi_device_cpu(run: Run) -> bool:
 
 
 class _Ledger:
-    """Adds tokens, FLOPs, time and energy to ledger.json as checkpoints become durable."""
+    """Adds tokens, FLOPs, time and energy to ledger.json as checkpoints become durable: each
+    interval is stored as pending when its save starts and counted when the save is durable
+    (research/train/ledger.py), so a kill between the two is settled when the run resumes."""
 
     def __init__(self, run: Run, meter: PowerMeter, peak: Peak):
-        self.run, self.meter, self.peak, self.counted_step = run, meter, peak, run.step
+        self.run, self.meter, self.peak, self.pending_step = run, meter, peak, run.step
+        # Killed after orbax finalised the checkpoint just restored, before it was counted?
+        self.commit(run.step)
+        rewind(run.run_dir, run.step, run.tokens_per_step, run.flops_per_step)  # newer: corrupt
 
-    def add_durable(self, step: int) -> None:
-        self.add(step - self.counted_step, self.meter.take())
-        self.counted_step = step
+    def set_pending(self, step: int) -> None:
+        """The steps since the previous save and this process' reading of their time."""
+        steps, self.pending_step = step - self.pending_step, step
+        run = self.run
+        tokens, flops = steps * run.tokens_per_step, steps * run.flops_per_step
+        record_pending(run.run_dir, step, tokens, flops, self.meter.take())
+
+    def commit(self, step: int) -> None:
+        run = self.run
+        commit_pending(run.run_dir, step, run.config.energy, run.mesh, self.peak)
 
     def add(self, steps: int, reading) -> dict:
         run = self.run

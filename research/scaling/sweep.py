@@ -37,6 +37,7 @@ from research.storage import (
     is_remote,
     local_folder,
     run_path,
+    write_text_atomic,
 )
 
 RESULTS = "results.jsonl"
@@ -338,7 +339,7 @@ def write_sweep_ledger(root: Path) -> dict:
         if path.exists():
             ledgers.append(json.loads(path.read_text()))
     total = sum_ledgers(ledgers)
-    (run_path(root) / "ledger.json").write_text(json.dumps(total, indent=2))
+    write_text_atomic(run_path(root) / "ledger.json", json.dumps(total, indent=2))
     return total
 
 

@@ -101,14 +101,16 @@ class Checkpointer:
         use_async: bool = True,
         read_only: bool = False,
         on_durable: Callable[[int], None] | None = None,
+        on_save: Callable[[int], None] | None = None,
     ):
-        """``on_durable(step)`` is called once each save is known to be on disk for good.
+        """``on_durable(step)`` is called once each save is known to be on disk for good;
+        ``on_save(step)`` just before each save starts (orbax may finalise it any time after).
         ``directory``: a local path or a ``gs://`` URL (orbax 0.12.8 refuses ``s3://``)."""
         directory = run_path(directory)
         if not is_remote(directory):  # os.path: etils 1.12's PosixGPath has no .absolute()
             directory = run_path(os.path.abspath(directory))
         self.directory = directory
-        self.on_durable = on_durable
+        self.on_durable, self.on_save = on_durable, on_save
         for logger in ("absl", "asyncio"):  # added once: a logger's filters are a set
             logging.getLogger(logger).addFilter(_quiet_orbax)
         self.read_only = read_only
@@ -127,6 +129,8 @@ class Checkpointer:
     def save(self, step: int, state: Any, data_state: dict) -> None:
         """Start writing a checkpoint in the background (a previous failure is raised first)."""
         self.poll(block=True)  # orbax waits for the previous save anyway; surface its outcome
+        if self.on_save:
+            self.on_save(step)
         self.manager.save(
             step,
             args=ocp.args.Composite(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import jax
 
-from research.storage import AppendFile, run_path
+from research.storage import AppendFile, run_path, write_with_retries
 
 # What each scalar means, shown beside its chart in TensorBoard (the `/by_tokens` twin of a tag
 # shares its description). "prefix/*" entries cover tags named at run time, such as per-group norms.
@@ -160,19 +160,6 @@ def events_dir(run_dir: Path | str):
     written before that (still read, and still appended to when such a run resumes)."""
     legacy = run_path(run_dir) / "tensorboard"
     return legacy if legacy.is_dir() else run_path(run_dir)
-
-
-def set_aside_events(run_dir: Path | str, stamp: str):
-    """Move a run's event files into ``tensorboard.before-restart-STAMP/`` (``--restart``): the
-    old curves stay readable in TensorBoard as their own run, apart from the new ones."""
-    files = sorted(run_path(run_dir).glob("events.out.tfevents.*"))
-    if not files:
-        return None
-    folder = run_path(run_dir) / f"tensorboard.before-restart-{stamp}"
-    folder.mkdir()
-    for file in files:
-        file.rename(folder / file.name)
-    return folder
 
 
 class TensorBoardWriter:
@@ -333,7 +320,11 @@ class TensorBoardWriter:
         local = Path(self._writer.get_logdir())
         fs, root = fsspec.core.url_to_fs(self._remote)
         for path in local.iterdir():  # the whole file each time: one object write
-            fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}")
+            write_with_retries(
+                run_path(self._remote) / path.name,
+                lambda path=path: fs.put_file(str(path), f"{root.rstrip('/')}/{path.name}"),
+                keep=lambda: str(local),  # a folder of its own, left in place
+            )
 
 
 class MetricsLogger:
