@@ -57,13 +57,15 @@ def _backward(q, k, v, d_out, lse, delta, causal, blocks=None, interpret=True):
     )  # fmt: skip
 
 
-# name: (batch, t, s, heads, kv_heads, head_dim, dtype, causal, blocks)
-RING3 = HopperBwdBlocks(64, 64, 3)
+# name: (batch, t, s, heads, kv_heads, head_dim, dtype, causal, blocks). Defaults: two consumer
+# warpgroups, a 2-slot ring; at 256 rows a consumer also skips, masks and runs full tiles.
+ONE_CONSUMER = HopperBwdBlocks(consumers=1)
+RING3 = HopperBwdBlocks(stages=3)
 CASES = {
-    "causal-gqa-f16": (1, 128, 128, 2, 1, 64, jnp.float16, True, None),
-    "noncausal-bf16-d128": (1, 128, 128, 2, 2, 128, jnp.bfloat16, False, None),
+    "causal-gqa-f16": (1, 256, 256, 2, 1, 64, jnp.float16, True, None),
+    "noncausal-bf16-d128-1wg": (1, 128, 128, 2, 2, 128, jnp.bfloat16, False, ONE_CONSUMER),
     # uneven lengths (padding on both axes), more keys than queries, a 3-slot ring
-    "causal-uneven-bf16": (1, 100, 160, 1, 1, 64, jnp.bfloat16, True, RING3),
+    "causal-uneven-bf16": (1, 136, 200, 1, 1, 64, jnp.bfloat16, True, RING3),
 }  # fmt: skip
 
 
@@ -94,22 +96,23 @@ def test_no_races_in_the_interpreter():
     q, k, v, d_out = _inputs(1, 128, 128, 2, 1, 64, jnp.float16)
     lse, delta, _ = _reference(q, k, v, d_out, True)
     params = InterpretGPUParams(detect_races=True)
-    jax.block_until_ready(_backward(q, k, v, d_out, lse, delta, True, interpret=params))
+    blocks = HopperBwdBlocks(consumers=2)  # two consumers share each slot of the ring
+    jax.block_until_ready(_backward(q, k, v, d_out, lse, delta, True, blocks, interpret=params))
     assert not interpret_pallas_call.get_races().races_found
 
 
 SDS = jax.ShapeDtypeStruct
 
 
-# Every head_dim x dtype x causality with GQA (4 query heads per KV head), and plain
-# multi-head attention (a group of 1) once per head_dim.
+# Every head_dim x dtype x causality with GQA (4 query heads per KV head) and the default two
+# consumer warpgroups; plain multi-head attention (a group of 1) with one consumer per head_dim.
 GRID = [
-    (d, dt, c, 2) for d in hopper_bwd.HEAD_DIMS for dt in ("bfloat16", "float16") for c in (1, 0)
-] + [(d, "bfloat16", 1, 8) for d in hopper_bwd.HEAD_DIMS]
+    (d, dt, c, 2, 2) for d in hopper_bwd.HEAD_DIMS for dt in ("bfloat16", "float16") for c in (1, 0)
+] + [(d, "bfloat16", 1, 8, 1) for d in hopper_bwd.HEAD_DIMS]
 
 
-@pytest.mark.parametrize("head_dim,dtype,causal,kv_heads", GRID)
-def test_lowers_for_cuda_at_a_realistic_shape(head_dim, dtype, causal, kv_heads):
+@pytest.mark.parametrize("head_dim,dtype,causal,kv_heads,consumers", GRID)
+def test_lowers_for_cuda_at_a_realistic_shape(head_dim, dtype, causal, kv_heads, consumers):
     """The whole Python side of Mosaic GPU (layouts, wgmma shapes, SMEM transforms, barriers)
     runs for both kernels; only PTX compilation needs the GPU."""
     dtype, causal = jnp.dtype(dtype), bool(causal)
@@ -119,7 +122,8 @@ def test_lowers_for_cuda_at_a_realistic_shape(head_dim, dtype, causal, kv_heads)
     row = SDS((batch, 8, t), jnp.float32)
 
     def grads(q, k, v, d_out, lse, delta):
-        return _backward(q, k, v, d_out, lse, delta, causal, interpret=False)
+        blocks = HopperBwdBlocks(consumers=consumers)
+        return _backward(q, k, v, d_out, lse, delta, causal, blocks, interpret=False)
 
     lowered = jax.jit(grads).trace(q, k, k, q, row, row).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
@@ -128,12 +132,15 @@ def test_lowers_for_cuda_at_a_realistic_shape(head_dim, dtype, causal, kv_heads)
 
 
 def test_tiles_over_shared_memory_or_registers_are_refused_clearly():
-    with pytest.raises(ConfigError, match=r"shared memory.*lower stages or block_q/block_kv"):
-        hopper_bwd.check_blocks(HopperBwdBlocks(128, 64, 4), head_dim=128, itemsize=2)
-    # head_dim 256: SMEM would fit at 64-row tiles, the dK + dV accumulators would not
-    assert hopper_bwd.smem_bytes("dkv", HopperBwdBlocks(), 256, 2) <= hopper_bwd.SMEM_BYTES
+    with pytest.raises(
+        ConfigError, match=r"shared memory.*lower stages, block_q/block_kv or consumers"
+    ):
+        hopper_bwd.check_blocks(HopperBwdBlocks(stages=5), head_dim=128, itemsize=2)
+    # head_dim 256: SMEM would fit with one consumer, the dK + dV accumulators would not
+    one = HopperBwdBlocks(consumers=1)
+    assert hopper_bwd.smem_bytes("dkv", one, 256, 2) <= hopper_bwd.SMEM_BYTES
     with pytest.raises(ConfigError, match=r"320 registers per thread at head_dim=256"):
-        hopper_bwd.check_blocks(HopperBwdBlocks(), head_dim=256, itemsize=2)
+        hopper_bwd.check_blocks(one, head_dim=256, itemsize=2)
     with pytest.raises(ConfigError, match="multiples of 64"):
         hopper_bwd.check_blocks(HopperBwdBlocks(block_q=32), head_dim=64, itemsize=2)
 

@@ -43,29 +43,36 @@ SMEM_BYTES = common.SMEM_BYTES  # 227 KB per CTA on H100/H200
 # Registers a consumer warpgroup's thread can hold (set_max_registers tops out at 240 when a
 # producer warpgroup shares the SM); accumulators above this would spill.
 REGISTER_LIMIT = 240
+_PRODUCER_REGISTERS = 24  # 2 x 240 + 24 registers x 128 threads fit the SM's 64K
 _WG_THREADS = 128
 _MIN_TILE = 64  # wgmma: 64 rows per warpgroup; 64 16-bit columns per 128-byte swizzled row
 
 
 @dataclasses.dataclass(frozen=True)
 class HopperBwdBlocks:
-    """Tiles of the two kernels: ``block_q`` query rows and ``block_kv`` key rows per tile,
-    ``stages`` slots in the TMA ring of the streamed operand. Multiples of 64 (wgmma rows)."""
+    """Tiles of the two kernels: ``block_q`` query rows and ``block_kv`` key rows per tile
+    (multiples of 64: wgmma rows), ``stages`` slots in the TMA ring of the streamed operand,
+    and ``consumers`` math warpgroups per CTA, each with its own resident tile (key rows for
+    dK/dV, query rows for dQ) sharing the one stream: two halve the streamed loads per row and
+    let one warpgroup's softmax overlap the other's matmuls (FlashAttention-3)."""
 
     block_q: int = 64
     block_kv: int = 64
     stages: int = 2
+    consumers: int = 2
 
 
 def smem_bytes(kernel: str, blocks: HopperBwdBlocks, head_dim: int, itemsize: int) -> int:
     """Shared memory one CTA of ``kernel`` (dq | dkv) allocates: resident tiles once, streamed
     tiles (and their float32 lse / delta rows for dK/dV) once per stage, and the 16-bit
     probability tiles that feed wgmma from shared memory."""
-    bq, bk, n = blocks.block_q, blocks.block_kv, blocks.stages
-    if kernel == "dq":  # q, dO resident; k, v streamed; dS staged; lse, delta rows
-        return (2 * bq * head_dim + n * 2 * bk * head_dim + bq * bk) * itemsize + 2 * bq * 4
-    # dkv: k, v resident; q, dO streamed with lse, delta rows; P^T and dS^T staged
-    return (2 * bk * head_dim + n * 2 * bq * head_dim + 2 * bk * bq) * itemsize + n * 2 * bq * 4
+    bq, bk, n, c = blocks.block_q, blocks.block_kv, blocks.stages, blocks.consumers
+    if kernel == "dq":  # per consumer: q, dO, dS tiles and lse, delta rows; k, v streamed
+        tiles = c * (2 * bq * head_dim + bq * bk) + n * 2 * bk * head_dim
+        return tiles * itemsize + c * 2 * bq * 4
+    # dkv: per consumer: k, v, P^T, dS^T tiles; q, dO streamed with their lse, delta rows
+    tiles = c * (2 * bk * head_dim + 2 * bk * bq) + n * 2 * bq * head_dim
+    return tiles * itemsize + n * 2 * bq * 4
 
 
 def accumulator_registers(kernel: str, blocks: HopperBwdBlocks, head_dim: int) -> int:
@@ -86,20 +93,17 @@ def check_blocks(blocks: HopperBwdBlocks, head_dim: int, itemsize: int) -> None:
                 f"HopperBwdBlocks.{name}={size}: wgmma tiles are multiples of {_MIN_TILE} rows; "
                 "use 64 or 128"
             )
+    if blocks.consumers not in (1, 2):
+        raise ConfigError(
+            f"HopperBwdBlocks.consumers={blocks.consumers}: one or two math warpgroups per CTA "
+            "(three would leave under 168 registers each); use 1 or 2"
+        )
     if blocks.stages < 2:
         raise ConfigError(
             f"HopperBwdBlocks.stages={blocks.stages}: the TMA ring needs at least 2 slots to "
             "overlap loads with compute; use stages=2"
         )
-    for kernel in ("dkv", "dq"):
-        need = smem_bytes(kernel, blocks, head_dim, itemsize)
-        if need > SMEM_BYTES:
-            raise ConfigError(
-                f"the Hopper {kernel} kernel needs {need} bytes of shared memory at "
-                f"head_dim={head_dim} with {blocks} ({itemsize}-byte inputs), over the "
-                f"{SMEM_BYTES} a CTA may use: lower stages or block_q/block_kv, or use the "
-                "Triton kernel (gpu.py)"
-            )
+    for kernel in ("dkv", "dq"):  # registers first: no smaller ring fixes those
         regs = accumulator_registers(kernel, blocks, head_dim)
         if regs > REGISTER_LIMIT:
             raise ConfigError(
@@ -107,6 +111,14 @@ def check_blocks(blocks: HopperBwdBlocks, head_dim: int, itemsize: int) -> None:
                 f"thread at head_dim={head_dim} with {blocks}, over the {REGISTER_LIMIT} a "
                 "consumer warpgroup can hold: use 64-row tiles, or the Triton kernel (gpu.py) "
                 "for this head_dim"
+            )
+        need = smem_bytes(kernel, blocks, head_dim, itemsize)
+        if need > SMEM_BYTES:
+            raise ConfigError(
+                f"the Hopper {kernel} kernel needs {need} bytes of shared memory at "
+                f"head_dim={head_dim} with {blocks} ({itemsize}-byte inputs), over the "
+                f"{SMEM_BYTES} a CTA may use: lower stages, block_q/block_kv or consumers, "
+                "or use the Triton kernel (gpu.py)"
             )
 
 
@@ -168,14 +180,16 @@ def _transposed(ref):
     return ref.transpose((1, 0))
 
 
-def _matmul(a, b, shape):
-    """a @ b from shared memory into a fresh float32 accumulator, read back to registers."""
+def _matmuls(operands, shape):
+    """Several independent a @ b from shared memory, all issued before any is read back, so
+    the tensor cores run them back to back."""
 
-    def run(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
+    def run(*accs):
+        for acc, (a, b) in zip(accs, operands, strict=True):
+            plgpu.wgmma(acc, a, b)
+        return tuple(acc[...] for acc in accs)
 
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+    return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32)] * len(operands))
 
 
 # jax 0.10 needs plgpu.load's index; 0.11 deprecates passing one (index the ref instead).
@@ -214,41 +228,72 @@ def _loop_body(step, t, carry, *, masked, accs):
     return carry
 
 
+def _run_steps(step, skip, accs, ranges):
+    """The consumer's share of the stream: ``ranges`` of (start, stop, kind) in stream order
+    (the ring's slots are filled in that order), kind "skip" for steps its rows cannot see
+    (waited and released only, so every phase of every barrier is observed), "masked" under
+    the causal or padding mask, "full" fully visible. ``accs``: its accumulators."""
+    for start, stop, kind in ranges:
+        if kind == "skip":
+            body = lambda t, carry: (skip(t), carry)[1]  # noqa: E731
+        else:
+            body = functools.partial(_loop_body, step, masked=kind == "masked", accs=accs)
+        lax.fori_loop(start, stop, body, ())
+
+
+def _registers(consumers: int, producer: bool):
+    """Move registers from the producer warpgroup (it only issues TMA copies) to the
+    consumers: with two consumers the 64K registers would otherwise split evenly (168 each)."""
+    if consumers > 1:
+        if producer:
+            plgpu.set_max_registers(_PRODUCER_REGISTERS, action="decrease")
+        else:
+            plgpu.set_max_registers(REGISTER_LIMIT, action="increase")
+
+
 def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, pt_smem, dst_smem,
     kv_bar, q_bar, do_bar, lse_bar, delta_bar, empty_bar,
-    *, causal, scale, sm_scale, kv_len, group, nq, stages,
+    *, causal, scale, sm_scale, kv_len, group, nq, stages, consumers,
 ):  # fmt: skip
-    bk, head_dim = k_smem.shape
+    _, bk, head_dim = k_smem.shape  # [consumers, bk, D]: each consumer its own key rows
     bq = q_smem.shape[1]
     j, b, kv_head = lax.axis_index("kv_block"), lax.axis_index("batch"), lax.axis_index("kv_head")
     wg = lax.axis_index("wg")
-    keys = pl.ds(j * bk, bk)
-    # Query blocks that see this key block: [lo, nq); fully visible from full_lo (no mask).
-    padded = (j + 1) * bk > kv_len  # a key block holding padding is masked everywhere
-    if causal:
-        lo = jnp.minimum(lax.div(j * bk, bq), nq)
-        full_lo = jnp.clip(lax.div((j + 1) * bk - 1 + bq - 1, bq), lo, nq)
-    else:
-        lo, full_lo = jnp.int32(0), jnp.int32(0)
-    full_lo = jnp.where(padded, nq, full_lo)
-    n_masked, n_steps = (full_lo - lo) * group, (nq - lo) * group
 
-    def block_of(t):  # step -> (query block, query head); heads innermost reuse lse rows' q
+    def band(c):
+        """Consumer c's keys: their first row, the first query block that sees any of them and
+        the first that sees all of them (no mask from there on)."""
+        first = (j * consumers + c) * bk
+        if causal:
+            lo = jnp.minimum(lax.div(first, bq), nq)
+            full_lo = jnp.clip(lax.div(first + bk - 1 + bq - 1, bq), lo, nq)
+        else:
+            lo, full_lo = jnp.int32(0), jnp.int32(0)
+        padded = first + bk > kv_len  # a key tile holding padding is masked everywhere
+        return first, lo, jnp.where(padded, nq, full_lo)
+
+    lo = band(0)[1]  # the CTA streams the query blocks its first consumer's keys can see
+    n_steps = (nq - lo) * group
+
+    def block_of(t):  # step -> (query block, query head); the heads of a group innermost
         return lo + lax.div(t, group), kv_head * group + lax.rem(t, group)
 
-    @pl.when(wg == 1)
+    @pl.when(wg == consumers)
     def _producer():
-        plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem, kv_bar.at[0])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem, kv_bar.at[1])
+        _registers(consumers, producer=True)
+        for c in range(consumers):
+            keys = pl.ds(band(c)[0], bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[c], kv_bar.at[2 * c])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[c], kv_bar.at[2 * c + 1])
 
         def load(t, _):
             slot = lax.rem(t, stages)
 
             @pl.when(t >= stages)
             def _():
-                plgpu.barrier_wait(empty_bar.at[slot])  # the consumer is done with this slot
+                plgpu.barrier_wait(empty_bar.at[slot])  # every consumer is done with this slot
 
             i, h = block_of(t)
             rows = pl.ds(i * bq, bq)
@@ -263,17 +308,30 @@ def _dkv_kernel(
         lax.fori_loop(0, n_steps, load, ())
         _drain(empty_bar, n_steps, stages)
 
-    @pl.when(wg == 0)
+    @pl.when(wg < consumers)
     def _consumer():
-        plgpu.barrier_wait(kv_bar.at[0])
-        plgpu.barrier_wait(kv_bar.at[1])
-        key_ids = j * bk + _iota((bk, bq), 0)
+        _registers(consumers, producer=False)
+        c = wg
+        k_tile, v_tile, pt_tile, dst_tile = (x.at[c] for x in (k_smem, v_smem, pt_smem, dst_smem))
+        first, own_lo, full_lo = band(c)
+        plgpu.barrier_wait(kv_bar.at[2 * c])
+        plgpu.barrier_wait(kv_bar.at[2 * c + 1])
+        key_ids = first + _iota((bk, bq), 0)
+
+        def skip(t):
+            slot = lax.rem(t, stages)
+            for bar in (q_bar, lse_bar, do_bar, delta_bar):
+                plgpu.barrier_wait(bar.at[slot])
+            plgpu.barrier_arrive(empty_bar.at[slot])
 
         def step(t, masked: bool, dk_acc, dv_acc):
             slot = lax.rem(t, stages)
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
             plgpu.barrier_wait(q_bar.at[slot])
-            s_t = _matmul(k_smem, _transposed(q_tile), (bk, bq)) * scale
+            plgpu.barrier_wait(do_bar.at[slot])
+            s_t, dp_t = _matmuls(((k_tile, _transposed(q_tile)), (v_tile, _transposed(do_tile))),
+                                 (bk, bq))  # fmt: skip
+            s_t = s_t * scale
             if masked:
                 i, _ = block_of(t)
                 ok = key_ids < kv_len
@@ -282,33 +340,33 @@ def _dkv_kernel(
                 s_t = jnp.where(ok, s_t, common.MASK_VALUE)  # exp2 underflows to exactly 0
             plgpu.barrier_wait(lse_bar.at[slot])
             p_t = jnp.exp2(s_t - lax.broadcast_in_dim(_row(lse_smem.at[slot], 0), (bk, bq), [1]))
-            pt_smem[...] = p_t.astype(pt_smem.dtype)
+            pt_tile[...] = p_t.astype(pt_tile.dtype)
             plgpu.commit_smem()  # make the register stores visible to wgmma
-            plgpu.barrier_wait(do_bar.at[slot])
-            plgpu.wgmma(dv_acc, pt_smem, do_tile)
-            dp_t = _matmul(v_smem, _transposed(do_tile), (bk, bq))
+            plgpu.wgmma(dv_acc, pt_tile, do_tile)  # runs while dS^T is computed
             plgpu.barrier_wait(delta_bar.at[slot])
             delta = lax.broadcast_in_dim(_row(delta_smem.at[slot], 0), (bk, bq), [1])
-            dst_smem[...] = (p_t * (dp_t - delta)).astype(dst_smem.dtype)
+            dst_tile[...] = (p_t * (dp_t - delta)).astype(dst_tile.dtype)
             plgpu.commit_smem()
-            plgpu.wgmma(dk_acc, dst_smem, q_tile)
+            plgpu.wgmma(dk_acc, dst_tile, q_tile)
             plgpu.wgmma_wait(0)  # P^T, dS^T and this slot are read: free them
             plgpu.barrier_arrive(empty_bar.at[slot])
 
         def accumulate(dk_acc, dv_acc):
-            for start, stop, masked in ((0, n_masked, True), (n_masked, n_steps, False)):
-                body = functools.partial(_loop_body, step, masked=masked, accs=(dk_acc, dv_acc))
-                lax.fori_loop(start, stop, body, ())
+            n_skip, n_masked = (own_lo - lo) * group, (full_lo - lo) * group
+            ranges = ((0, n_skip, "skip"), (n_skip, n_masked, "masked"),
+                      (n_masked, n_steps, "full"))  # fmt: skip
+            _run_steps(step, skip, (dk_acc, dv_acc), ranges)
             return dk_acc[...], dv_acc[...]
 
         acc = plgpu.ACC((bk, head_dim), jnp.float32)
         dk, dv = pl.run_scoped(accumulate, acc, acc)
         # K and V are no longer read: their tiles stage the results for the TMA store.
-        k_smem[...] = (dk * sm_scale).astype(k_smem.dtype)
-        v_smem[...] = dv.astype(v_smem.dtype)
+        k_tile[...] = (dk * sm_scale).astype(k_tile.dtype)
+        v_tile[...] = dv.astype(v_tile.dtype)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[b, keys, kv_head])
-        plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[b, keys, kv_head])
+        keys = pl.ds(first, bk)
+        plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, keys, kv_head])
+        plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[b, keys, kv_head])
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -316,28 +374,37 @@ def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
     q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, ds_smem,
     res_bar, k_bar, v_bar, empty_bar,
-    *, causal, scale, sm_scale, kv_len, group, nk, stages,
+    *, causal, scale, sm_scale, kv_len, group, nk, stages, consumers,
 ):  # fmt: skip
-    bq, head_dim = q_smem.shape
+    _, bq, head_dim = q_smem.shape  # [consumers, bq, D]: each consumer its own query rows
     bk = k_smem.shape[1]
     i, b, h = lax.axis_index("q_block"), lax.axis_index("batch"), lax.axis_index("head")
     wg = lax.axis_index("wg")
-    rows = pl.ds(i * bq, bq)
     kv_head = lax.div(h, group)
-    # Key blocks this query block sees: [0, hi); fully visible below full_hi (no mask).
-    if causal:
-        hi = jnp.minimum(lax.div((i + 1) * bq - 1, bk) + 1, nk)
-        full_hi = jnp.minimum(lax.div(i * bq + 1, bk), hi)
-    else:
-        hi, full_hi = jnp.int32(nk), jnp.int32(nk)
-    full_hi = jnp.minimum(full_hi, kv_len // bk)  # a key block holding padding is masked
 
-    @pl.when(wg == 1)
+    def band(c):
+        """Consumer c's queries: their first row, the key blocks they see, [0, hi), and those
+        fully visible to all of them, [0, full_hi) (no mask)."""
+        first = (i * consumers + c) * bq
+        if causal:
+            hi = jnp.minimum(lax.div(first + bq - 1, bk) + 1, nk)
+            full_hi = jnp.minimum(lax.div(first + 1, bk), hi)
+        else:
+            hi, full_hi = jnp.int32(nk), jnp.int32(nk)
+        return first, hi, jnp.minimum(full_hi, kv_len // bk)  # key tiles with padding: masked
+
+    hi = band(consumers - 1)[1]  # the CTA streams the keys its last consumer's rows see
+
+    @pl.when(wg == consumers)
     def _producer():
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_smem, res_bar.at[0])
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, h], do_smem, res_bar.at[1])
-        plgpu.copy_gmem_to_smem(lse_ref.at[b, h, rows], lse_smem, res_bar.at[2])
-        plgpu.copy_gmem_to_smem(delta_ref.at[b, h, rows], delta_smem, res_bar.at[3])
+        _registers(consumers, producer=True)
+        for c in range(consumers):
+            rows = pl.ds(band(c)[0], bq)
+            for r, (src, dst) in enumerate(
+                ((q_ref.at[b, rows, h], q_smem), (do_ref.at[b, rows, h], do_smem),
+                 (lse_ref.at[b, h, rows], lse_smem), (delta_ref.at[b, h, rows], delta_smem))
+            ):  # fmt: skip
+                plgpu.copy_gmem_to_smem(src, dst.at[c], res_bar.at[4 * c + r])
 
         def load(t, _):
             slot = lax.rem(t, stages)
@@ -354,55 +421,64 @@ def _dq_kernel(
         lax.fori_loop(0, hi, load, ())
         _drain(empty_bar, hi, stages)
 
-    @pl.when(wg == 0)
+    @pl.when(wg < consumers)
     def _consumer():
+        _registers(consumers, producer=False)
+        c = wg
+        q_tile, do_tile, ds_tile = q_smem.at[c], do_smem.at[c], ds_smem.at[c]
+        first, own_hi, full_hi = band(c)
         for r in range(4):
-            plgpu.barrier_wait(res_bar.at[r])
-        lse = lax.broadcast_in_dim(_row(lse_smem, 1), (bq, bk), [0])
-        delta = lax.broadcast_in_dim(_row(delta_smem, 1), (bq, bk), [0])
-        query_ids = i * bq + _iota((bq, bk), 0)
+            plgpu.barrier_wait(res_bar.at[4 * c + r])
+        lse = lax.broadcast_in_dim(_row(lse_smem.at[c], 1), (bq, bk), [0])
+        delta = lax.broadcast_in_dim(_row(delta_smem.at[c], 1), (bq, bk), [0])
+        query_ids = first + _iota((bq, bk), 0)
+
+        def skip(t):
+            slot = lax.rem(t, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(empty_bar.at[slot])
 
         def step(t, masked: bool, dq_acc):
             slot = lax.rem(t, stages)
             k_tile, v_tile = k_smem.at[slot], v_smem.at[slot]
             plgpu.barrier_wait(k_bar.at[slot])
-            s = _matmul(q_smem, _transposed(k_tile), (bq, bk)) * scale
+            plgpu.barrier_wait(v_bar.at[slot])
+            s, dp = _matmuls(((q_tile, _transposed(k_tile)), (do_tile, _transposed(v_tile))),
+                             (bq, bk))  # fmt: skip
+            s = s * scale
             if masked:
                 key_ids = t * bk + _iota((bq, bk), 1)
                 ok = key_ids < kv_len
                 if causal:
                     ok &= key_ids <= query_ids
                 s = jnp.where(ok, s, common.MASK_VALUE)
-            p = jnp.exp2(s - lse)
-            plgpu.barrier_wait(v_bar.at[slot])
-            dp = _matmul(do_smem, _transposed(v_tile), (bq, bk))
-            ds_smem[...] = (p * (dp - delta)).astype(ds_smem.dtype)
+            ds_tile[...] = (jnp.exp2(s - lse) * (dp - delta)).astype(ds_tile.dtype)
             plgpu.commit_smem()
-            plgpu.wgmma(dq_acc, ds_smem, k_tile)
+            plgpu.wgmma(dq_acc, ds_tile, k_tile)
             plgpu.wgmma_wait(0)  # dS and this slot are read: free them
             plgpu.barrier_arrive(empty_bar.at[slot])
 
         def accumulate(dq_acc):
-            for start, stop, masked in ((0, full_hi, False), (full_hi, hi, True)):
-                body = functools.partial(_loop_body, step, masked=masked, accs=(dq_acc,))
-                lax.fori_loop(start, stop, body, ())
+            ranges = ((0, full_hi, "full"), (full_hi, own_hi, "masked"), (own_hi, hi, "skip"))
+            _run_steps(step, skip, (dq_acc,), ranges)
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((bq, head_dim), jnp.float32))
-        q_smem[...] = (dq * sm_scale).astype(q_smem.dtype)  # Q is no longer read
+        q_tile[...] = (dq * sm_scale).astype(q_tile.dtype)  # Q is no longer read
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[b, rows, h])
+        plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, pl.ds(first, bq), h])
         plgpu.wait_smem_to_gmem(0)
 
 
-def _kernel_call(body, out_type, scratch, grid, grid_names, interpret, name):
+def _kernel_call(body, out_type, scratch, grid, grid_names, consumers, interpret, name):
     return plgpu.kernel(
         body,
         out_type=out_type,
         scratch_types=scratch,
         grid=grid,
         grid_names=grid_names,
-        num_threads=2,  # consumer warpgroup 0, producer warpgroup 1
+        num_threads=consumers + 1,  # consumer warpgroups 0.., then the producer
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params(interpret),
@@ -425,8 +501,9 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     batch, t, n_heads, head_dim = q.shape
     s, n_kv = k.shape[1], k.shape[2]
     check_blocks(cfg, head_dim, jnp.dtype(q.dtype).itemsize)
-    bq, bk, stages = cfg.block_q, cfg.block_kv, cfg.stages
-    t_pad, s_pad = -(-t // bq) * bq, -(-s // bk) * bk
+    bq, bk, stages, n_wg = cfg.block_q, cfg.block_kv, cfg.stages, cfg.consumers
+    # Whole CTAs: a dQ CTA covers n_wg query tiles, a dK/dV CTA n_wg key tiles.
+    t_pad, s_pad = -(-t // (n_wg * bq)) * n_wg * bq, -(-s // (n_wg * bk)) * n_wg * bk
     # Padded queries have q = dO = lse = delta = 0, so they add exactly 0 to dK and dV.
     qp, dop = common.pad_seq(q, t_pad, 1), common.pad_seq(d_out.astype(q.dtype), t_pad, 1)
     kp, vp = common.pad_seq(k, s_pad, 1), common.pad_seq(v, s_pad, 1)
@@ -434,48 +511,52 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     delta = common.pad_seq(delta.astype(jnp.float32), t_pad, 2)
     sm_scale = 1.0 / math.sqrt(head_dim)
     consts = dict(causal=causal, scale=common.LOG2_E * sm_scale, sm_scale=sm_scale, kv_len=s,
-                  group=n_heads // n_kv, stages=stages)  # fmt: skip
+                  group=n_heads // n_kv, stages=stages, consumers=n_wg)  # fmt: skip
     dtype = q.dtype
     f32 = jnp.float32
+    ring = [_barriers(stages) for _ in range(5)]  # per slot: 4 loads done, then the slot freed
+    ring[-1] = plgpu.Barrier(num_arrivals=n_wg, num_barriers=stages)
 
     dkv = _kernel_call(
-        functools.partial(_dkv_kernel, nq=t_pad // bq, **consts),
+        functools.partial(_dkv_kernel, nq=-(-t // bq), **consts),  # streams only real rows
         out_type=[jax.ShapeDtypeStruct(kp.shape, dtype)] * 2,
         scratch=[
-            _tile((bk, head_dim), dtype),
-            _tile((bk, head_dim), dtype),
+            _tile((n_wg, bk, head_dim), dtype),
+            _tile((n_wg, bk, head_dim), dtype),
             _tile((stages, bq, head_dim), dtype),
             _tile((stages, bq, head_dim), dtype),
             plgpu.SMEM((stages, bq), f32),
             plgpu.SMEM((stages, bq), f32),
-            _tile((bk, bq), dtype),
-            _tile((bk, bq), dtype),
-            _barriers(2),
-            *[_barriers(stages) for _ in range(5)],
+            _tile((n_wg, bk, bq), dtype),
+            _tile((n_wg, bk, bq), dtype),
+            _barriers(2 * n_wg),
+            *ring,
         ],
-        grid=(s_pad // bk, batch, n_kv),
+        grid=(s_pad // (n_wg * bk), batch, n_kv),
         grid_names=("kv_block", "batch", "kv_head"),
+        consumers=n_wg,
         interpret=interpret,
         name="flash_attention_dkv_hopper",
     )
     dk, dv = dkv(qp, kp, vp, dop, lse, delta)
 
     dq_call = _kernel_call(
-        functools.partial(_dq_kernel, nk=s_pad // bk, **consts),
+        functools.partial(_dq_kernel, nk=-(-s // bk), **consts),
         out_type=jax.ShapeDtypeStruct(qp.shape, dtype),
         scratch=[
-            _tile((bq, head_dim), dtype),
-            _tile((bq, head_dim), dtype),
-            plgpu.SMEM((bq,), f32),
-            plgpu.SMEM((bq,), f32),
+            _tile((n_wg, bq, head_dim), dtype),
+            _tile((n_wg, bq, head_dim), dtype),
+            plgpu.SMEM((n_wg, bq), f32),
+            plgpu.SMEM((n_wg, bq), f32),
             _tile((stages, bk, head_dim), dtype),
             _tile((stages, bk, head_dim), dtype),
-            _tile((bq, bk), dtype),
-            _barriers(4),
-            *[_barriers(stages) for _ in range(3)],
+            _tile((n_wg, bq, bk), dtype),
+            _barriers(4 * n_wg),
+            *ring[2:],
         ],
-        grid=(t_pad // bq, batch, n_heads),
+        grid=(t_pad // (n_wg * bq), batch, n_heads),
         grid_names=("q_block", "batch", "head"),
+        consumers=n_wg,
         interpret=interpret,
         name="flash_attention_dq_hopper",
     )
