@@ -374,11 +374,13 @@ def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
     q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, ds_smem,
     res_bar, k_bar, v_bar, empty_bar,
-    *, causal, scale, sm_scale, kv_len, group, nk, stages, consumers,
+    *, causal, scale, sm_scale, kv_len, group, nk, stages, consumers, n_ctas,
 ):  # fmt: skip
     _, bq, head_dim = q_smem.shape  # [consumers, bq, D]: each consumer its own query rows
     bk = k_smem.shape[1]
     i, b, h = lax.axis_index("q_block"), lax.axis_index("batch"), lax.axis_index("head")
+    if causal:  # the grid's first axis is launched slowest: the longest query blocks first,
+        i = n_ctas - 1 - i  # so the short ones fill the tail (dK/dV's longest come first anyway)
     wg = lax.axis_index("wg")
     kv_head = lax.div(h, group)
 
@@ -541,7 +543,7 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     dk, dv = dkv(qp, kp, vp, dop, lse, delta)
 
     dq_call = _kernel_call(
-        functools.partial(_dq_kernel, nk=-(-s // bk), **consts),
+        functools.partial(_dq_kernel, nk=-(-s // bk), n_ctas=t_pad // (n_wg * bq), **consts),
         out_type=jax.ShapeDtypeStruct(qp.shape, dtype),
         scratch=[
             _tile((n_wg, bq, head_dim), dtype),
