@@ -2,6 +2,7 @@
 jax.vjp of the float32 ``xla`` reference (lse and delta from the same reference), no races,
 CUDA lowering over the whole scope, and clear refusals of what it does not do."""
 
+import functools
 import math
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from research.config import ConfigError
-from research.kernels.flash_attention import common, hopper_bwd
+from research.kernels.flash_attention import common, hopper_bwd, tiles
 from research.kernels.flash_attention.hopper_bwd import HopperBwdBlocks
 from research.models.attention import xla_attention
 
@@ -31,6 +32,7 @@ def _inputs(batch, t, s, heads, kv_heads, head_dim, dtype, seed=0):
     return q, k, v, d_out
 
 
+@functools.partial(jax.jit, static_argnums=4)  # one compile, not op-by-op dispatch
 def _reference(q, k, v, d_out, causal):
     """lse (base 2, LOG2_E/sqrt(D)-scaled scores), delta = rowsum(out * dO) and dq, dk, dv of
     the float32 reference at full matmul precision."""
@@ -48,6 +50,26 @@ def _reference(q, k, v, d_out, causal):
         lse = jax.nn.logsumexp(scores * math.log(2), axis=-1) / math.log(2)
         delta = jnp.einsum("bthd,bthd->bht", out, d_out)
     return lse, delta, grads
+
+
+def test_reference_lse_is_the_forward_kernels():
+    """The lse these tests feed the backward is the one the forward kernels save (their shared
+    tile arithmetic, tiles.py: base 2, LOG2_E/sqrt(D)-scaled scores), so the contract is
+    checked, not just self-consistent."""
+    q, k, v, d_out = _inputs(1, 32, 32, 1, 1, 64, jnp.float32)
+    lse, _, _ = _reference(q, k, v, d_out, True)
+    pos = jnp.arange(32)
+    init = (jnp.zeros((32, 64)), jnp.full((32, 1), common.MASK_VALUE), jnp.zeros((32, 1)))
+    ok = common.visible(pos[:, None], pos[None, :], None, None, True, 0)
+    scale = common.LOG2_E / math.sqrt(64)
+
+    @jax.jit
+    def forward_lse(q, k, v):
+        with jax.default_matmul_precision("highest"):
+            return tiles.forward_finish(*tiles.forward_step(q, k, v, init, scale, ok))[1]
+
+    saved = forward_lse(q[0, :, 0], k[0, :, 0], v[0, :, 0])
+    np.testing.assert_allclose(np.asarray(saved[:, 0]), np.asarray(lse[0, 0]), atol=1e-5, rtol=0)
 
 
 def _backward(q, k, v, d_out, lse, delta, causal, blocks=None, interpret=True):
