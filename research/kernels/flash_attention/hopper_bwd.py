@@ -2,16 +2,18 @@
 
 Same contract as ``gpu.backward`` (the Triton kernel): dq, dk, dv unpadded from q [B,T,H,D],
 k/v [B,S,KV,D], the forward's base-2 ``lse`` [B,H,T] (scores scaled by LOG2_E/sqrt(D)) and
-``delta`` = rowsum(out * d_out) [B,H,T], both float32. Two kernels, each a CTA of one consumer
-warpgroup (the math, wgmma into register accumulators) and one producer warpgroup (TMA copies
-into a ``stages``-deep shared-memory ring, released by the consumer through barriers):
+``delta`` = rowsum(out * d_out) [B,H,T], both float32. Two kernels; each CTA has a producer
+warpgroup (TMA copies into a ``stages``-deep shared-memory ring) and one or two consumer
+warpgroups (the math: wgmma into register accumulators), each consumer with its own
+resident tile, all sharing the one stream and releasing each slot through a barrier
+(FlashAttention-3's split):
 
-- dK/dV: one key block (and KV head) per CTA, K and V resident; streams (query block, query
-  head of the group) pairs: S^T = K Q^T, P^T = exp2(S^T - lse) with lse as a row vector,
-  dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q. The query heads of a
-  group are summed inside the kernel (they are consecutive steps of the same stream), so
+- dK/dV: ``consumers`` key tiles (of one KV head) per CTA, K and V resident; streams (query
+  block, query head of the group) pairs: S^T = K Q^T, P^T = exp2(S^T - lse) with lse as a row
+  vector, dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta), dK += dS^T Q. The query heads
+  of a group are summed inside the kernel (they are consecutive steps of the same stream), so
   grouped-query attention needs no per-query-head dK/dV in memory and no reduction pass.
-- dQ: one query block (and query head) per CTA, Q, dO, lse, delta resident; streams key
+- dQ: ``consumers`` query tiles (of one head) per CTA, Q, dO, lse, delta resident; streams key
   blocks: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 
 Causal: blocks that no query can see are never loaded, the fully visible ones run without a
