@@ -167,6 +167,29 @@ def test_tiles_over_shared_memory_or_registers_are_refused_clearly():
         hopper_bwd.check_blocks(HopperBwdBlocks(block_q=32), head_dim=64, itemsize=2)
 
 
+@pytest.mark.parametrize("kernel", ["dkv", "dq"])
+def test_smem_count_is_mosaic_gpus_own(monkeypatch, kernel):
+    """Our count is what Mosaic GPU allocates (so the refusal boundary is its): shrink its SMEM
+    bound to 1 byte and read its own count from the error it raises while lowering."""
+    import re
+
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
+    monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 1)
+    blocks = HopperBwdBlocks(block_q=128, stages=3)
+    q = SDS((1, 1024, 4, 64), jnp.bfloat16)
+    row = SDS((1, 4, 1024), jnp.float32)
+    pick = {"dq": 0, "dkv": 1}[kernel]
+
+    def grad(q, k, v, d_out, lse, delta):
+        return _backward(q, k, v, d_out, lse, delta, True, blocks, interpret=False)[pick]
+
+    with pytest.raises(ValueError, match="exceeds available shared memory") as error:
+        jax.jit(grad).trace(q, q, q, q, row, row).lower(lowering_platforms=("cuda",))
+    theirs = int(re.search(r"smem_bytes=(\d+)", str(error.value)).group(1))
+    assert theirs == hopper_bwd.smem_bytes(kernel, blocks, 64, 2)
+
+
 def test_supports_names_what_is_out_of_scope():
     q = jnp.zeros((1, 128, 2, 64), jnp.bfloat16)
     ok = hopper_bwd.supports

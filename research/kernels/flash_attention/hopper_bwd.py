@@ -47,6 +47,7 @@ SMEM_BYTES = common.SMEM_BYTES  # 227 KB per CTA on H100/H200
 REGISTER_LIMIT = 240
 _PRODUCER_REGISTERS = 24  # 2 x 240 + 24 registers x 128 threads fit the SM's 64K
 _WG_THREADS = 128
+_SMEM_ALIGN = 1024  # Mosaic GPU starts every SMEM buffer on a 1 KB boundary
 _MIN_TILE = 64  # wgmma: 64 rows per warpgroup; 64 16-bit columns per 128-byte swizzled row
 
 
@@ -65,16 +66,22 @@ class HopperBwdBlocks:
 
 
 def smem_bytes(kernel: str, blocks: HopperBwdBlocks, head_dim: int, itemsize: int) -> int:
-    """Shared memory one CTA of ``kernel`` (dq | dkv) allocates: resident tiles once, streamed
-    tiles (and their float32 lse / delta rows for dK/dV) once per stage, and the 16-bit
-    probability tiles that feed wgmma from shared memory."""
+    """Shared memory one CTA of ``kernel`` (dq | dkv) allocates, counted as Mosaic GPU lays it
+    out (a test checks against its own count): each buffer rounded up to 1 KB, 8 bytes per
+    barrier. dq: per consumer its q, dO, dS tiles and lse, delta rows; the k, v ring. dkv:
+    per consumer its k, v, P^T, dS^T tiles; the q, dO ring with their lse, delta rows."""
     bq, bk, n, c = blocks.block_q, blocks.block_kv, blocks.stages, blocks.consumers
-    if kernel == "dq":  # per consumer: q, dO, dS tiles and lse, delta rows; k, v streamed
-        tiles = c * (2 * bq * head_dim + bq * bk) + n * 2 * bk * head_dim
-        return tiles * itemsize + c * 2 * bq * 4
-    # dkv: per consumer: k, v, P^T, dS^T tiles; q, dO streamed with their lse, delta rows
-    tiles = c * (2 * bk * head_dim + 2 * bk * bq) + n * 2 * bq * head_dim
-    return tiles * itemsize + n * 2 * bq * 4
+
+    def buffer(elements: int, size: int = itemsize) -> int:
+        return -(-elements * size // _SMEM_ALIGN) * _SMEM_ALIGN
+
+    if kernel == "dq":
+        tiles = [c * bq * head_dim] * 2 + [n * bk * head_dim] * 2 + [c * bq * bk]
+        rows, barriers = [c * bq] * 2, 4 * c + 3 * n
+    else:
+        tiles = [c * bk * head_dim] * 2 + [n * bq * head_dim] * 2 + [c * bk * bq] * 2
+        rows, barriers = [n * bq] * 2, 2 * c + 5 * n
+    return sum(map(buffer, tiles)) + sum(buffer(r, 4) for r in rows) + 8 * barriers
 
 
 def accumulator_registers(kernel: str, blocks: HopperBwdBlocks, head_dim: int) -> int:
