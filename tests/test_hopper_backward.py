@@ -15,12 +15,19 @@ from research.kernels.flash_attention import common, hopper_bwd, tiles
 from research.kernels.flash_attention.hopper_bwd import HopperBwdBlocks
 from research.models.attention import xla_attention
 
-# jax 0.10's Mosaic GPU interpreter has neither (0.11, the GPU machine's, has both).
 needs_interpreter = pytest.mark.skipif(
-    tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11),
+    not hopper_bwd.INTERPRETER_WORKS,
     reason=f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run wgmma on a transposed "
     "SMEM operand (to_range has no TransposeTransform) nor plgpu.load; jax >= 0.11 can",
 )
+
+
+@pytest.mark.skipif(hopper_bwd.INTERPRETER_WORKS, reason="this jax's interpreter runs it")
+def test_an_interpreter_that_cannot_run_it_is_refused_clearly():
+    q = jnp.zeros((1, 64, 1, 64), jnp.float16)
+    row = jnp.zeros((1, 1, 64), jnp.float32)
+    with pytest.raises(ConfigError, match="use jax >= 0.11, or the Triton kernel"):
+        _backward(q, q, q, q, row, row, True, interpret=True)
 
 
 def _inputs(batch, t, s, heads, kv_heads, head_dim, dtype, seed=0):

@@ -165,10 +165,21 @@ def supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window) -> str | None:
     return None
 
 
+# jax 0.10's Mosaic GPU interpreter cannot read a transposed SMEM wgmma operand nor run
+# plgpu.load; 0.11's can.
+INTERPRETER_WORKS = tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
 def _interpret_params(interpret):
     """None (compiled) or the GPU interpreter's parameters."""
     if interpret is None or interpret is False:
         return None
+    if not INTERPRETER_WORKS:
+        raise ConfigError(
+            f"jax {jax.__version__}'s Mosaic GPU interpreter cannot run the Hopper backward "
+            "(no transposed SMEM wgmma operands, no plgpu.load): use jax >= 0.11, or the "
+            "Triton kernel (gpu.py) in interpret mode"
+        )
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams() if interpret is True else interpret
