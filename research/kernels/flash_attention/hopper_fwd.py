@@ -64,6 +64,8 @@ class HopperBlocks:
     registers_pv: True feeds P to the P V wgmma from registers and accumulates O in place
         (FlashAttention-3); False stages P through SMEM into a fresh accumulator (what the
         interpreter can run; forced when interpreting).
+    pingpong: with two consumers, a shared barrier makes them take turns (FlashAttention-3's
+        ping-pong schedule): one runs its softmax while the other's wgmma use the tensor cores.
     """
 
     block_q: int = 64
@@ -71,6 +73,7 @@ class HopperBlocks:
     stages: int = 2
     consumers: int = 2
     registers_pv: bool = True
+    pingpong: bool = True
 
     def __post_init__(self):
         problems = []
@@ -101,7 +104,7 @@ def smem_bytes(blocks: HopperBlocks, head_dim: int, itemsize: int) -> int:
     kv = 2 * b.stages * b.block_kv * head_dim * itemsize
     p = 0 if b.registers_pv else b.consumers * b.block_q * b.block_kv * itemsize
     lse = b.consumers * b.block_q * 4
-    barriers = 8 * (b.consumers + 4 * b.stages)
+    barriers = 8 * (b.consumers + 4 * b.stages + 1)
     return q + kv + p + lse + barriers
 
 
@@ -173,12 +176,11 @@ def _kernel(
     scale: float, interpreted: bool,
 ):  # fmt: skip
     if blocks.registers_pv:
-        (q_smem, k_smem, v_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free), p_smem = (
-            scratch,
-            None,
-        )
+        q_smem, k_smem, v_smem, lse_smem, *bars = scratch
+        p_smem = None
     else:
-        q_smem, k_smem, v_smem, p_smem, lse_smem, q_bar, k_bar, v_bar, k_free, v_free = scratch
+        q_smem, k_smem, v_smem, p_smem, lse_smem, *bars = scratch
+    q_bar, k_bar, v_bar, k_free, v_free, turn = bars
     bq, bk, stages, consumers = blocks.block_q, blocks.block_kv, blocks.stages, blocks.consumers
     head_dim = q_smem.shape[-1]
     dtype = q_smem.dtype
@@ -187,6 +189,14 @@ def _kernel(
     tile = (n_q - 1 - lax.axis_index("q_seq")) if causal else lax.axis_index("q_seq")
     wg = lax.axis_index("wg")
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
+    pingpong = blocks.pingpong and consumers == 2
+
+    def take_turns():
+        """Rendezvous of the two consumers: each call is one phase of the ``turn`` barrier.
+        Consumer 1 starts one phase behind, so their QK^T/softmax/PV alternate."""
+        if pingpong:
+            plgpu.barrier_arrive(turn)
+            plgpu.barrier_wait(turn)
 
     def kv_steps(q_end):
         """Key blocks that rows below q_end can see (causal: up to the diagonal)."""
@@ -255,6 +265,7 @@ def _kernel(
         m = wgmma_layout(jnp.full((bq,), MASK_VALUE, jnp.float32), reduced=True)
         denom = wgmma_layout(jnp.zeros((bq,), jnp.float32), reduced=True)
         acc = wgmma_layout(jnp.zeros((bq, head_dim), jnp.float32))
+        pl.when(wg == 1)(take_turns)
 
         def step(j, carry, masked: bool):
             acc, m, denom = carry
@@ -263,6 +274,7 @@ def _kernel(
 
             def qk(s_ref):
                 plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                take_turns()  # the other consumer goes on while this wgmma runs
                 return s_ref[...]
 
             if interpreted and _OLD_INTERPRETER:  # cannot read a transposed wgmma operand
@@ -270,6 +282,7 @@ def _kernel(
                     q_tile[...], k_smem.at[slot][...], (((1,), (1,)), ((), ())),
                     preferred_element_type=jnp.float32,
                 )  # fmt: skip
+                take_turns()
             else:
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
             s = s * scale
@@ -292,7 +305,11 @@ def _kernel(
             denom = denom * alpha + p.sum(axis=1)
             acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
             p = p.astype(dtype)
+            if pingpong:  # softmax done: let the other consumer's wgmma go first
+                plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(v_bar.at[slot])
+            if pingpong:
+                plgpu.barrier_wait(turn)
             if blocks.registers_pv and not interpreted:
 
                 def pv_in_place(o_ref):
@@ -322,10 +339,13 @@ def _kernel(
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
+            take_turns()  # the two turns a computed step takes, so the phases stay matched
+            take_turns()
             return carry
 
         if causal and consumers > 1:
             lax.fori_loop(steps, program_steps, release, None)
+        pl.when(wg == 0)(take_turns)  # the phase consumer 1 took at the start
 
         seen = denom > 0  # rows with no visible key give 0, as in tiles.forward_finish
         safe = jnp.where(seen, denom, 1.0)
@@ -387,6 +407,7 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
         plgpu.Barrier(num_barriers=stages),
         plgpu.Barrier(num_arrivals=c, num_barriers=stages),
         plgpu.Barrier(num_arrivals=c, num_barriers=stages),
+        plgpu.Barrier(num_arrivals=c),  # the consumers' turns (ping-pong)
     ]
     if not blocks.registers_pv:
         scratch.insert(3, _smem((c, bq, bk), dtype))
