@@ -199,6 +199,24 @@ def test_smem_footprint_is_refused_with_the_fix():
             hopper_fwd.check_smem(blocks, head_dim, 2)
 
 
+@pytest.mark.parametrize("registers_pv", [True, False])
+def test_smem_count_is_mosaic_gpus_own(monkeypatch, registers_pv):
+    """Our count is exactly what Mosaic GPU allocates: shrink its SMEM bound so it reports
+    its own count in the error."""
+    import re
+
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
+    monkeypatch.setattr(mosaic_core, "_SMEM_SIZE_BOUND", 1)
+    blocks = HopperBlocks(block_kv=128, stages=3, registers_pv=registers_pv)
+    q = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16)
+    fwd = jax.jit(lambda q, k, v: _forward(q, k, v, True, blocks, interpret=False))
+    with pytest.raises(ValueError, match="exceeds available shared memory") as error:
+        fwd.trace(q, q, q).lower(lowering_platforms=("cuda",))
+    theirs = int(re.search(r"smem_bytes=(\d+)", str(error.value)).group(1))
+    assert theirs == hopper_fwd.smem_bytes(blocks, 64, 2)
+
+
 def test_supports_names_what_is_out_of_scope():
     q, k, _ = _inputs(1, 64, 64, 2, 1, 64, jnp.float16)
     assert hopper_fwd.supports(q, k, None, None, None, None, 0) is None
@@ -220,6 +238,13 @@ def test_supports_names_what_is_out_of_scope():
         jnp.arange(64)
     )
     assert "traced" in seen[0]  # cannot be checked under jit: callers pass None
+    # forward itself takes traced positions on trust (the glue fills in the defaults)
+    lower = jax.jit(
+        lambda q, k, p: hopper_fwd.forward(
+            q, k, k, p, p, None, None, causal=True, window=0, blocks=None, interpret=False
+        )
+    )
+    lower.trace(q, k, jnp.arange(64)).lower(lowering_platforms=("cuda",))
     with pytest.raises(ConfigError, match="window"):
         hopper_fwd.forward(
             q, k, k, None, None, None, None, causal=True, window=8, blocks=None, interpret=True

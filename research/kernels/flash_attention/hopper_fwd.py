@@ -49,6 +49,9 @@ _SWIZZLE = 128  # bytes: the widest swizzle, 64 two-byte elements per row segmen
 # Register split for warp specialisation (setmaxnreg): the producer only issues TMA copies.
 _CONSUMER_REGS, _PRODUCER_REGS = 232, 40
 _LN2 = math.log(2.0)
+# Mosaic GPU's SMEM accounting: buffers aligned to 1 KB, plus CompilerParams'
+# reduction_scratch_bytes (default 128 * 4 * 4) when the kernel reduces across warps.
+_SMEM_ALIGN, _REDUCTION_SCRATCH = 1024, 128 * 4 * 4
 # jax < 0.11's Mosaic GPU interpreter has no transposed wgmma operands and no layout_cast.
 _OLD_INTERPRETER = jax.__version_info__ < (0, 11)
 
@@ -97,15 +100,24 @@ class HopperBlocks:
 
 
 def smem_bytes(blocks: HopperBlocks, head_dim: int, itemsize: int) -> int:
-    """SMEM one program allocates: a Q tile per consumer (reused for its output), the K and V
-    rings, P tiles when staged through SMEM, the lse rows and the barriers (8 bytes each)."""
+    """SMEM one program allocates, counted as Mosaic GPU lays it out: a Q tile per consumer
+    (reused for its output), the K and V rings, P tiles when staged through SMEM and the lse
+    rows, each buffer rounded up to 1 KB; the scratch Mosaic reserves for cross-warp
+    reductions (2 KB); 8 bytes per barrier."""
     b = blocks
-    q = b.consumers * b.block_q * head_dim * itemsize
-    kv = 2 * b.stages * b.block_kv * head_dim * itemsize
-    p = 0 if b.registers_pv else b.consumers * b.block_q * b.block_kv * itemsize
-    lse = b.consumers * b.block_q * 4
-    barriers = 8 * (b.consumers + 4 * b.stages + 1)
-    return q + kv + p + lse + barriers
+
+    def buffer(n_bytes: int) -> int:
+        return -(-n_bytes // _SMEM_ALIGN) * _SMEM_ALIGN
+
+    buffers = [
+        b.consumers * b.block_q * head_dim * itemsize,
+        b.stages * b.block_kv * head_dim * itemsize,
+        b.stages * b.block_kv * head_dim * itemsize,
+        0 if b.registers_pv else b.consumers * b.block_q * b.block_kv * itemsize,
+        b.consumers * b.block_q * 4,
+    ]
+    barriers = b.consumers + 4 * b.stages + 1
+    return sum(map(buffer, buffers)) + _REDUCTION_SCRATCH + 8 * barriers
 
 
 def check_smem(blocks: HopperBlocks, head_dim: int, itemsize: int, limit: int = SMEM_BYTES):
@@ -367,8 +379,13 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
     """Padded output [B, Tp, H, D] and base-2 log-sum-exp [B, H, Tp] float32 (Tp: T rounded
     up to consumers * block_q). ``blocks``: a HopperBlocks, or anything else (e.g. the Triton
     BlockSizes) for ``HopperBlocks.for_head_dim``. ``interpret``: False/None (compiled for a
-    GPU), True or an InterpretGPUParams (run in the Mosaic GPU interpreter)."""
-    reason = supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window)
+    GPU), True or an InterpretGPUParams (run in the Mosaic GPU interpreter). Positions are
+    not read: traced ones are taken to be 0..T-1 and 0..S-1 (check ``supports`` first),
+    concrete ones are checked."""
+    # Traced positions cannot be checked here: the caller vouches for 0..n-1 (it asked
+    # ``supports`` with None for the defaults); concrete ones are checked.
+    trusted = [None if isinstance(p, jax.core.Tracer) else p for p in (q_pos, kv_pos)]
+    reason = supports(q, k, *trusted, q_seg, kv_seg, window)
     if reason:
         raise ConfigError(f"the Hopper attention forward cannot run this: {reason}")
     if v.shape != k.shape or v.dtype != k.dtype:
