@@ -435,8 +435,10 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
             jax.ShapeDtypeStruct((batch, n_heads, t_pad), jnp.float32),
         ],
         scratch_types=scratch,
-        grid=(n_heads, n_q, batch),
-        grid_names=("heads", "q_seq", "batch"),
+        # Mosaic GPU launches the last grid axis fastest: query tiles slowest (causal: the
+        # longest first, see _kernel), heads fastest (GQA: neighbours share K/V in L2).
+        grid=(n_q, batch, n_heads),
+        grid_names=("q_seq", "batch", "heads"),
         num_threads=c + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
