@@ -54,6 +54,8 @@ _LN2 = math.log(2.0)
 _SMEM_ALIGN, _REDUCTION_SCRATCH = 1024, 128 * 4 * 4
 # jax < 0.11's Mosaic GPU interpreter has no transposed wgmma operands and no layout_cast.
 _OLD_INTERPRETER = jax.__version_info__ < (0, 11)
+# The oldest jax the kernel was lowered with (0.8's plgpu.kernel takes other arguments).
+_MIN_JAX = (0, 10)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +148,8 @@ def supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window) -> str | None:
     """None when the Hopper forward handles these inputs, else why not (the caller should
     use the Triton kernel). Positions must be None or concrete 0..n-1: traced positions
     cannot be checked, so pass None for the defaults."""
+    if jax.__version_info__ < _MIN_JAX:
+        return f"jax {jax.__version__}: the Hopper kernel needs jax >= 0.10 (Mosaic GPU's API)"
     if q.ndim != 4 or k.ndim != 4:
         return f"q and k must be [batch, seq, heads, head_dim], got {q.shape} and {k.shape}"
     if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES) or k.dtype != q.dtype:
