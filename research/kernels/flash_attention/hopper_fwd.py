@@ -301,7 +301,6 @@ def _kernel(
                 take_turns()
             else:
                 s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            s = s * scale
             plgpu.barrier_arrive(k_free.at[slot])
             ok = None
             if masked:
@@ -313,8 +312,10 @@ def _kernel(
                 if causal:
                     ok &= key <= rows + q0
                 s = jnp.where(ok, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(axis=1))
-            p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            # s stays unscaled: the row maximum is scaled instead (scale > 0), and the exponent
+            # s * scale - m is one FMA per score instead of a multiply and a subtract.
+            m_new = jnp.maximum(m, s.max(axis=1) * scale)
+            p = jnp.exp2(s * scale - lax.broadcast_in_dim(m_new, s.shape, [0]))
             if masked:  # a row with nothing visible yet has m_new = MASK: keep its weights 0
                 p = jnp.where(ok, p, 0.0)
             alpha = jnp.exp2(m - m_new)  # rescale what was summed under the old maximum
