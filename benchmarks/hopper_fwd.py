@@ -8,7 +8,8 @@ at head_dim 64/128/256, causal and not, float16 and bfloat16, GQA, a ragged leng
 error of the output and of the base-2 log-sum-exp. Speed: forward TFLOP/s at 2k-16k (batch x
 seq = 16k, 16 heads of 128, bfloat16), causal and not: ours beside JAX's own FlashAttention-3
 op (``jax.experimental.pallas.ops.gpu.attention_mgpu``), cuDNN and our Triton kernel, as
-ratios, from one run. FLOPs: 4 * B * H * T^2 * D, causal counted as half.
+ratios, from one run; then ours at 8k over a few tile settings (``SWEEP``) to pick defaults.
+FLOPs: 4 * B * H * T^2 * D, causal counted as half.
 
 It records the CUDA runtime: JAX's FA3 op refuses causal masking on 12.8.0 <= v < 12.9.1 (a
 ptxas miscompilation); ours has no such guard, so a causal value row that fails on such a
@@ -102,22 +103,37 @@ def value_case(head_dim, causal, dtype_name, group, registers_pv, dry) -> dict:
     return {"out_err": out_err, "lse_err": lse_err, "ok": out_err < tol and lse_err < 1e-3}
 
 
+# Tile settings tried at 8k (head_dim 128), each a change from HopperBlocks.for_head_dim.
+SWEEP = {
+    "default": {},
+    "block_kv=64": {"block_kv": 64},
+    "block_kv=64 stages=3": {"block_kv": 64, "stages": 3},
+    "block_kv=64 stages=4": {"block_kv": 64, "stages": 4},
+    "consumers=1": {"consumers": 1},
+    "no pingpong": {"pingpong": False},
+    "block_q=128 consumers=1": {"block_q": 128, "consumers": 1},
+}
+
+
+def ours_fn(causal: bool, **changes):
+    import jax
+
+    from research.kernels.flash_attention import hopper_fwd
+
+    def run(q, k, v):
+        blocks = dataclasses.replace(hopper_fwd.HopperBlocks.for_head_dim(q.shape[-1]), **changes)
+        return hopper_fwd.forward(
+            q, k, v, None, None, None, None,
+            causal=causal, window=0, blocks=blocks, interpret=False,
+        )[0]  # fmt: skip
+
+    return jax.jit(run)
+
+
 def speed_impls(causal: bool) -> dict:
     import jax
 
-    from research.kernels.flash_attention import common, gpu, hopper_fwd
-
-    def ours(registers_pv):
-        def run(q, k, v):
-            blocks = dataclasses.replace(
-                hopper_fwd.HopperBlocks.for_head_dim(q.shape[-1]), registers_pv=registers_pv
-            )
-            return hopper_fwd.forward(
-                q, k, v, None, None, None, None,
-                causal=causal, window=0, blocks=blocks, interpret=False,
-            )[0]  # fmt: skip
-
-        return jax.jit(run)
+    from research.kernels.flash_attention import common, gpu
 
     def triton(q, k, v):
         pos = jax.numpy.arange(q.shape[1])
@@ -137,8 +153,8 @@ def speed_impls(causal: bool) -> dict:
         return fa3.attention(q, k, v, config)
 
     return {
-        "ours": ours(True),
-        "ours_p_smem": ours(False),
+        "ours": ours_fn(causal),
+        "ours_p_smem": ours_fn(causal, registers_pv=False),
         "stock_fa3": jax.jit(stock_fa3),
         "cudnn": jax.jit(cudnn),
         "triton": jax.jit(triton),
@@ -221,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
                     if ours and row.get("tflops"):
                         row["ours_over_this"] = round(ours / row["tflops"], 3)
                 save()
+        for causal in (True, False):
+            for name, changes in SWEEP.items():
+                key = f"tiles {name} {'causal' if causal else 'full'} 8192"
+                attempt("speed", key, speed_case, name, ours_fn(causal, **changes), 8192, causal)
     print(table(payload))
     return 0
 
