@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CI job at the GPU machines' versions (Python 3.12, jax 0.11.x; pip on Python 3.11 stops at
-# jax 0.10): the flash-attention kernels (interpreted, and lowered for CUDA and TPU) and the
+# jax 0.10): the flash-attention kernels (interpreted, and lowered for CUDA and TPU), the Mosaic
+# GPU (Hopper) kernels, whose values only jax 0.11's GPU interpreter can run, and the
 # device check's dry run, so that a lent GPU's few minutes are not spent on a version break.
 # Skipped, and said so, where this machine has no Python 3.12. GPU_VENV sets the folder.
 set -euo pipefail
@@ -26,7 +27,8 @@ venv="${GPU_VENV:-${TMPDIR:-/tmp}/research-gpu-versions-venv}"
 
 set +e
 PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
-  tests/test_versions.py tests/test_flash_attention.py tests/test_device_check.py
+  tests/test_versions.py tests/test_flash_attention.py tests/test_device_check.py \
+  tests/test_hopper_fwd.py tests/test_hopper_backward.py tests/test_hopper_route.py
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -45,7 +45,7 @@ class HFError(ResearchError, ValueError):
 
 
 # The values each enum-like string field accepts (the modules that use them check the same).
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas", "hopper")
 ROUTERS = ("softmax", "sigmoid")
 MOE_DISPATCHES = ("auto", "capacity", "dropless")
 REMAT_POLICIES = ("none", "full", "save-dots")
@@ -143,7 +143,7 @@ class ModelConfig:
     # Adam LR shrink with d_model / mup_base_width, the head's logits are divided by it, and
     # attention scores go as 1/head_dim (research/train/mup.py). 0: standard parametrisation.
     mup_base_width: int = 0
-    attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas
+    attention: str = "auto"  # auto | xla | cudnn | blockwise | pallas | hopper
     attention_window: int = 0  # > 0: sliding-window (local) attention over the last W positions
     param_dtype: str = "float32"
     compute_dtype: str = "auto"  # auto: bfloat16 on GPU/TPU, float32 on CPU

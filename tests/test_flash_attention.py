@@ -249,7 +249,7 @@ def test_kernels_lower_for_their_backend(kernel, platform):
     q = sds((2, 300, 4, 128), jnp.bfloat16)
     kv = sds((2, 300, 2, 128), jnp.bfloat16)
     pos, seg = sds((300,), jnp.int32), sds((2, 300), jnp.int32)
-    config = (kernel, True, 64, BlockSizes.for_backend(kernel), False)
+    config = ((kernel, kernel), True, 64, BlockSizes.for_backend(kernel), False)
 
     def fwd_bwd(q, k, v, pos, seg):
         out, vjp = jax.vjp(lambda *a: _flash(*a, pos, pos, seg, seg, config), q, k, v)

@@ -3,8 +3,10 @@
 ``attend`` is the single entry point. ``xla`` is the plain-jnp reference (works everywhere, any
 mask), ``cudnn`` is ``jax.nn.dot_product_attention``'s fused GPU kernel, ``pallas`` our flash
 attention kernels (research/kernels/flash_attention: Triton on GPU, Mosaic on TPU, interpret
-mode on CPU), ``blockwise`` the same algorithm in plain JAX with memory linear in the sequence,
-and ``auto`` picks the fastest correct one for the backend and length.
+mode on CPU), ``hopper`` the same with the Mosaic GPU kernels for H100/H200 where they cover
+the case (plain causal self-attention) and Triton for the rest, ``blockwise`` the same
+algorithm in plain JAX with memory linear in the sequence, and ``auto`` picks the fastest
+correct one for the backend and length.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from research.kernels.flash_attention.common import KERNEL_HEAD_DIMS
 from research.models.layers import RMSNorm, apply_rope, as_dtype, param
 from research.parallel.mesh import per_shard
 
-IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas")
+IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "pallas", "hopper")
 # From this length on, auto takes blockwise over xla off GPU: faster there and linear in memory
 # (benchmarks/attention.py --cpu; figures in the README). Shorter contexts keep the reference.
 BLOCKWISE_MIN_SEQ = 512
@@ -107,6 +109,12 @@ def attend(
     seg = (segment_ids, segment_ids)
     if impl == "pallas":
         return _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window)
+    if impl == "hopper":
+        # Self-attention (T == S) runs at positions 0..T-1, as cuDNN's path below assumes too:
+        # the Mosaic GPU kernels take that case; the rest goes to Triton inside the call.
+        plain = q.shape[1] == k.shape[1]
+        return _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window,
+                                kernel="hopper", default_positions=plain)  # fmt: skip
     if impl == "blockwise":
         return blockwise_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
     plain_causal = q.shape[1] == k.shape[1] and not window and segment_ids is None
@@ -122,7 +130,9 @@ def attend(
     return xla_attention(q, k, v, q_positions, kv_positions, window, *seg)
 
 
-def _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window):
+def _flash_per_shard(
+    q, k, v, q_positions, kv_positions, segment_ids, window, kernel=None, default_positions=False
+):
     """The Pallas kernel on each device's batch rows and heads: a custom call is not partitioned
     by XLA. Query heads split over ``tensor`` when each device then holds whole GQA groups: the
     KV heads split too, or there is one KV head (MQA), which every device keeps."""
@@ -137,11 +147,15 @@ def _flash_per_shard(q, k, v, q_positions, kv_positions, segment_ids, window):
         args.append(segment_ids)
         axes.append(("batch", "seq"))
 
-    def kernel(q, k, v, q_positions, kv_positions, segment_ids=None):
+    def per_device(q, k, v, q_positions, kv_positions, segment_ids=None):
         seg = (segment_ids, segment_ids)
-        return flash_attention(q, k, v, q_positions, kv_positions, *seg, window=window)
+        if default_positions:  # None: 0..n-1, which the Hopper kernels can be sure of
+            q_positions = kv_positions = None
+        return flash_attention(
+            q, k, v, q_positions, kv_positions, *seg, window=window, kernel=kernel
+        )
 
-    return per_shard(kernel, tuple(axes), q_axes)(*args)
+    return per_shard(per_device, tuple(axes), q_axes)(*args)
 
 
 class Attention(nnx.Module):

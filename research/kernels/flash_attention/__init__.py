@@ -1,8 +1,12 @@
-"""Flash attention: Pallas kernels for GPU (Triton) and TPU (Mosaic), and plain-JAX blockwise.
+"""Flash attention: Pallas kernels for GPU (Triton; Mosaic GPU on Hopper) and TPU (Mosaic), and
+plain-JAX blockwise.
 
 ``flash_attention`` is the entry point for the kernels: a custom VJP whose forward saves the
 log-sum-exp and whose backward recomputes probabilities tile by tile (dQ and dK/dV kernels).
-``blockwise_attention`` is the same algorithm in plain JAX for CPUs and anything else.
+``kernel="hopper"`` takes the Mosaic GPU kernels (hopper_fwd, hopper_bwd) for each pass whose
+case they cover and the Triton kernel for the rest; both save the same base-2 log-sum-exp, so
+a Hopper forward may feed a Triton backward. ``blockwise_attention`` is the same algorithm in
+plain JAX for CPUs and anything else.
 """
 
 from __future__ import annotations
@@ -14,12 +18,25 @@ import jax
 import jax.numpy as jnp
 
 from research.backend import backend as target_backend
-from research.kernels.flash_attention import common, gpu, tpu
+from research.kernels.flash_attention import common, gpu, hopper_bwd, hopper_fwd, tpu
 from research.kernels.flash_attention.blockwise import blockwise_attention
 from research.kernels.flash_attention.common import BlockSizes
 
-__all__ = ["BlockSizes", "blockwise_attention", "flash_attention"]
-_KERNELS = {"gpu": gpu, "tpu": tpu}
+__all__ = ["BlockSizes", "blockwise_attention", "flash_attention", "hopper_route"]
+_FORWARD = {"gpu": gpu.forward, "tpu": tpu.forward, "hopper": hopper_fwd.forward}
+_BACKWARD = {"gpu": gpu.backward, "tpu": tpu.backward, "hopper": hopper_bwd.backward}
+_BACKEND = {"gpu": "gpu", "tpu": "tpu", "hopper": "gpu"}
+
+
+def hopper_route(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, window: int):
+    """The kernels ``kernel="hopper"`` runs: ("hopper" or "gpu") for the forward and for the
+    backward, and why a pass falls back to Triton (None where neither does). Positions must be
+    None (0..n-1) or concrete: traced ones cannot be checked, so they take Triton."""
+    args = (q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, window)
+    reasons = (hopper_fwd.supports(*args), hopper_bwd.supports(*args))
+    route = tuple("gpu" if reason else "hopper" for reason in reasons)
+    why = "; ".join(f"{p}: {r}" for p, r in zip(("forward", "backward"), reasons, strict=True) if r)
+    return route, why or None
 
 
 def flash_attention(
@@ -40,21 +57,30 @@ def flash_attention(
     """Attention of q [B,T,H,D] over k/v [B,S,KV,D] (KV divides H: grouped-query attention).
 
     Positions ([T], [S]; default 0..T-1, 0..S-1) and segment ids ([B,T], [B,S]) mask as in the
-    ``xla`` reference. ``kernel``: "gpu" (Triton) or "tpu" (Mosaic); default the backend's, and
-    on CPU the GPU kernel in interpret mode (``interpret`` defaults to True on CPU only).
+    ``xla`` reference. ``kernel``: "gpu" (Triton), "hopper" (Mosaic GPU on H100/H200 where it
+    covers the case, see ``hopper_route``; Triton elsewhere) or "tpu" (Mosaic); default the
+    backend's, and on CPU the GPU kernel in interpret mode (``interpret`` defaults to True on
+    CPU only).
     """
     backend = target_backend()
     kernel = kernel or ("tpu" if backend == "tpu" else "gpu")
-    if kernel not in _KERNELS:
-        raise ValueError(f"kernel='{kernel}': choose 'gpu' (Triton) or 'tpu' (Mosaic)")
+    if kernel not in _BACKEND:
+        raise ValueError(
+            f"kernel='{kernel}': choose 'gpu' (Triton), 'hopper' (Mosaic GPU) or 'tpu' (Mosaic)"
+        )
     if interpret is None:
         interpret = backend == "cpu"
-    if not interpret and {"gpu": "gpu", "tpu": "tpu"}[kernel] != backend:
+    if not interpret and _BACKEND[kernel] != backend:
         raise ValueError(
             f"the {kernel} kernel cannot run compiled on a {backend} backend; pass "
             "interpret=True (slow, for tests) or use blockwise_attention"
         )
     common.check_inputs(q, k, v, q_segment_ids, kv_segment_ids, window, causal, kernel=True)
+    passes = (kernel, kernel)
+    if kernel == "hopper":
+        segs = (q_segment_ids, kv_segment_ids)
+        passes, _ = hopper_route(q, k, q_positions, kv_positions, *segs, window)
+        kernel = "gpu"  # the Triton tiles below, for a pass that falls back
     blocks = block_sizes or BlockSizes.for_backend(kernel)
     minimum = 16 if kernel == "gpu" else 8  # Triton's dot needs 16-row tiles
     fit_q = functools.partial(common.fit_block, length=q.shape[1], minimum=minimum)
@@ -72,7 +98,7 @@ def flash_attention(
         q_positions = jnp.arange(q.shape[1], dtype=jnp.int32)
     if kv_positions is None:
         kv_positions = jnp.arange(k.shape[1], dtype=jnp.int32)
-    config = (kernel, causal, window, blocks, interpret)
+    config = (passes, causal, window, blocks, interpret)
     if kernel == "tpu" and q.dtype == jnp.float16:
         # Mosaic cannot load float16 tiles on TPU (the compiler rejects the kernel): compute in
         # float32, exact for float16 inputs; the casts' gradients cast dq/dk/dv back.
@@ -88,8 +114,8 @@ def _flash(q, k, v, q_pos, kv_pos, q_seg, kv_seg, config):
 
 
 def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, config):
-    kernel, causal, window, blocks, interpret = config
-    out, lse = _KERNELS[kernel].forward(
+    (forward, _), causal, window, blocks, interpret = config
+    out, lse = _FORWARD[forward](
         q, k, v, q_pos, kv_pos, q_seg, kv_seg,
         causal=causal, window=window, blocks=blocks, interpret=interpret,
     )  # fmt: skip
@@ -98,11 +124,11 @@ def _flash_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, config):
 
 
 def _flash_bwd(config, res, d_out):
-    kernel, causal, window, blocks, interpret = config
+    (_, backward), causal, window, blocks, interpret = config
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     # delta_i = sum_d O_id dO_id (= sum_j P_ij dP_ij): one memory-bound pass, left to XLA.
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
-    dq, dk, dv = _KERNELS[kernel].backward(
+    dq, dk, dv = _BACKWARD[backward](
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta,
         causal=causal, window=window, blocks=blocks, interpret=interpret,
     )  # fmt: skip
