@@ -12,10 +12,12 @@ the time budget checked before each one (a case that would not fit is recorded a
    XLA reference on the same inputs: causal, non-causal, window, segments, grouped-query; head
    dim 64/128/256; bf16/fp16/fp32. Each also checks that query rows which see no key are exactly
    0 (output and dq), and that the reference with the other causality is far off (a wrong mask
-   cannot pass).
+   cannot pass). Then the Mosaic GPU (Hopper) kernels through ``kernel="hopper"`` at default
+   positions, the route each pass took recorded (head_dim 256: Hopper forward, Triton backward).
 2. attention: TFLOP/s forward and forward+backward, causal, at 2k/4k/8k/16k (batch x seq = 16k
-   tokens, 16 heads of 128, bf16): ours, cuDNN, the stock Pallas op, XLA.
-3. gpt2_small: train-step MFU, bf16, with cuDNN attention and with our kernel.
+   tokens, 16 heads of 128, bf16): ours (Triton), ours (Hopper), cuDNN, the stock Pallas op,
+   JAX's own Mosaic GPU FA3 op, XLA.
+3. gpt2_small: train-step MFU, bf16, with cuDNN attention and with our kernels (Triton, Hopper).
 4. moe: step time of dropless (ragged_dot), capacity and a dense model of the same active size.
 5. blocks: a short sweep of our kernel's block sizes, warps and stages (causal fwd+bwd at 4k).
 
@@ -40,6 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# In the order they run: correctness first, then what the issue's targets are measured on.
 SECTIONS = ("kernels", "attention", "gpt2_small", "moe", "blocks")
 # Relative-error bounds against the float32 reference (METHOD: bf16 operands land 1e-3..1e-2,
 # tf32-like float32 dots near 3e-4).
@@ -138,20 +141,28 @@ def _rel(x, ref) -> float:
 # --- 1. kernels ----------------------------------------------------------------------------
 
 
-def kernel_cases(dry: bool) -> list[tuple[str, int, str]]:
-    """(dtype, head_dim, variant): the whole variant grid in bf16 at every head_dim, and the
-    other dtypes at the head dims where shared memory is tightest."""
+def kernel_cases(dry: bool) -> list[tuple[str, str, int, str]]:
+    """(kernel, dtype, head_dim, variant). Triton: the whole variant grid in bf16 at every
+    head_dim, and the other dtypes at the head dims where shared memory is tightest. Hopper:
+    its scope (fp16/bf16, causal or not, GQA, default positions), each head_dim once."""
     variants = ("causal", "noncausal", "window", "segments", "gqa")
-    cases = [("bfloat16", d, v) for d in (64, 128, 256) for v in variants]
-    cases += [(t, d, "causal") for t in ("float16", "float32") for d in (128, 256)]
-    return cases
+    cases = [("gpu", "bfloat16", d, v) for d in (64, 128, 256) for v in variants]
+    cases += [("gpu", t, d, "causal") for t in ("float16", "float32") for d in (128, 256)]
+    hopper = [("bfloat16", 64, "causal"), ("bfloat16", 128, "causal"), ("bfloat16", 128, "gqa"),
+              ("bfloat16", 128, "noncausal"), ("float16", 128, "causal"),
+              ("bfloat16", 256, "causal")]  # fmt: skip
+    return cases + [("hopper", *case) for case in hopper]
 
 
-def kernel_case(dtype_name: str, head_dim: int, variant: str, dry: bool) -> dict:
+def kernel_case_name(kernel: str, dtype: str, head_dim: int, variant: str) -> str:
+    return f"{'hopper ' if kernel == 'hopper' else ''}{dtype} d{head_dim} {variant}"
+
+
+def kernel_case(kernel: str, dtype_name: str, head_dim: int, variant: str, dry: bool) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from research.kernels.flash_attention import flash_attention
+    from research.kernels.flash_attention import flash_attention, hopper_bwd, hopper_route
     from research.kernels.flash_attention.common import visible
     from research.models.attention import xla_attention
 
@@ -180,9 +191,17 @@ def kernel_case(dtype_name: str, head_dim: int, variant: str, dry: bool) -> dict
     # compare only the rows that see a key, and give the empty ones no output gradient, so that
     # the reference's dk/dv carry none from them.
     shift = 8 if dry else 64
-    shift = shift if causal else 0
+    # The Hopper kernels take default positions only: no shift (the route says if they ran).
+    shift = shift if causal and kernel != "hopper" else 0
     q_pos = jnp.arange(seq, dtype=jnp.int32)
     kv_pos = q_pos + shift
+    if kernel == "hopper" and dry and not hopper_bwd.INTERPRETER_WORKS:
+        return {"status": f"skipped: jax {jax.__version__}'s Mosaic GPU interpreter (jax >= 0.11)"}
+    route = None
+    if kernel == "hopper":
+        route, why = hopper_route(q, k, None, None, seg, seg, window)
+        if route[0] != "hopper":
+            return {"route": "/".join(route), "status": f"error: not routed to Mosaic GPU: {why}"}
     seg_rows = seg if seg is not None else jnp.zeros((batch, seq), jnp.int32)
     sees = visible(
         q_pos[None, :, None], kv_pos[None, None, :],
@@ -193,9 +212,9 @@ def kernel_case(dtype_name: str, head_dim: int, variant: str, dry: bool) -> dict
 
     def ours(q, k, v, causal=causal):
         seg_ids = (seg, seg) if seg is not None else (None, None)
-        return flash_attention(
-            q, k, v, q_pos, kv_pos, *seg_ids, causal=causal, window=window, interpret=interpret
-        )
+        positions = (None, None) if kernel == "hopper" else (q_pos, kv_pos)
+        return flash_attention(q, k, v, *positions, *seg_ids, causal=causal, window=window,
+                               kernel=kernel, interpret=interpret)  # fmt: skip
 
     def reference(q, k, v, causal=causal):
         with jax.default_matmul_precision("highest"):
@@ -213,6 +232,8 @@ def kernel_case(dtype_name: str, head_dim: int, variant: str, dry: bool) -> dict
     errors["dk"], errors["dv"] = _rel(grads[1], ref_grads[1]), _rel(grads[2], ref_grads[2])
     tol = TOLERANCE[dtype_name]
     row = {f"err_{n}": e for n, e in errors.items()}
+    if route:
+        row["route"] = "/".join(route)  # forward/backward: hopper (Mosaic GPU) or gpu (Triton)
     row["tolerance"] = tol
     # Control: the reference with the other causality must be far off (not for a window,
     # which needs causality, or where the shifted positions make both agree).
@@ -242,7 +263,7 @@ def attention_impls(dry: bool) -> dict[str, Callable]:
     import jax
     import jax.numpy as jnp
 
-    from research.kernels.flash_attention import flash_attention
+    from research.kernels.flash_attention import flash_attention, hopper_bwd
     from research.models.attention import xla_attention
 
     def xla(q, k, v):
@@ -250,6 +271,10 @@ def attention_impls(dry: bool) -> dict[str, Callable]:
         return xla_attention(q, k, v, pos, pos, causal=True)
 
     impls = {"ours": lambda q, k, v: flash_attention(q, k, v, causal=True, interpret=dry or None)}
+    if not dry or hopper_bwd.INTERPRETER_WORKS:
+        impls["ours hopper"] = lambda q, k, v: flash_attention(
+            q, k, v, causal=True, kernel="hopper", interpret=dry or None
+        )
     if not dry:
         from jax.experimental.pallas.ops.gpu import attention as stock
 
@@ -259,8 +284,20 @@ def attention_impls(dry: bool) -> dict[str, Callable]:
         impls["stock pallas"] = lambda q, k, v: stock.mha(
             q, k, v, None, sm_scale=1 / math.sqrt(q.shape[-1]), causal=True
         )
+        impls["stock mgpu fa3"] = stock_fa3()
     impls["xla"] = xla
     return impls
+
+
+def stock_fa3():
+    """JAX's own Mosaic GPU FlashAttention-3 op (its tiles, backward blocks set)."""
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
+
+    config = fa3.TuningConfig(
+        block_q=64, block_kv=128, max_concurrent_steps=2, causal=True,
+        block_q_dq=64, block_kv_dq=64, block_q_dkv=64, block_kv_dkv=64,
+    )  # fmt: skip
+    return lambda q, k, v: fa3.attention(q, k, v, config)
 
 
 def attention_case(name: str, fn, seq: int, dry: bool) -> dict:
@@ -458,32 +495,19 @@ def main(argv: list[str] | None = None) -> int:
         return cases[: args.max_cases] if args.max_cases else cases
 
     if "kernels" in wanted:
-        grid = [c for c in kernel_cases(dry) if args.only in f"{c[0]} d{c[1]} {c[2]}"]
-        for dtype, head_dim, variant in limit(grid):
+        grid = [c for c in kernel_cases(dry) if args.only in kernel_case_name(*c)]
+        for case in limit(grid):
             check.case(
                 "kernels",
-                f"{dtype} d{head_dim} {variant}",
-                lambda a=(dtype, head_dim, variant): {
-                    "dtype": a[0],
-                    "head_dim": a[1],
-                    "variant": a[2],
+                kernel_case_name(*case),
+                lambda a=case: {
+                    "kernel": a[0],
+                    "dtype": a[1],
+                    "head_dim": a[2],
+                    "variant": a[3],
                     **kernel_case(*a, dry),
                 },  # fmt: skip
                 needs_s=10,
-            )
-    batch, steps = (2, 2) if dry else (16, 10)  # gpt2_small: 16 x 1024 tokens per step
-    if "gpt2_small" in wanted:
-        for attention in limit(["cudnn", "pallas"] if not dry else ["xla", "pallas"]):
-            check.case(
-                "gpt2_small",
-                f"attention={attention}",
-                lambda a=attention: {
-                    "attention": a,
-                    **train_step_case(
-                        gpt2_config(a, dry), 2 if dry else 16, 2 if dry else 10, peak
-                    ),
-                },
-                needs_s=60,
             )
     if "attention" in wanted:
         impls = attention_impls(dry)
@@ -495,6 +519,20 @@ def main(argv: list[str] | None = None) -> int:
                 f"{name} {seq}",
                 lambda n=name, s=seq: attention_case(n, impls[n], s, dry),
                 needs_s=15,
+            )
+    batch, steps = (2, 2) if dry else (16, 10)  # gpt2_small: 16 x 1024 tokens per step
+    if "gpt2_small" in wanted:
+        for attention in limit(["cudnn", "pallas", "hopper"] if not dry else ["xla", "pallas"]):
+            check.case(
+                "gpt2_small",
+                f"attention={attention}",
+                lambda a=attention: {
+                    "attention": a,
+                    **train_step_case(
+                        gpt2_config(a, dry), 2 if dry else 16, 2 if dry else 10, peak
+                    ),
+                },
+                needs_s=60,
             )
     if "moe" in wanted:
         for kind in limit(["dense", "dropless", "capacity"]):

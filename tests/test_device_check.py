@@ -51,6 +51,20 @@ def test_packed_documents_judge_only_rows_that_see_a_key(tmp_path):
     assert row["empty_rows_max"] == 0.0
 
 
+def test_hopper_kernel_case_runs_both_passes_on_mosaic_gpu(tmp_path):
+    from research.kernels.flash_attention import hopper_bwd
+
+    only = ("--only", "hopper bfloat16 d64 causal")
+    done, payload, _ = _dry_run(tmp_path, "--sections", "kernels", *only)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    (row,) = payload["rows"]
+    if not hopper_bwd.INTERPRETER_WORKS:  # jax 0.10: said, not run
+        assert row["status"].startswith("skipped: jax"), row
+        return
+    assert row["status"] == "ok" and row["route"] == "hopper/hopper", row
+    assert row["err_vs_wrong_causality"] > 20 * row["tolerance"]
+
+
 def test_a_spent_budget_skips_cases_instead_of_running_them(tmp_path):
     done, payload, _ = _dry_run(tmp_path, "--budget-s", "0", "--sections", "moe")
     assert done.returncode == 0
