@@ -142,7 +142,12 @@ def test_race_detector_flags_a_read_before_the_tma_barrier():
         thread_name="wg",
         interpret=InterpretGPUParams(detect_races=True),
     )
-    jax.block_until_ready(racy(jnp.ones((64, 64), jnp.float32)))
+    try:
+        jax.block_until_ready(racy(jnp.ones((64, 64), jnp.float32)))
+    except Exception as error:  # jax 0.12 raises at the race; 0.10 and 0.11 record it
+        assert "RACE DETECTED" in str(error)
+        gpu_callbacks.reset_gpu_interpret_mode_state()
+        return
     assert gpu_callbacks.get_races().races_found
 
 

@@ -212,10 +212,10 @@ def _matmuls(operands, shape):
     return pl.run_scoped(run, *[plgpu.ACC(shape, jnp.float32)] * len(operands))
 
 
-# jax 0.10 needs plgpu.load's index; 0.11 deprecates passing one (index the ref instead).
-_LOAD_TAKES_INDEX = (
-    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty
-)
+# jax 0.10 needs plgpu.load's index; 0.11 deprecates passing one (index the ref instead) and
+# 0.12 has no such parameter.
+_LOAD_INDEX = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_TAKES_INDEX = _LOAD_INDEX is not None and _LOAD_INDEX.default is inspect.Parameter.empty
 
 
 def _row(ref, dim: int):
