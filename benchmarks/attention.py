@@ -34,18 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def _timed(fn, *args, repeats: int) -> float:
-    """Median seconds per call after a warm-up (compile) call."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # noqa: E402  (this folder, on sys.path)
 
 
 def _gpu_impls(causal: bool, blocks):
@@ -99,7 +88,7 @@ def gpu_table(args) -> None:
                     ("fwd+bwd", fwd_bwd, (q, k, v, do), 3.5 * flops),
                 ):
                     try:
-                        row[mode] = work / _timed(f, *args_, repeats=args.repeats) / 1e12
+                        row[mode] = work / median_seconds(f, *args_, repeats=args.repeats) / 1e12
                     except Exception as error:  # noqa: BLE001 - OOM or unsupported: a result
                         kind = "OOM" if "RESOURCE_EXHAUSTED" in str(error) else "error"
                         row[mode] = kind

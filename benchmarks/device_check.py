@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import median_seconds  # noqa: E402  (this folder, on sys.path)
+
 # In the order they run: correctness first, then what the issue's targets are measured on.
 SECTIONS = ("kernels", "attention", "gpt2_small", "moe", "blocks")
 # Relative-error bounds against the float32 reference (METHOD: bf16 operands land 1e-3..1e-2,
@@ -116,19 +118,6 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value).replace("|", "/").replace("\n", " ")[:160]
-
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds per call after a warm-up call (compile), each call synchronised."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _rel(x, ref) -> float:
@@ -318,8 +307,8 @@ def attention_case(name: str, fn, seq: int, dry: bool) -> dict:
 
     flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half the matmul work
     repeats = 2 if dry else 10
-    t_fwd = timed(forward, q, k, v, repeats=repeats)
-    t_all = timed(forward_backward, q, k, v, repeats=repeats)
+    t_fwd = median_seconds(forward, q, k, v, repeats=repeats)
+    t_all = median_seconds(forward_backward, q, k, v, repeats=repeats)
     return {
         "impl": name,
         "seq": seq,

@@ -22,27 +22,14 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def seconds(fn, *args, repeats: int) -> float:
-    """Median wall seconds per call after one warm-up (compile) call, each synchronised."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        runs.append(time.perf_counter() - start)
-    return statistics.median(runs)
+from timing import median_seconds  # noqa: E402  (this folder, on sys.path)
 
 
 def machine() -> dict:
@@ -140,14 +127,15 @@ def speed_case(seq: int, causal: bool) -> dict:
         """(forward + backward) - forward seconds of an op with its own custom VJP."""
         fwd = jax.jit(forward)
         both = jax.jit(lambda q, k, v, g: jax.vjp(forward, q, k, v)[1](g))
-        return seconds(both, q, k, v, d_out, repeats=10) - seconds(fwd, q, k, v, repeats=10)
+        both_s = median_seconds(both, q, k, v, d_out, repeats=10)
+        return both_s - median_seconds(fwd, q, k, v, repeats=10)
 
     flops = 10 * batch * heads * seq * seq * head_dim / (2 if causal else 1)
     row = {"seq": seq, "causal": causal, "batch": batch}
     args = (q, k, v, d_out, lse, delta)
     for name, timing in (
-        ("ours", lambda: seconds(ours(causal, False), *args, repeats=10)),
-        ("triton", lambda: seconds(triton, *args, repeats=10)),
+        ("ours", lambda: median_seconds(ours(causal, False), *args, repeats=10)),
+        ("triton", lambda: median_seconds(triton, *args, repeats=10)),
         ("cudnn", lambda: backward_by_difference(
             lambda q, k, v: jax.nn.dot_product_attention(
                 q, k, v, is_causal=causal, implementation="cudnn"))),

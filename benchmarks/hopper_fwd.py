@@ -23,7 +23,6 @@ import dataclasses
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,18 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-
-def timed(fn, *args, repeats: int) -> float:
-    """Median seconds per call after a warm-up call (compile), each call synchronised."""
-    import jax
-
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+from timing import median_seconds  # noqa: E402  (this folder, on sys.path)
 
 
 def environment() -> dict:
@@ -168,7 +156,7 @@ def speed_case(name, fn, seq, causal) -> dict:
 
     batch, heads, head_dim = 16384 // seq, 16, 128
     q, k, v = inputs(batch, seq, heads, heads, head_dim, jnp.bfloat16)
-    seconds = timed(fn, q, k, v, repeats=10)
+    seconds = median_seconds(fn, q, k, v, repeats=10)
     flops = 4 * batch * heads * seq * seq * head_dim * (0.5 if causal else 1.0)
     return {"ms": seconds * 1e3, "tflops": flops / seconds / 1e12}
 
@@ -189,7 +177,7 @@ def table(payload: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="tiny, interpreted, no speed")
-    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--out", default=os.environ.get("OUT", "device_check_out"))
     parser.add_argument("--budget-s", type=float, default=400.0)
     args = parser.parse_args(argv)
     started = time.monotonic()
