@@ -114,6 +114,9 @@ def compile_case(kernel: str, head_dim: int, args, workdir: Path, seen: set[Path
                     compile_s=round(seconds, 1),
                 )
             )
+    names = [r["kernel"] for r in rows]
+    if len(set(names)) != len(names):
+        raise aot_gpu.GpuCompileError(f"{kernel} d={head_dim}: a kernel twice in {names}")
     order = ["fwd", "dq", "dkv"]
     rows.sort(key=lambda r: order.index(r["kernel"].split()[1]))
     missing = set(_KERNELS[kernel].values()) - {r["kernel"].split()[1] for r in rows}
@@ -165,8 +168,9 @@ def main(argv=None) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="gpu-compile-"))
     os.environ.update(aot_gpu.compile_env(workdir))
-    # Compile-only: never take a GPU this may run beside (the plugin still loads).
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Compile-only: the CUDA plugin still loads for its topology, but without "cuda" among the
+    # platforms it neither checks for CUDA libraries (absent here) nor takes a GPU it finds.
+    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
 
     print(f"# {machine()}; jax {jax.__version__}")

@@ -120,6 +120,7 @@ def compile_env(workdir: Path, ptxas: str | None = None) -> dict[str, str]:
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     flags = f"--xla_gpu_cuda_data_dir={root} --xla_dump_to={workdir / 'xla'}"
     return {
+        "PTXAS": ptxas,  # our own ptxas -v runs take the real one, not the wrapper
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
         "MOSAIC_GPU_DUMP_TO": str(workdir / "mosaic"),
         "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
