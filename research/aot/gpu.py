@@ -123,6 +123,7 @@ def compile_env(workdir: Path, ptxas: str | None = None) -> dict[str, str]:
         "PTXAS": ptxas,  # our own ptxas -v runs take the real one, not the wrapper
         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
         "MOSAIC_GPU_DUMP_TO": str(workdir / "mosaic"),
+        # Mosaic GPU runs the ptxas on PATH; XLA the one in its CUDA directory.
         "PATH": f"{root / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
     }
 
