@@ -22,13 +22,16 @@ fi
 venv="${GPU_VENV:-${TMPDIR:-/tmp}/research-gpu-versions-venv}"
 "$python312" -m venv --clear "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet '.[data]' 'jax==0.11.*' 'jaxlib==0.11.*' pytest
+# gpu-compile: jax's CUDA plugin (no CUDA wheels), so tests/test_gpu_compile.py compiles our
+# kernels to SASS for an H100 with this machine's ptxas (it skips, saying so, without one).
+"$venv/bin/python" -m pip install --quiet '.[data,gpu-compile]' 'jax==0.11.*' 'jaxlib==0.11.*' pytest
 "$venv/bin/python" -m pip list --format=freeze | grep -iE '^(jax|jaxlib|flax|optax|numpy)=='
 
 set +e
 PYTHONPATH="$PWD" "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_versions.py tests/test_flash_attention.py tests/test_device_check.py \
-  tests/test_hopper_fwd.py tests/test_hopper_backward.py tests/test_hopper_route.py
+  tests/test_hopper_fwd.py tests/test_hopper_backward.py tests/test_hopper_route.py \
+  tests/test_gpu_compile.py
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
