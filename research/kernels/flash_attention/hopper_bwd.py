@@ -16,10 +16,12 @@ resident tile, all sharing the one stream and releasing each slot through a barr
 - dQ: ``consumers`` query tiles (of one head) per CTA, Q, dO, lse, delta resident; streams key
   blocks: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 
-Causal: blocks that no query can see are never loaded, the fully visible ones run without a
-mask; only the diagonal band (and a key block holding padding) is masked. In scope: float16 /
-bfloat16, head_dim 64 / 128, causal or not, GQA, default positions (0..T-1, 0..S-1); windows,
-segment ids and custom positions are not (``supports`` says why, for routing to ``gpu.py``).
+Causal, with or without a sliding window (key j visible to query i when i - window < j <= i):
+blocks that no query of the CTA can see are never loaded, the fully visible ones run without a
+mask; only the band's edges (and a key block holding padding) are masked. In scope: float16 /
+bfloat16, head_dim 64 / 128, causal or not, causal sliding windows, GQA, default positions
+(0..T-1, 0..S-1); segment ids and custom positions are not (``supports`` says why, for routing
+to ``gpu.py``).
 """
 
 from __future__ import annotations

@@ -8,16 +8,17 @@ of ``block_q`` rows of one (batch, head) and runs ``consumers + 1`` warpgroups:
   ``stages`` SMEM slots, waiting on a "slot free" barrier before it overwrites a slot;
 * each consumer warpgroup computes S = Q K^T with ``wgmma`` into an accumulator, runs the
   online softmax in base 2 in registers, and accumulates O += P V with a second ``wgmma``,
-  then releases the slot. Key blocks above the causal diagonal are never loaded; blocks that
-  are entirely visible run without a mask.
+  then releases the slot. Key blocks above the causal diagonal, and with a sliding window
+  those wholly below the band [q - window + 1, q], are never loaded; blocks that are entirely
+  visible run without a mask, only the band's edges are masked.
 
 Outputs follow ``gpu.forward``: the padded output [B, Tp, H, D] in q's dtype and the base-2
 log-sum-exp [B, H, Tp] of the scores scaled by ``LOG2_E / sqrt(D)``, which the backward
 kernels (Triton's or ``hopper_bwd``) recompute probabilities from.
 
 Scope: float16/bfloat16, head_dim 64/128/256, causal or not, grouped-query attention, default
-positions (0..T-1, 0..S-1), no window, no segment ids. ``supports`` names what is out of scope
-so callers can route it to the Triton kernel.
+positions (0..T-1, 0..S-1), causal sliding windows, no segment ids. ``supports`` names what
+is out of scope so callers can route it to the Triton kernel.
 
 ``interpret`` runs the kernel in JAX's Mosaic GPU interpreter on CPU (SMEM, warpgroups,
 barriers, TMA and wgmma simulated, optionally with race detection). The interpreter cannot
