@@ -175,8 +175,8 @@ GRID = [
 ] + [(d, "bfloat16", 1, 8, 1) for d in hopper_bwd.HEAD_DIMS]
 
 
-# Sliding windows: each head_dim in both dtypes, GQA, one and two consumers (causal only).
-GRID += [(64, "bfloat16", 512, 2, 2), (128, "float16", 1000, 8, 1)]
+# A sliding window (causal) at head_dim 128; test_hopper_route lowers one at 64 in bfloat16.
+GRID += [(128, "float16", 1000, 2, 2)]
 
 
 @pytest.mark.parametrize("head_dim,dtype,causal,kv_heads,consumers", GRID)
