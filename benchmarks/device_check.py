@@ -133,13 +133,14 @@ def _rel(x, ref) -> float:
 def kernel_cases(dry: bool) -> list[tuple[str, str, int, str]]:
     """(kernel, dtype, head_dim, variant). Triton: the whole variant grid in bf16 at every
     head_dim, and the other dtypes at the head dims where shared memory is tightest. Hopper:
-    its scope (fp16/bf16, causal or not, GQA, default positions), each head_dim once."""
+    its scope (fp16/bf16, causal or not, sliding window, GQA, default positions), each
+    head_dim once."""
     variants = ("causal", "noncausal", "window", "segments", "gqa")
     cases = [("gpu", "bfloat16", d, v) for d in (64, 128, 256) for v in variants]
     cases += [("gpu", t, d, "causal") for t in ("float16", "float32") for d in (128, 256)]
     hopper = [("bfloat16", 64, "causal"), ("bfloat16", 128, "causal"), ("bfloat16", 128, "gqa"),
               ("bfloat16", 128, "noncausal"), ("float16", 128, "causal"),
-              ("bfloat16", 256, "causal")]  # fmt: skip
+              ("bfloat16", 256, "causal"), ("bfloat16", 128, "window")]  # fmt: skip
     return cases + [("hopper", *case) for case in hopper]
 
 

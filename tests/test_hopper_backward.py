@@ -39,21 +39,24 @@ def _inputs(batch, t, s, heads, kv_heads, head_dim, dtype, seed=0):
     return q, k, v, d_out
 
 
-@functools.partial(jax.jit, static_argnums=4)  # one compile, not op-by-op dispatch
-def _reference(q, k, v, d_out, causal):
+@functools.partial(jax.jit, static_argnums=(4, 5))  # one compile, not op-by-op dispatch
+def _reference(q, k, v, d_out, causal, window=0):
     """lse (base 2, LOG2_E/sqrt(D)-scaled scores), delta = rowsum(out * dO) and dq, dk, dv of
     the float32 reference at full matmul precision."""
     t, s, heads, head_dim = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     q_pos, kv_pos = jnp.arange(t), jnp.arange(s)
     q, k, v, d_out = (x.astype(jnp.float32) for x in (q, k, v, d_out))
     with jax.default_matmul_precision("highest"):
-        out, vjp = jax.vjp(lambda q, k, v: xla_attention(q, k, v, q_pos, kv_pos, causal=causal),
-                           q, k, v)  # fmt: skip
+        out, vjp = jax.vjp(
+            lambda q, k, v: xla_attention(q, k, v, q_pos, kv_pos, causal=causal, window=window),
+            q, k, v,
+        )  # fmt: skip
         grads = vjp(d_out)
         k_all = jnp.repeat(k, heads // k.shape[2], axis=2)
         scores = jnp.einsum("bthd,bshd->bhts", q, k_all) * (common.LOG2_E / math.sqrt(head_dim))
         if causal:
-            scores = jnp.where(kv_pos[None, :] <= q_pos[:, None], scores, -jnp.inf)
+            seen = common.visible(q_pos[:, None], kv_pos[None, :], None, None, True, window)
+            scores = jnp.where(seen, scores, -jnp.inf)
         lse = jax.nn.logsumexp(scores * math.log(2), axis=-1) / math.log(2)
         delta = jnp.einsum("bthd,bthd->bht", out, d_out)
     return lse, delta, grads
@@ -79,15 +82,18 @@ def test_reference_lse_is_the_forward_kernels():
     np.testing.assert_allclose(np.asarray(saved[:, 0]), np.asarray(lse[0, 0]), atol=1e-5, rtol=0)
 
 
-def _backward(q, k, v, d_out, lse, delta, causal, blocks=None, interpret=True):
+def _backward(q, k, v, d_out, lse, delta, causal, blocks=None, interpret=True, window=0):
     return hopper_bwd.backward(
         q, k, v, None, None, None, None, lse, d_out, delta,
-        causal=causal, window=0, blocks=blocks, interpret=interpret,
+        causal=causal, window=window, blocks=blocks, interpret=interpret,
     )  # fmt: skip
 
 
-# name: (batch, t, s, heads, kv_heads, head_dim, dtype, causal, blocks). Defaults: two consumer
-# warpgroups, a 2-slot ring; at 256 rows a consumer also skips, masks and runs full tiles.
+# name: (batch, t, s, heads, kv_heads, head_dim, dtype, causal, blocks[, window]). Defaults: two
+# consumer warpgroups, a 2-slot ring; at 256 rows a consumer also skips, masks and runs full
+# tiles. A window over two tiles and not a multiple of one (full blocks inside the band, band
+# edges on both sides) with ragged rows; the one under a tile is in
+# test_sliding_window_never_reads_blocks_outside_the_band (one beyond T: test_hopper_fwd's).
 ONE_CONSUMER = HopperBwdBlocks(consumers=1)
 RING3 = HopperBwdBlocks(stages=3)
 CASES = {
@@ -95,16 +101,18 @@ CASES = {
     "noncausal-bf16-d128-1wg": (1, 128, 128, 2, 2, 128, jnp.bfloat16, False, ONE_CONSUMER),
     # uneven lengths (padding on both axes), more keys than queries, a 3-slot ring
     "causal-uneven-bf16": (1, 136, 200, 1, 1, 64, jnp.bfloat16, True, RING3),
+    "window150-ragged-bf16-ring3": (1, 250, 250, 1, 1, 64, jnp.bfloat16, True, RING3, 150),
 }  # fmt: skip
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_reference_gradients_in_the_interpreter(case):
-    batch, t, s, heads, kv_heads, head_dim, dtype, causal, blocks = CASES[case]
+    batch, t, s, heads, kv_heads, head_dim, dtype, causal, blocks, *window = CASES[case]
+    window = window[0] if window else 0
     q, k, v, d_out = _inputs(batch, t, s, heads, kv_heads, head_dim, dtype)
-    lse, delta, want = _reference(q, k, v, d_out, causal)
-    got = _backward(q, k, v, d_out, lse, delta, causal, blocks)
+    lse, delta, want = _reference(q, k, v, d_out, causal, window)
+    got = _backward(q, k, v, d_out, lse, delta, causal, blocks, window=window)
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-3  # of the largest gradient entry
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
         assert g.shape == w.shape and g.dtype == dtype, name
@@ -130,6 +138,33 @@ def test_no_races_in_the_interpreter():
     assert not interpret_pallas_call.get_races().races_found
 
 
+@needs_interpreter
+def test_sliding_window_never_reads_blocks_outside_the_band():
+    """Window 40 (under a 64-row tile), two consumers, T = 256. NaN in keys/values 0..63 and
+    in queries/dO 192..255: dq of rows 128..191 (their CTA's key band starts at block 1) and
+    dk, dv of keys 64..127 (their CTA's query band ends at block 2) match the reference, so
+    the poisoned blocks never reached their matmuls (masked, they would: 0 * NaN = NaN);
+    the blocks that do see them are NaN. No races."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    q, k, v, d_out = _inputs(1, 256, 256, 1, 1, 64, jnp.float16, seed=1)
+    lse, delta, (dq, dk, dv) = _reference(q, k, v, d_out, True, 40)
+    nan_rows = lambda x, rows: x.at[:, rows].set(jnp.nan)  # noqa: E731
+    late, early = slice(192, 256), slice(0, 64)
+    args = (nan_rows(q, late), nan_rows(k, early), nan_rows(v, early), nan_rows(d_out, late))
+    params = InterpretGPUParams(detect_races=True)
+    got = _backward(*args[:3], args[3], lse, delta, True, HopperBwdBlocks(), params, window=40)
+    assert not interpret_pallas_call.get_races().races_found
+    got_dq, got_dk, got_dv = (np.asarray(g, np.float32) for g in got)
+    for name, g, w in (("dq", got_dq[:, 128:192], dq[:, 128:192]),
+                       ("dk", got_dk[:, 64:128], dk[:, 64:128]),
+                       ("dv", got_dv[:, 64:128], dv[:, 64:128])):  # fmt: skip
+        w = np.asarray(w)
+        np.testing.assert_allclose(g, w, atol=2e-3 * np.abs(w).max(), rtol=0, err_msg=name)
+    assert np.isnan(got_dq[:, 192:]).all() and np.isnan(got_dk[:, :64]).all()
+
+
 SDS = jax.ShapeDtypeStruct
 
 
@@ -140,11 +175,17 @@ GRID = [
 ] + [(d, "bfloat16", 1, 8, 1) for d in hopper_bwd.HEAD_DIMS]
 
 
+# A sliding window (causal) at head_dim 128; test_hopper_route lowers one at 64 in bfloat16.
+GRID += [(128, "float16", 1000, 2, 2)]
+
+
 @pytest.mark.parametrize("head_dim,dtype,causal,kv_heads,consumers", GRID)
 def test_lowers_for_cuda_at_a_realistic_shape(head_dim, dtype, causal, kv_heads, consumers):
     """The whole Python side of Mosaic GPU (layouts, wgmma shapes, SMEM transforms, barriers)
-    runs for both kernels; only PTX compilation needs the GPU."""
-    dtype, causal = jnp.dtype(dtype), bool(causal)
+    runs for both kernels; only PTX compilation needs the GPU. ``causal`` > 1: a causal
+    sliding window of that many positions."""
+    dtype, window = jnp.dtype(dtype), causal if causal > 1 else 0
+    causal = bool(causal)
     batch, t = 2, 2048
     q = SDS((batch, t, 8, head_dim), dtype)
     k = SDS((batch, t, kv_heads, head_dim), dtype)
@@ -152,7 +193,7 @@ def test_lowers_for_cuda_at_a_realistic_shape(head_dim, dtype, causal, kv_heads,
 
     def grads(q, k, v, d_out, lse, delta):
         blocks = HopperBwdBlocks(consumers=consumers)
-        return _backward(q, k, v, d_out, lse, delta, causal, blocks, interpret=False)
+        return _backward(q, k, v, d_out, lse, delta, causal, blocks, False, window)
 
     lowered = jax.jit(grads).trace(q, k, k, q, row, row).lower(lowering_platforms=("cuda",))
     text = lowered.as_text()
@@ -202,7 +243,7 @@ def test_supports_names_what_is_out_of_scope():
     ok = hopper_bwd.supports
     assert ok(q, q, None, None, None, None, 0) is None
     assert ok(q, q, jnp.arange(128), jnp.arange(128), None, None, 0) is None
-    assert "window" in ok(q, q, None, None, None, None, 16)
+    assert ok(q, q, None, None, None, None, 16) is None  # a (causal) sliding window
     seg = jnp.zeros((1, 128), jnp.int32)
     assert "segment" in ok(q, q, None, None, seg, seg, 0)
     assert "custom q positions" in ok(q, q, jnp.arange(128) + 5, None, None, None, 0)
@@ -213,6 +254,6 @@ def test_supports_names_what_is_out_of_scope():
     assert "head_dim 32" in ok(narrow, narrow, None, None, None, None, 0)
     traced = jax.jit(lambda p: jnp.int32(ok(q, q, p, None, None, None, 0) is None))
     assert traced(jnp.arange(128)) == 0  # positions unknowable under jit: refused
-    with pytest.raises(ConfigError, match="window"):
+    with pytest.raises(ConfigError, match="window=8 .causal=False.*causal=True"):
         hopper_bwd.backward(q, q, q, None, None, None, None, None, q, None,
-                            causal=True, window=8, blocks=None, interpret=False)  # fmt: skip
+                            causal=False, window=8, blocks=None, interpret=False)  # fmt: skip

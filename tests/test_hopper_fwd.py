@@ -38,36 +38,37 @@ def _inputs(batch, t, s, heads, kv_heads, head_dim, dtype, seed=0):
     return q, k, v
 
 
-def _forward(q, k, v, causal, blocks, interpret=True):
+def _forward(q, k, v, causal, blocks, interpret=True, window=0):
     return hopper_fwd.forward(
         q, k, v, None, None, None, None,
-        causal=causal, window=0, blocks=blocks, interpret=interpret,
+        causal=causal, window=window, blocks=blocks, interpret=interpret,
     )  # fmt: skip
 
 
-def _reference(q, k, v, causal):
+def _reference(q, k, v, causal, window=0):
     """Output and base-2 log-sum-exp of the scaled scores, in float32 at full precision."""
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     t, s = q.shape[1], k.shape[1]
     q_pos, kv_pos = jnp.arange(t), jnp.arange(s)
     with jax.default_matmul_precision("highest"):
-        out = xla_attention(*f32, q_pos, kv_pos, causal=causal)
+        out = xla_attention(*f32, q_pos, kv_pos, causal=causal, window=window)
         group = q.shape[2] // k.shape[2]
         kk = jnp.repeat(f32[1], group, axis=2)
         scores = jnp.einsum("bthd,bshd->bhts", f32[0], kk) * (LOG2_E / math.sqrt(q.shape[-1]))
     if causal:
-        scores = jnp.where(
-            kv_pos[None, None, None, :] <= q_pos[None, None, :, None], scores, -jnp.inf
-        )
+        seen = kv_pos[None, :] <= q_pos[:, None]
+        if window:
+            seen &= kv_pos[None, :] > q_pos[:, None] - window
+        scores = jnp.where(seen[None, None], scores, -jnp.inf)
     lse = jax.nn.logsumexp(scores * math.log(2), axis=-1) / math.log(2)
     return out, lse
 
 
-def _check(q, k, v, causal, blocks, interpret=True):
-    out, lse = _forward(q, k, v, causal, blocks, interpret)
+def _check(q, k, v, causal, blocks, interpret=True, window=0):
+    out, lse = _forward(q, k, v, causal, blocks, interpret, window)
     t = q.shape[1]
     assert out.dtype == q.dtype and lse.dtype == jnp.float32
-    ref_out, ref_lse = _reference(q, k, v, causal)
+    ref_out, ref_lse = _reference(q, k, v, causal, window)
     tol = 3e-3 if q.dtype == jnp.float16 else 2e-2  # P is rounded to the input dtype
     np.testing.assert_allclose(out[:, :t].astype(jnp.float32), ref_out, atol=tol, rtol=tol)
     np.testing.assert_allclose(lse[:, :, :t], ref_lse, atol=1e-4, rtol=1e-5)
@@ -112,6 +113,45 @@ def test_head_dim_128_three_stages_without_pingpong():
     q, k, v = _inputs(1, 128, 256, 2, 1, 128, jnp.bfloat16, seed=3)
     blocks = HopperBlocks(block_q=64, block_kv=64, stages=3, consumers=2, pingpong=False)
     _check(q, k, v, False, blocks)
+
+
+# name: (t, dtype, window, blocks). A window over two 64-key tiles and not a multiple of one
+# (fully visible blocks inside the band), one beyond T (the causal band) with ragged rows; the
+# window below a tile is the next test's.
+WINDOW_CASES = {
+    "w150-bf16": (256, jnp.bfloat16, 150, HopperBlocks(block_q=64, block_kv=64)),
+    "w300-f16-over-t-ragged-1wg": (200, jnp.float16, 300,
+                                   HopperBlocks(block_q=64, block_kv=64, consumers=1)),
+}  # fmt: skip
+
+
+@SLOW_INTERPRETER
+@pytest.mark.parametrize("case", list(WINDOW_CASES))
+def test_sliding_window_matches_reference(case):
+    t, dtype, window, blocks = WINDOW_CASES[case]
+    q, k, v = _inputs(1, t, t, 1, 1, 64, dtype, seed=4)
+    _check(q, k, v, True, blocks, window=window)
+
+
+@SLOW_INTERPRETER
+def test_sliding_window_never_reads_key_blocks_below_the_band_and_has_no_races():
+    """Window 40 (under a tile), NaN values in key block 0: rows 128.. (the second program:
+    its band starts at block 1) match the reference, so that block never reached their P V
+    (loaded and masked it would: P = 0, but 0 * NaN = NaN); the first rows see it, so are NaN.
+    Two consumers: the second releases the blocks only the first sees; no races."""
+    from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    q, k, v = _inputs(1, 256, 256, 1, 1, 64, jnp.float16, seed=5)
+    poisoned = v.at[:, :64].set(jnp.nan)
+    blocks = HopperBlocks(block_q=64, block_kv=64)
+    params = InterpretGPUParams(detect_races=True)
+    out, lse = _forward(q, k, poisoned, True, blocks, interpret=params, window=40)
+    assert not gpu_callbacks.get_races().races_found
+    ref_out, ref_lse = _reference(q, k, v, True, window=40)
+    assert np.isnan(np.asarray(out[:, :64], np.float32)).all()
+    np.testing.assert_allclose(out[:, 128:].astype(jnp.float32), ref_out[:, 128:], atol=3e-3)
+    np.testing.assert_allclose(lse, ref_lse, atol=1e-4, rtol=1e-5)  # lse never reads V
 
 
 def test_race_detector_flags_a_read_before_the_tma_barrier():
@@ -160,7 +200,7 @@ SCOPE = [
 ]
 
 
-def _lowers(head_dim, causal, dtype, group, **changes):
+def _lowers(head_dim, causal, dtype, group, window=0, **changes):
     q, k, v = (
         jax.ShapeDtypeStruct((2, 2048, 8, head_dim), dtype),
         jax.ShapeDtypeStruct((2, 2048, 8 // group, head_dim), dtype),
@@ -169,7 +209,7 @@ def _lowers(head_dim, causal, dtype, group, **changes):
     blocks = dataclasses.replace(HopperBlocks.for_head_dim(head_dim), **changes)
 
     def fwd(q, k, v):
-        return _forward(q, k, v, causal, blocks, interpret=False)
+        return _forward(q, k, v, causal, blocks, interpret=False, window=window)
 
     lowered = jax.jit(fwd).trace(q, k, v).lower(lowering_platforms=("cuda",))
     assert "mosaic_gpu" in lowered.as_text(), (head_dim, causal, dtype, group, changes)
@@ -179,13 +219,16 @@ def _lowers(head_dim, causal, dtype, group, **changes):
 def test_whole_scope_lowers_for_cuda(head_dim):
     """Every (head_dim, causal, dtype, GQA) case at T=2048 with the default tiles lowers to a
     Mosaic GPU custom call (P fed to wgmma from registers, two consumers in ping-pong: the
-    compiled default); P staged through SMEM (the interpreted path) and one consumer lower
-    too."""
+    compiled default); P staged through SMEM (the interpreted path), one consumer and a
+    sliding window lower too."""
     for d, causal, dtype, group in SCOPE:
         if d == head_dim:
             _lowers(head_dim, causal, dtype, group)
     _lowers(head_dim, True, jnp.bfloat16, 4, registers_pv=False)
     _lowers(head_dim, True, jnp.float16, 1, consumers=1, pingpong=False)
+    _lowers(head_dim, True, jnp.bfloat16, 4, window=1000)  # a sliding window
+    if head_dim == 64:  # the interpreted path (P through SMEM), one consumer, a window
+        _lowers(head_dim, True, jnp.float16, 1, window=100, consumers=1, registers_pv=False)
 
 
 def test_smem_footprint_is_refused_with_the_fix():
@@ -226,8 +269,8 @@ def test_supports_names_what_is_out_of_scope():
     assert hopper_fwd.supports(q, k, None, None, None, None, 0) is None
     assert hopper_fwd.supports(q, k, jnp.arange(64), jnp.arange(64), None, None, 0) is None
     seg = jnp.zeros((1, 64), jnp.int32)
+    assert hopper_fwd.supports(q, k, None, None, None, None, 16) is None  # a causal window
     reasons = {
-        "window": hopper_fwd.supports(q, k, None, None, None, None, 16),
         "segment": hopper_fwd.supports(q, k, None, None, seg, seg, 0),
         "positions": hopper_fwd.supports(q, k, jnp.arange(64) + 5, None, None, None, 0),
         "float16 or bfloat16": hopper_fwd.supports(
@@ -249,9 +292,9 @@ def test_supports_names_what_is_out_of_scope():
         )
     )
     lower.trace(q, k, jnp.arange(64)).lower(lowering_platforms=("cuda",))
-    with pytest.raises(ConfigError, match="window"):
+    with pytest.raises(ConfigError, match="window=8 .causal=False.*causal=True"):
         hopper_fwd.forward(
-            q, k, k, None, None, None, None, causal=True, window=8, blocks=None, interpret=True
+            q, k, k, None, None, None, None, causal=False, window=8, blocks=None, interpret=True
         )
 
 

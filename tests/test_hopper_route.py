@@ -26,7 +26,8 @@ def _shapes(head_dim=64, seq=256, dtype=jnp.bfloat16):
         (64, 0, None, None, ("hopper", "hopper")),
         (128, 0, None, None, ("hopper", "hopper")),
         (256, 0, None, None, ("hopper", "gpu")),  # the backward's accumulators overflow
-        (64, 32, None, None, ("gpu", "gpu")),
+        (64, 32, None, None, ("hopper", "hopper")),  # a causal sliding window
+        (256, 32, None, None, ("hopper", "gpu")),
         (64, 0, "shifted", None, ("gpu", "gpu")),
         (64, 0, None, "packed", ("gpu", "gpu")),
     ],
@@ -50,7 +51,7 @@ def _custom_calls(fn, *args):
 
 @pytest.mark.parametrize(
     "head_dim,window,calls",
-    [(64, 0, (3, 0)), (256, 0, (1, 2)), (64, 32, (0, 3))],  # (Mosaic GPU, Triton) kernels
+    [(64, 0, (3, 0)), (256, 0, (1, 2)), (64, 32, (3, 0))],  # (Mosaic GPU, Triton) kernels
 )
 def test_forward_and_backward_lower_to_the_routed_kernels(head_dim, window, calls):
     q, kv = _shapes(head_dim)

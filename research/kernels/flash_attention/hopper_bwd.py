@@ -16,10 +16,12 @@ resident tile, all sharing the one stream and releasing each slot through a barr
 - dQ: ``consumers`` query tiles (of one head) per CTA, Q, dO, lse, delta resident; streams key
   blocks: S = Q K^T, dP = dO V^T, dS = P (dP - delta), dQ += dS K.
 
-Causal: blocks that no query can see are never loaded, the fully visible ones run without a
-mask; only the diagonal band (and a key block holding padding) is masked. In scope: float16 /
-bfloat16, head_dim 64 / 128, causal or not, GQA, default positions (0..T-1, 0..S-1); windows,
-segment ids and custom positions are not (``supports`` says why, for routing to ``gpu.py``).
+Causal, with or without a sliding window (key j visible to query i when i - window < j <= i):
+blocks that no query of the CTA can see are never loaded, the fully visible ones run without a
+mask; only the band's edges (and a key block holding padding) are masked. In scope: float16 /
+bfloat16, head_dim 64 / 128, causal or not, causal sliding windows, GQA, default positions
+(0..T-1, 0..S-1); segment ids and custom positions are not (``supports`` says why, for routing
+to ``gpu.py``).
 """
 
 from __future__ import annotations
@@ -148,8 +150,6 @@ def supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window) -> str | None:
         return f"dtype {q.dtype}: the Hopper kernel takes float16 or bfloat16"
     if q.shape[-1] not in (*HEAD_DIMS, 256):
         return f"head_dim {q.shape[-1]}: the Hopper backward takes {HEAD_DIMS}"
-    if window:
-        return f"window={window}: sliding windows are not in the Hopper kernel"
     if q_seg is not None or kv_seg is not None:
         return "segment ids: packed documents are not in the Hopper kernel"
     for name, pos, length in (("q", q_pos, q.shape[1]), ("kv", kv_pos, k.shape[1])):
@@ -275,7 +275,7 @@ def _dkv_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, pt_smem, dst_smem,
     kv_bar, q_bar, do_bar, lse_bar, delta_bar, empty_bar,
-    *, causal, scale, sm_scale, kv_len, group, nq, stages, consumers,
+    *, causal, window, scale, sm_scale, kv_len, group, nq, stages, consumers,
 ):  # fmt: skip
     _, bk, head_dim = k_smem.shape  # [consumers, bk, D]: each consumer its own key rows
     bq = q_smem.shape[1]
@@ -283,19 +283,25 @@ def _dkv_kernel(
     wg = lax.axis_index("wg")
 
     def band(c):
-        """Consumer c's keys: their first row, the first query block that sees any of them and
-        the first that sees all of them (no mask from there on)."""
+        """Consumer c's keys: their first row and the query blocks [lo, hi) that see any of
+        them, of which [full_lo, full_hi) see all of them (no mask)."""
         first = (j * consumers + c) * bk
+        lo, full_lo, full_hi, hi = (jnp.int32(0),) * 2 + (jnp.int32(nq),) * 2
         if causal:
             lo = jnp.minimum(lax.div(first, bq), nq)
             full_lo = jnp.clip(lax.div(first + bk - 1 + bq - 1, bq), lo, nq)
-        else:
-            lo, full_lo = jnp.int32(0), jnp.int32(0)
+        if window:  # query q sees keys (q - window, q]: the last key's last query ends the band
+            hi = jnp.clip(lax.div(first + bk - 1 + window - 1, bq) + 1, lo, nq)
+            full_lo = jnp.minimum(full_lo, hi)
+            full_hi = jnp.clip(lax.div(first + window, bq), full_lo, hi)
         padded = first + bk > kv_len  # a key tile holding padding is masked everywhere
-        return first, lo, jnp.where(padded, nq, full_lo)
+        full_lo = jnp.where(padded, hi, full_lo)
+        return first, lo, full_lo, jnp.maximum(full_hi, full_lo), hi
 
-    lo = band(0)[1]  # the CTA streams the query blocks its first consumer's keys can see
-    n_steps = (nq - lo) * group
+    # The CTA streams the query blocks its first consumer's keys can see through those its
+    # last consumer's can: each consumer skips (waits and releases) the rest.
+    lo, hi = band(0)[1], band(consumers - 1)[4]
+    n_steps = (hi - lo) * group
 
     def block_of(t):  # step -> (query block, query head); the heads of a group innermost
         return lo + lax.div(t, group), kv_head * group + lax.rem(t, group)
@@ -333,7 +339,7 @@ def _dkv_kernel(
         _registers(consumers, producer=False)
         c = wg
         k_tile, v_tile, pt_tile, dst_tile = (x.at[c] for x in (k_smem, v_smem, pt_smem, dst_smem))
-        first, own_lo, full_lo = band(c)
+        first, own_lo, full_lo, full_hi, own_hi = band(c)
         plgpu.barrier_wait(kv_bar.at[2 * c])
         plgpu.barrier_wait(kv_bar.at[2 * c + 1])
         key_ids = first + _iota((bk, bq), 0)
@@ -355,8 +361,11 @@ def _dkv_kernel(
             if masked:
                 i, _ = block_of(t)
                 ok = key_ids < kv_len
+                query_ids = i * bq + _iota((bk, bq), 1)
                 if causal:
-                    ok &= key_ids <= i * bq + _iota((bk, bq), 1)
+                    ok &= key_ids <= query_ids
+                if window:
+                    ok &= key_ids > query_ids - window
                 s_t = jnp.where(ok, s_t, common.MASK_VALUE)  # exp2 underflows to exactly 0
             plgpu.barrier_wait(lse_bar.at[slot])
             p_t = jnp.exp2(s_t - lax.broadcast_in_dim(_row(lse_smem.at[slot], 0), (bk, bq), [1]))
@@ -372,9 +381,9 @@ def _dkv_kernel(
             plgpu.barrier_arrive(empty_bar.at[slot])
 
         def accumulate(dk_acc, dv_acc):
-            n_skip, n_masked = (own_lo - lo) * group, (full_lo - lo) * group
-            ranges = ((0, n_skip, "skip"), (n_skip, n_masked, "masked"),
-                      (n_masked, n_steps, "full"))  # fmt: skip
+            at = [(x - lo) * group for x in (own_lo, full_lo, full_hi, own_hi)]
+            ranges = ((0, at[0], "skip"), (at[0], at[1], "masked"), (at[1], at[2], "full"),
+                      (at[2], at[3], "masked"), (at[3], n_steps, "skip"))  # fmt: skip
             _run_steps(step, skip, (dk_acc, dv_acc), ranges)
             return dk_acc[...], dv_acc[...]
 
@@ -394,7 +403,7 @@ def _dq_kernel(
     q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
     q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, ds_smem,
     res_bar, k_bar, v_bar, empty_bar,
-    *, causal, scale, sm_scale, kv_len, group, nk, stages, consumers, n_ctas,
+    *, causal, window, scale, sm_scale, kv_len, group, nk, stages, consumers, n_ctas,
 ):  # fmt: skip
     _, bq, head_dim = q_smem.shape  # [consumers, bq, D]: each consumer its own query rows
     bk = k_smem.shape[1]
@@ -405,17 +414,25 @@ def _dq_kernel(
     kv_head = lax.div(h, group)
 
     def band(c):
-        """Consumer c's queries: their first row, the key blocks they see, [0, hi), and those
-        fully visible to all of them, [0, full_hi) (no mask)."""
+        """Consumer c's queries: their first row and the key blocks [lo, hi) they see, of
+        which [full_lo, full_hi) are fully visible to all of them (no mask)."""
         first = (i * consumers + c) * bq
+        lo, full_lo = jnp.int32(0), jnp.int32(0)
         if causal:
             hi = jnp.minimum(lax.div(first + bq - 1, bk) + 1, nk)
             full_hi = jnp.minimum(lax.div(first + 1, bk), hi)
         else:
             hi, full_hi = jnp.int32(nk), jnp.int32(nk)
-        return first, hi, jnp.minimum(full_hi, kv_len // bk)  # key tiles with padding: masked
+        if window:  # query q sees keys (q - window, q]: the first query's first key starts it
+            lo = jnp.minimum(lax.div(jnp.maximum(first - window + 1, 0), bk), hi)
+            full_lo = jnp.clip(lax.div(jnp.maximum(first + bq - window, 0) + bk - 1, bk), lo, hi)
+        full_hi = jnp.minimum(full_hi, kv_len // bk)  # key tiles with padding: masked
+        return first, lo, full_lo, jnp.maximum(full_hi, full_lo), hi
 
-    hi = band(consumers - 1)[1]  # the CTA streams the keys its last consumer's rows see
+    # The CTA streams the key blocks from its first consumer's first to its last consumer's
+    # last; slots and barrier phases count stream steps (block - lo).
+    lo, hi = band(0)[1], band(consumers - 1)[4]
+    n_steps = hi - lo
 
     @pl.when(wg == consumers)
     def _producer():
@@ -435,20 +452,20 @@ def _dq_kernel(
             def _():
                 plgpu.barrier_wait(empty_bar.at[slot])
 
-            keys = pl.ds(t * bk, bk)
+            keys = pl.ds((lo + t) * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[b, keys, kv_head], k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[b, keys, kv_head], v_smem.at[slot], v_bar.at[slot])
             return ()
 
-        lax.fori_loop(0, hi, load, ())
-        _drain(empty_bar, hi, stages)
+        lax.fori_loop(0, n_steps, load, ())
+        _drain(empty_bar, n_steps, stages)
 
     @pl.when(wg < consumers)
     def _consumer():
         _registers(consumers, producer=False)
         c = wg
         q_tile, do_tile, ds_tile = q_smem.at[c], do_smem.at[c], ds_smem.at[c]
-        first, own_hi, full_hi = band(c)
+        first, own_lo, full_lo, full_hi, own_hi = band(c)
         for r in range(4):
             plgpu.barrier_wait(res_bar.at[4 * c + r])
         lse = lax.broadcast_in_dim(_row(lse_smem.at[c], 1), (bq, bk), [0])
@@ -470,10 +487,12 @@ def _dq_kernel(
                              (bq, bk))  # fmt: skip
             s = s * scale
             if masked:
-                key_ids = t * bk + _iota((bq, bk), 1)
+                key_ids = (lo + t) * bk + _iota((bq, bk), 1)
                 ok = key_ids < kv_len
                 if causal:
                     ok &= key_ids <= query_ids
+                if window:
+                    ok &= key_ids > query_ids - window
                 s = jnp.where(ok, s, common.MASK_VALUE)
             ds_tile[...] = (jnp.exp2(s - lse) * (dp - delta)).astype(ds_tile.dtype)
             plgpu.commit_smem()
@@ -482,7 +501,9 @@ def _dq_kernel(
             plgpu.barrier_arrive(empty_bar.at[slot])
 
         def accumulate(dq_acc):
-            ranges = ((0, full_hi, "full"), (full_hi, own_hi, "masked"), (own_hi, hi, "skip"))
+            at = [x - lo for x in (own_lo, full_lo, full_hi, own_hi)]
+            ranges = ((0, at[0], "skip"), (at[0], at[1], "masked"), (at[1], at[2], "full"),
+                      (at[2], at[3], "masked"), (at[3], n_steps, "skip"))  # fmt: skip
             _run_steps(step, skip, (dq_acc,), ranges)
             return dq_acc[...]
 
@@ -518,6 +539,11 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     reason = supports(q, k, None, None, q_seg, kv_seg, window)
     if reason:
         raise ConfigError(f"the Hopper backward cannot run this case: {reason}")
+    if window < 0 or (window and not causal):
+        raise ConfigError(
+            f"window={window} (causal={causal}): a sliding window is a causal look-back of "
+            "w >= 1 positions; pass causal=True with window >= 1, or window=0 (off)"
+        )
     del q_pos, kv_pos
     cfg = blocks if isinstance(blocks, HopperBwdBlocks) else HopperBwdBlocks()
     batch, t, n_heads, head_dim = q.shape
@@ -532,8 +558,9 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     lse = common.pad_seq(lse.astype(jnp.float32), t_pad, 2)
     delta = common.pad_seq(delta.astype(jnp.float32), t_pad, 2)
     sm_scale = 1.0 / math.sqrt(head_dim)
-    consts = dict(causal=causal, scale=common.LOG2_E * sm_scale, sm_scale=sm_scale, kv_len=s,
-                  group=n_heads // n_kv, stages=stages, consumers=n_wg)  # fmt: skip
+    consts = dict(causal=causal, window=window, scale=common.LOG2_E * sm_scale,
+                  sm_scale=sm_scale, kv_len=s, group=n_heads // n_kv, stages=stages,
+                  consumers=n_wg)  # fmt: skip
     dtype = q.dtype
     f32 = jnp.float32
     ring = [_barriers(stages) for _ in range(5)]  # per slot: 4 loads done, then the slot freed

@@ -8,16 +8,17 @@ of ``block_q`` rows of one (batch, head) and runs ``consumers + 1`` warpgroups:
   ``stages`` SMEM slots, waiting on a "slot free" barrier before it overwrites a slot;
 * each consumer warpgroup computes S = Q K^T with ``wgmma`` into an accumulator, runs the
   online softmax in base 2 in registers, and accumulates O += P V with a second ``wgmma``,
-  then releases the slot. Key blocks above the causal diagonal are never loaded; blocks that
-  are entirely visible run without a mask.
+  then releases the slot. Key blocks above the causal diagonal, and with a sliding window
+  those wholly below the band [q - window + 1, q], are never loaded; blocks that are entirely
+  visible run without a mask, only the band's edges are masked.
 
 Outputs follow ``gpu.forward``: the padded output [B, Tp, H, D] in q's dtype and the base-2
 log-sum-exp [B, H, Tp] of the scores scaled by ``LOG2_E / sqrt(D)``, which the backward
 kernels (Triton's or ``hopper_bwd``) recompute probabilities from.
 
 Scope: float16/bfloat16, head_dim 64/128/256, causal or not, grouped-query attention, default
-positions (0..T-1, 0..S-1), no window, no segment ids. ``supports`` names what is out of scope
-so callers can route it to the Triton kernel.
+positions (0..T-1, 0..S-1), causal sliding windows, no segment ids. ``supports`` names what
+is out of scope so callers can route it to the Triton kernel.
 
 ``interpret`` runs the kernel in JAX's Mosaic GPU interpreter on CPU (SMEM, warpgroups,
 barriers, TMA and wgmma simulated, optionally with race detection). The interpreter cannot
@@ -158,8 +159,6 @@ def supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window) -> str | None:
         return f"head_dim {q.shape[-1]}: the Hopper kernel takes {HEAD_DIMS}"
     if q.shape[2] % k.shape[2]:
         return f"{q.shape[2]} query heads do not group onto {k.shape[2]} KV heads"
-    if window:
-        return f"window={window}: sliding windows are not in the Hopper kernel"
     if q_seg is not None or kv_seg is not None:
         return "segment ids are not in the Hopper kernel"
     for name, pos, n in (("q", q_pos, q.shape[1]), ("kv", kv_pos, k.shape[1])):
@@ -188,8 +187,8 @@ def _smem(shape, dtype):
 
 def _kernel(
     q_gmem, k_gmem, v_gmem, o_gmem, lse_gmem, *scratch,
-    blocks: HopperBlocks, causal: bool, kv_len: int, n_kv: int, group: int, n_q: int,
-    scale: float, interpreted: bool,
+    blocks: HopperBlocks, causal: bool, window: int, kv_len: int, n_kv: int, group: int,
+    n_q: int, scale: float, interpreted: bool,
 ):  # fmt: skip
     if blocks.registers_pv:
         q_smem, k_smem, v_smem, lse_smem, *bars = scratch
@@ -220,8 +219,20 @@ def _kernel(
             return i32(n_kv)
         return jnp.minimum(lax.div(q_end + bk - 1, i32(bk)), n_kv)
 
-    # The producer loads what the program's last consumer needs; earlier ones release the rest.
-    program_steps = kv_steps((tile + 1) * (consumers * bq))
+    def kv_first(q_start):
+        """First key block that rows from q_start on can see (window: the band's lower edge)."""
+        if not window:
+            return i32(0)
+        return jnp.minimum(lax.div(jnp.maximum(q_start - window + 1, 0), i32(bk)), n_kv)
+
+    # The stream is the key blocks any of the program's rows can see: from the first
+    # consumer's first block to the last consumer's last; each releases what it cannot see.
+    # Slots and barrier phases count stream steps (block - program_first), so every phase
+    # is observed by producer and consumers alike.
+    program_rows = tile * (consumers * bq)
+    program_first = kv_first(program_rows)
+    program_steps = kv_steps(program_rows + consumers * bq)
+    n_stream = program_steps - program_first
 
     @pl.when(wg == consumers)
     def _producer():
@@ -231,7 +242,7 @@ def _kernel(
 
         def load(step, carry):
             slot = lax.rem(step, i32(stages))
-            rows = (b, pl.ds(step * bk, bk), kv_head)
+            rows = (b, pl.ds((program_first + step) * bk, bk), kv_head)
 
             @pl.when(step >= stages)  # the slot's previous tile must be consumed first
             def _():
@@ -246,7 +257,7 @@ def _kernel(
             plgpu.copy_gmem_to_smem(v_gmem.at[rows], v_smem.at[slot], v_bar.at[slot])
             return carry
 
-        lax.fori_loop(0, program_steps, load, None)
+        lax.fori_loop(0, n_stream, load, None)
 
         def drain(step, carry):
             slot = lax.rem(step, i32(stages))
@@ -256,7 +267,7 @@ def _kernel(
 
         # Observe the releases of the last tiles too, so every barrier phase is waited on
         # once by each party (the interpreter checks it; a persistent kernel would need it).
-        lax.fori_loop(jnp.maximum(program_steps - stages, 0), program_steps, drain, None)
+        lax.fori_loop(jnp.maximum(n_stream - stages, 0), n_stream, drain, None)
 
     @pl.when(wg < consumers)
     def _consumer():
@@ -267,10 +278,15 @@ def _kernel(
         plgpu.copy_gmem_to_smem(q_gmem.at[b, pl.ds(q0, bq), h], q_tile, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
 
-        steps = kv_steps(q0 + bq)
-        # Blocks with every key visible to every row: below the diagonal and not padding.
-        full = lax.div(q0 + 1, i32(bk)) if causal else i32(n_kv)
-        full = jnp.minimum(full, kv_len // bk)
+        first, steps = kv_first(q0), kv_steps(q0 + bq)
+        # Blocks with every key visible to every row: below the diagonal, not padding and
+        # (window) not below the band's lower edge for the tile's last row.
+        full_hi = lax.div(q0 + 1, i32(bk)) if causal else i32(n_kv)
+        full_hi = jnp.maximum(jnp.minimum(full_hi, jnp.minimum(steps, kv_len // bk)), first)
+        full_lo = first
+        if window:
+            full_lo = jnp.clip(lax.div(jnp.maximum(q0 + bq - window, 0) + bk - 1, i32(bk)),
+                               first, full_hi)  # fmt: skip
 
         def wgmma_layout(x, reduced: bool = False):
             if interpreted and _OLD_INTERPRETER:  # no layout_cast rule on CPU; layouts moot
@@ -285,7 +301,7 @@ def _kernel(
 
         def step(j, carry, masked: bool):
             acc, m, denom = carry
-            slot = lax.rem(j, i32(stages))
+            slot = lax.rem(j - program_first, i32(stages))
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(s_ref):
@@ -311,6 +327,8 @@ def _kernel(
                 ok = key < kv_len
                 if causal:
                     ok &= key <= rows + q0
+                if window:
+                    ok &= key > rows + q0 - window
                 s = jnp.where(ok, s, MASK_VALUE)
             # s stays unscaled: the row maximum is scaled instead (scale > 0), and the exponent
             # s * scale - m is one FMA per score instead of a multiply and a subtract.
@@ -346,12 +364,8 @@ def _kernel(
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, denom
 
-        carry = (acc, m, denom)
-        carry = lax.fori_loop(0, full, functools.partial(step, masked=False), carry)
-        acc, m, denom = lax.fori_loop(full, steps, functools.partial(step, masked=True), carry)
-
-        def release(j, carry):  # tiles loaded for a later consumer of this program
-            slot = lax.rem(j, i32(stages))
+        def release(j, carry):  # tiles loaded for another consumer of this program
+            slot = lax.rem(j - program_first, i32(stages))
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
@@ -360,7 +374,13 @@ def _kernel(
             take_turns()
             return carry
 
-        if causal and consumers > 1:
+        if window and consumers > 1:  # blocks only an earlier consumer's rows can see
+            lax.fori_loop(program_first, first, release, None)
+        carry = (acc, m, denom)
+        carry = lax.fori_loop(first, full_lo, functools.partial(step, masked=True), carry)
+        carry = lax.fori_loop(full_lo, full_hi, functools.partial(step, masked=False), carry)
+        acc, m, denom = lax.fori_loop(full_hi, steps, functools.partial(step, masked=True), carry)
+        if causal and consumers > 1:  # blocks only a later consumer's rows can see
             lax.fori_loop(steps, program_steps, release, None)
         pl.when(wg == 0)(take_turns)  # the phase consumer 1 took at the start
 
@@ -393,6 +413,11 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
     reason = supports(q, k, *trusted, q_seg, kv_seg, window)
     if reason:
         raise ConfigError(f"the Hopper attention forward cannot run this: {reason}")
+    if window < 0 or (window and not causal):
+        raise ConfigError(
+            f"window={window} (causal={causal}): a sliding window is a causal look-back of "
+            "w >= 1 positions; pass causal=True with window >= 1, or window=0 (off)"
+        )
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ConfigError(f"v must match k: got v {v.shape} {v.dtype}, k {k.shape} {k.dtype}")
     params = _interpret_params(interpret)
@@ -411,6 +436,7 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
         _kernel,
         blocks=blocks,
         causal=causal,
+        window=window,
         kv_len=s,
         n_kv=n_kv,
         group=n_heads // n_kv_heads,
