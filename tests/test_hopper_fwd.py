@@ -3,7 +3,8 @@
 Values: the kernel runs in JAX's Mosaic GPU interpreter (SMEM, warpgroups, barriers, TMA and
 wgmma simulated on CPU) and is compared with ``xla_attention`` in float32. Compilation: the
 whole scope lowers for CUDA (``lowering_platforms=("cuda",)``: Mosaic GPU's layouts, wgmma
-shapes and SMEM transforms are all checked in Python; only PTX needs the GPU).
+shapes and SMEM transforms are all checked in Python); tests/test_gpu_compile.py takes it on to
+SASS for a compile-only H100 where jax's CUDA plugin and a ptxas are installed.
 """
 
 import dataclasses
