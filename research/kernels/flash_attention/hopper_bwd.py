@@ -33,15 +33,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from research.config import ConfigError
-from research.kernels.flash_attention import common
+from research.kernels.flash_attention import common, hopper_scope
 
-DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 HEAD_DIMS = (64, 128)
 SMEM_BYTES = common.SMEM_BYTES  # 227 KB per CTA on H100/H200
 # Registers a consumer warpgroup's thread can hold (set_max_registers tops out at 240 when a
@@ -133,31 +131,13 @@ def check_blocks(blocks: HopperBwdBlocks, head_dim: int, itemsize: int) -> None:
             )
 
 
-def _is_arange(pos, length: int) -> bool | None:
-    """True / False for a concrete position vector, None when it is traced (unknowable)."""
-    if pos is None:
-        return True
-    try:
-        values = np.asarray(pos)
-    except jax.errors.TracerArrayConversionError:
-        return None
-    return values.shape == (length,) and bool(np.array_equal(values, np.arange(length)))
-
-
 def supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window) -> str | None:
     """None if this kernel computes the case, else why not (route it to gpu.py's kernel)."""
-    if jnp.dtype(q.dtype) not in DTYPES:
-        return f"dtype {q.dtype}: the Hopper kernel takes float16 or bfloat16"
+    reason = hopper_scope.shared_refusal(q, k, q_pos, kv_pos, q_seg, kv_seg)
+    if reason:
+        return reason
     if q.shape[-1] not in (*HEAD_DIMS, 256):
         return f"head_dim {q.shape[-1]}: the Hopper backward takes {HEAD_DIMS}"
-    if q_seg is not None or kv_seg is not None:
-        return "segment ids: packed documents are not in the Hopper kernel"
-    for name, pos, length in (("q", q_pos, q.shape[1]), ("kv", kv_pos, k.shape[1])):
-        plain = _is_arange(pos, length)
-        if plain is None:
-            return f"{name} positions are traced: only the default 0..n-1 is in the Hopper kernel"
-        if not plain:
-            return f"custom {name} positions: only the default 0..n-1 is in the Hopper kernel"
     try:
         check_blocks(HopperBwdBlocks(), q.shape[-1], jnp.dtype(q.dtype).itemsize)
     except ConfigError as e:
@@ -180,9 +160,7 @@ def _interpret_params(interpret):
             "(no transposed SMEM wgmma operands, no plgpu.load): use jax >= 0.11, or the "
             "Triton kernel (gpu.py) in interpret mode"
         )
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams() if interpret is True else interpret
+    return hopper_scope.interpret_params(interpret)
 
 
 def _tile(shape, dtype):

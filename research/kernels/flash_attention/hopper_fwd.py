@@ -35,16 +35,15 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from research.config import ConfigError
+from research.kernels.flash_attention import hopper_scope
 from research.kernels.flash_attention.common import LOG2_E, MASK_VALUE, SMEM_BYTES
 
 HEAD_DIMS = (64, 128, 256)
-DTYPES = (jnp.float16, jnp.bfloat16)
 WGMMA_ROWS = 64  # one warpgroup's wgmma covers 64 rows
 _SWIZZLE = 128  # bytes: the widest swizzle, 64 two-byte elements per row segment
 # Register split for warp specialisation (setmaxnreg): the producer only issues TMA copies.
@@ -135,47 +134,18 @@ def check_smem(blocks: HopperBlocks, head_dim: int, itemsize: int, limit: int = 
         )
 
 
-def _is_arange(pos, n: int) -> bool | None:
-    """True/False for concrete positions, None when they are traced (cannot be checked)."""
-    if pos is None:
-        return True
-    if isinstance(pos, jax.core.Tracer):
-        return None
-    pos = np.asarray(pos)
-    return pos.shape == (n,) and bool(np.array_equal(pos, np.arange(n)))
-
-
 def supports(q, k, q_pos, kv_pos, q_seg, kv_seg, window) -> str | None:
     """None when the Hopper forward handles these inputs, else why not (the caller should
     use the Triton kernel). Positions must be None or concrete 0..n-1: traced positions
     cannot be checked, so pass None for the defaults."""
     if jax.__version_info__ < _MIN_JAX:
         return f"jax {jax.__version__}: the Hopper kernel needs jax >= 0.10 (Mosaic GPU's API)"
-    if q.ndim != 4 or k.ndim != 4:
-        return f"q and k must be [batch, seq, heads, head_dim], got {q.shape} and {k.shape}"
-    if jnp.dtype(q.dtype) not in map(jnp.dtype, DTYPES) or k.dtype != q.dtype:
-        return f"dtype {q.dtype}/{k.dtype}: the Hopper kernel takes float16 or bfloat16"
+    reason = hopper_scope.shared_refusal(q, k, q_pos, kv_pos, q_seg, kv_seg)
+    if reason:
+        return reason
     if q.shape[-1] not in HEAD_DIMS or k.shape[-1] != q.shape[-1]:
         return f"head_dim {q.shape[-1]}: the Hopper kernel takes {HEAD_DIMS}"
-    if q.shape[2] % k.shape[2]:
-        return f"{q.shape[2]} query heads do not group onto {k.shape[2]} KV heads"
-    if q_seg is not None or kv_seg is not None:
-        return "segment ids are not in the Hopper kernel"
-    for name, pos, n in (("q", q_pos, q.shape[1]), ("kv", kv_pos, k.shape[1])):
-        ok = _is_arange(pos, n)
-        if ok is None:
-            return f"{name} positions are traced: the Hopper kernel assumes 0..n-1 (pass None)"
-        if not ok:
-            return f"custom {name} positions: the Hopper kernel assumes 0..n-1"
     return None
-
-
-def _interpret_params(interpret):
-    if interpret is None or interpret is False:
-        return None
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams() if interpret is True else interpret
 
 
 def _smem(shape, dtype):
@@ -420,7 +390,7 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
         )
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ConfigError(f"v must match k: got v {v.shape} {v.dtype}, k {k.shape} {k.dtype}")
-    params = _interpret_params(interpret)
+    params = hopper_scope.interpret_params(interpret)
     if not isinstance(blocks, HopperBlocks):
         blocks = HopperBlocks.for_head_dim(q.shape[-1])
     if params is not None and blocks.registers_pv:
