@@ -19,7 +19,8 @@ the time budget checked before each one (a case that would not fit is recorded a
    JAX's own Mosaic GPU FA3 op, XLA.
 3. gpt2_small: train-step MFU, bf16, with cuDNN attention and with our kernels (Triton, Hopper).
 4. moe: step time of dropless (ragged_dot), capacity and a dense model of the same active size.
-5. blocks: a short sweep of our kernel's block sizes, warps and stages (causal fwd+bwd at 4k).
+5. blocks: a short sweep of our kernel's block sizes, warps and stages (causal fwd+bwd at 4k),
+   and the Hopper backward with one and with two consumer warpgroups (the register-spill trade).
 
 It runs with the device's own jax (0.11 on the lent machines) and imports nothing of grain or
 ``research.data``: its data is random tokens. Needs nothing beyond jax, flax and optax.
@@ -433,6 +434,39 @@ def block_case(fields: dict, dry: bool) -> dict:
     return row
 
 
+def hopper_backward_case(consumers: int, dry: bool) -> dict:
+    """The Hopper backward alone at 4k causal (16 heads of 128, bf16) with 1 or 2 consumer
+    warpgroups: at head_dim 128 two spill (ptxas: 32 B) and one does not but streams Q and dO
+    twice as often (README, compiling the kernels for an H100); this row says which is faster."""
+    import jax
+    import jax.numpy as jnp
+
+    from research.kernels.flash_attention import hopper_bwd, hopper_fwd
+
+    if dry and not hopper_bwd.INTERPRETER_WORKS:
+        return {"status": f"skipped: jax {jax.__version__}'s Mosaic GPU interpreter (jax >= 0.11)"}
+    batch, seq, heads, head_dim = (1, 128, 2, 64) if dry else (4, 4096, 16, 128)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, d_out = (
+        jax.random.normal(key, (batch, seq, heads, head_dim), jnp.bfloat16) for key in keys
+    )
+    kw = dict(causal=True, window=0, interpret=dry or None)
+    out, lse = hopper_fwd.forward(q, k, v, None, None, None, None, blocks=None, **kw)
+    out, lse = out[:, :seq], lse[:, :, :seq]
+    delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), d_out.astype(jnp.float32))
+    blocks = hopper_bwd.HopperBwdBlocks(consumers=consumers)
+
+    def backward(q, k, v, lse, d_out, delta):
+        args = (q, k, v, None, None, None, None, lse, d_out, delta)
+        return hopper_bwd.backward(*args, blocks=blocks, **kw)
+
+    inputs = (q, k, v, lse, d_out, delta)
+    seconds = median_seconds(jax.jit(backward), *inputs, repeats=2 if dry else 10)
+    flops = 2.5 * 4 * batch * heads * seq * seq * head_dim / 2  # causal; backward = 2.5 fwd
+    return {"consumers": consumers, "seq": seq, "bwd_ms": 1e3 * seconds,
+            "bwd_tflops": flops / seconds / 1e12}  # fmt: skip
+
+
 # --- the run -------------------------------------------------------------------------------
 
 
@@ -544,6 +578,9 @@ def main(argv: list[str] | None = None) -> int:
         for blocks in limit(BLOCK_SWEEP):
             name = " ".join(f"{k}={v}" for k, v in blocks.items()) or "defaults"
             check.case("blocks", name, lambda b=blocks: block_case(b, dry), 15)
+        for consumers in (2, 1):
+            name = f"hopper backward consumers={consumers}"
+            check.case("blocks", name, lambda c=consumers: hopper_backward_case(c, dry), 15)
     check.meta["grain_imported"] = "grain" in sys.modules
     check.meta["research_data_imported"] = any(m.startswith("research.data") for m in sys.modules)
     check.save()
