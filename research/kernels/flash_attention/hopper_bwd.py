@@ -517,11 +517,7 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, lse, d_out, delta, *, causal
     reason = supports(q, k, None, None, q_seg, kv_seg, window)
     if reason:
         raise ConfigError(f"the Hopper backward cannot run this case: {reason}")
-    if window < 0 or (window and not causal):
-        raise ConfigError(
-            f"window={window} (causal={causal}): a sliding window is a causal look-back of "
-            "w >= 1 positions; pass causal=True with window >= 1, or window=0 (off)"
-        )
+    hopper_scope.check_window(window, causal)
     del q_pos, kv_pos
     cfg = blocks if isinstance(blocks, HopperBwdBlocks) else HopperBwdBlocks()
     batch, t, n_heads, head_dim = q.shape

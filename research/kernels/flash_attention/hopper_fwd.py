@@ -41,7 +41,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from research.config import ConfigError
 from research.kernels.flash_attention import hopper_scope
-from research.kernels.flash_attention.common import LOG2_E, MASK_VALUE, SMEM_BYTES
+from research.kernels.flash_attention.common import (
+    LOG2_E,
+    MASK_VALUE,
+    SMEM_BYTES,
+    pad_seq,
+)
 
 HEAD_DIMS = (64, 128, 256)
 WGMMA_ROWS = 64  # one warpgroup's wgmma covers 64 rows
@@ -365,11 +370,6 @@ def _kernel(
         plgpu.wait_smem_to_gmem(0)
 
 
-def _pad(x, length: int):
-    extra = length - x.shape[1]
-    return x if not extra else jnp.pad(x, [(0, 0), (0, extra), (0, 0), (0, 0)])
-
-
 def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, interpret):
     """Padded output [B, Tp, H, D] and base-2 log-sum-exp [B, H, Tp] float32 (Tp: T rounded
     up to consumers * block_q). ``blocks``: a HopperBlocks, or anything else (e.g. the Triton
@@ -383,11 +383,7 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
     reason = supports(q, k, *trusted, q_seg, kv_seg, window)
     if reason:
         raise ConfigError(f"the Hopper attention forward cannot run this: {reason}")
-    if window < 0 or (window and not causal):
-        raise ConfigError(
-            f"window={window} (causal={causal}): a sliding window is a causal look-back of "
-            "w >= 1 positions; pass causal=True with window >= 1, or window=0 (off)"
-        )
+    hopper_scope.check_window(window, causal)
     if v.shape != k.shape or v.dtype != k.dtype:
         raise ConfigError(f"v must match k: got v {v.shape} {v.dtype}, k {k.shape} {k.dtype}")
     params = hopper_scope.interpret_params(interpret)
@@ -445,5 +441,5 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, window, blocks, in
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=params,
     )
-    out, lse = call(_pad(q, t_pad), _pad(k, s_pad), _pad(v, s_pad))
+    out, lse = call(*(pad_seq(x, n, 1) for x, n in ((q, t_pad), (k, s_pad), (v, s_pad))))
     return out, lse

@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from research.config import ConfigError
+
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -40,6 +42,15 @@ def shared_refusal(q, k, q_pos, kv_pos, q_seg, kv_seg) -> str | None:
         if not plain:
             return f"custom {name} positions: the Hopper kernels assume 0..n-1"
     return None
+
+
+def check_window(window: int, causal: bool) -> None:
+    """A sliding window is a causal look-back of at least one position (or 0: off)."""
+    if window < 0 or (window and not causal):
+        raise ConfigError(
+            f"window={window} (causal={causal}): a sliding window is a causal look-back of "
+            "w >= 1 positions; pass causal=True with window >= 1, or window=0 (off)"
+        )
 
 
 def interpret_params(interpret):
